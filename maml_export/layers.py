@@ -1,0 +1,283 @@
+"""Layers whose backward pass is written in ordinary Paddle forward ops.
+
+Why: paddle2onnx converts no `*_grad` op and Paddle's eager double-backward is missing for several
+ops (../shared/NOTES.md points 1-3 and 9). Writing each layer's gradient by hand in forward ops lets
+one implementation serve eager adaptation, second-order meta-training (autograd runs *through* these
+backward functions) and the exported graph.
+
+Every layer is a small frozen dataclass with
+
+    forward(params, x)              -> (y, cache)
+    backward(params, cache, dy)     -> (dx, dparams)      # dx is None when need_dx=False
+
+Parameters carry a leading task axis T (one set of fast weights per task), so T tasks adapt at once:
+  * conv stages hold activations as (N, T*C, H, W): task t owns channels t*C..(t+1)*C-1, so a grouped
+    convolution (groups=T) gives each task its own weights and batch norm's per-channel statistics
+    are automatically per task;
+  * `Flatten` turns that into (T, N, F) for the per-task `Linear` head and the loss.
+N (images per task) may be a dynamic dimension in a static graph: reshapes use -1 or 0 for it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+
+def _tasks(params: dict) -> int:
+    """Number of tasks T: the leading axis of any parameter."""
+    return next(iter(params.values())).shape[0]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """Base: a layer has a type name, optional parameters, and forward/backward in forward ops."""
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Local parameter name -> shape, without the task axis."""
+        return {}
+
+    def init_params(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {}
+
+    def spec(self) -> dict:
+        """JSON-able description; `layer_from_spec(layer.spec())` rebuilds the layer."""
+        return {"type": type(self).__name__, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class Conv2d(Layer):
+    """2-D convolution without bias (a following batch norm cancels a bias exactly)."""
+
+    in_channels: int
+    out_channels: int
+    kernel: int = 3
+    stride: int = 1
+    padding: int = 1
+
+    def param_shapes(self):
+        return {"weight": (self.out_channels, self.in_channels, self.kernel, self.kernel)}
+
+    def init_params(self, rng):
+        # Kaiming-uniform on fan-in, the usual choice for conv + ReLU.
+        fan_in = self.in_channels * self.kernel * self.kernel
+        bound = math.sqrt(6.0 / fan_in)
+        return {"weight": rng.uniform(-bound, bound, self.param_shapes()["weight"]).astype("float32")}
+
+    def out_size(self, size: int) -> int:
+        return (size + 2 * self.padding - self.kernel) // self.stride + 1
+
+    def forward(self, params, x):
+        # x: (N, T*Cin, H, W); weight: (T, Cout, Cin, k, k) -> grouped (T*Cout, Cin, k, k)
+        w = params["weight"]
+        T = w.shape[0]
+        w = w.reshape([T * self.out_channels, self.in_channels, self.kernel, self.kernel])
+        y = F.conv2d(x, w, stride=self.stride, padding=self.padding, groups=T)
+        return y, (x,)
+
+    def backward(self, params, cache, dy, need_dx=True):
+        (x,) = cache
+        w = params["weight"]
+        T, O, C, k = w.shape[0], self.out_channels, self.in_channels, self.kernel
+        H, W = x.shape[2], x.shape[3]
+        Ho, Wo = dy.shape[2], dy.shape[3]
+        # Weight gradient as a convolution whose "batch" is the input channel and whose kernel is dy:
+        # dW[t, o, c, i, j] = sum_n sum_p dy[n, t*O+o, p] * x_pad[n, t*C+c, s*p + (i, j)].
+        xt = x.reshape([-1, T, C, H, W]).transpose([2, 1, 0, 3, 4]).reshape([C, -1, H, W])  # (C, T*N, H, W)
+        dyt = dy.reshape([-1, T, O, Ho, Wo]).transpose([1, 2, 0, 3, 4]).reshape([T * O, -1, Ho, Wo])  # (T*O, N, Ho, Wo)
+        dw = F.conv2d(xt, dyt, padding=self.padding, dilation=self.stride, groups=T)  # (C, T*O, k', k')
+        taps = (H + 2 * self.padding - self.stride * (Ho - 1), W + 2 * self.padding - self.stride * (Wo - 1))
+        if taps != (k, k):  # stride > 1 can leave taps that no output used
+            dw = dw[:, :, :k, :k]
+        dw = dw.reshape([C, T, O, k, k]).transpose([1, 2, 0, 3, 4])  # (T, O, C, k, k)
+        dx = None
+        if need_dx:
+            # Input gradient: the transposed convolution with the same (grouped) weights.
+            wg = w.reshape([T * O, C, k, k])
+            dx = F.conv2d_transpose(dy, wg, stride=self.stride, padding=self.padding, groups=T,
+                                    output_size=[H, W])
+        return dx, {"weight": dw}
+
+
+@dataclass(frozen=True)
+class BatchNorm(Layer):
+    """Batch norm with the statistics of the batch at hand (MAML uses them at train and test time).
+
+    The statistics are computed with mean ops, not `F.batch_norm`, because `paddle.jit.save` silently
+    turns training-mode batch norm into inference mode (../shared/NOTES.md point 4).
+    """
+
+    channels: int
+    eps: float = 1e-5
+
+    def param_shapes(self):
+        return {"weight": (self.channels,), "bias": (self.channels,)}
+
+    def init_params(self, rng):
+        return {"weight": np.ones(self.channels, "float32"), "bias": np.zeros(self.channels, "float32")}
+
+    def forward(self, params, x):
+        # x: (N, T*C, H, W) viewed as (N, T*C, H*W): statistics per channel over (N, H*W), i.e. per
+        # task and channel. Per-channel vectors broadcast as (T*C, 1) over that view, which Paddle's
+        # CPU kernels run about twice as fast as a (1, T*C, 1, 1) broadcast over NCHW.
+        shape = x.shape
+        x3 = x.reshape([0, shape[1], -1])
+        mean = x3.mean(axis=2, keepdim=True).mean(axis=0)  # (T*C, 1); every image has H*W pixels
+        xc = x3 - mean
+        var = (xc * xc).mean(axis=2, keepdim=True).mean(axis=0)  # biased, as batch norm uses
+        inv_std = paddle.rsqrt(var + self.eps)
+        scale = params["weight"].reshape([-1, 1]) * inv_std  # gamma / std, (T*C, 1)
+        y = xc * scale + params["bias"].reshape([-1, 1])
+        return y.reshape(shape), (xc, inv_std, scale)
+
+    def backward(self, params, cache, dy, need_dx=True):
+        xc, inv_std, scale = cache  # xc: (N, T*C, H*W) centred input
+        T = _tasks(params)
+        shape = dy.shape
+        dy3 = dy.reshape([0, shape[1], -1])
+        mean_dy = dy3.mean(axis=2, keepdim=True).mean(axis=0)  # (T*C, 1)
+        mean_dy_xc = (dy3 * xc).mean(axis=2, keepdim=True).mean(axis=0)
+        count = dy3.shape[2] * (dy3.shape[0] if dy3.shape[0] > 0 else paddle.shape(dy3)[0].astype(dy.dtype))
+        # sum(dy * xhat) = count * inv_std * mean(dy * xc)
+        dgamma = (count * inv_std * mean_dy_xc).reshape([T, self.channels])
+        dbeta = (count * mean_dy).reshape([T, self.channels])
+        dx = None
+        if need_dx:
+            # dx = gamma*inv_std * (dy - mean(dy) - xhat * mean(dy * xhat)), means over (N, H, W)
+            dx = (dy3 - mean_dy) * scale - xc * (scale * inv_std * inv_std * mean_dy_xc)
+            dx = dx.reshape(shape)
+        return dx, {"weight": dgamma, "bias": dbeta}
+
+
+@dataclass(frozen=True)
+class ReLU(Layer):
+    def forward(self, params, x):
+        y = F.relu(x)
+        return y, (y,)
+
+    def backward(self, params, cache, dy, need_dx=True):
+        (y,) = cache
+        return dy * (y > 0).astype(dy.dtype), {}
+
+
+@dataclass(frozen=True)
+class MaxPool2(Layer):
+    """2x2 max pooling, stride 2, floor mode (7 -> 3: the last row/column is dropped).
+
+    The backward routes each gradient to the *first* maximum of its window in row-major order, as
+    Paddle's own pool2d_grad does. Ties are common here, not rare: blank paper gives equal values
+    across a window, and sending the gradient to every tied element would multiply it.
+    """
+
+    def forward(self, params, x):
+        if paddle.in_dynamic_mode():
+            y, argmax = F.max_pool2d(x, kernel_size=2, stride=2, return_mask=True)
+            return y, (x, argmax)
+        return F.max_pool2d(x, kernel_size=2, stride=2), (x, None)
+
+    def backward(self, params, cache, dy, need_dx=True):
+        x, argmax = cache
+        if argmax is not None:
+            # eager: scatter to the recorded argmax (first maximum), 6x faster than the mask below
+            return F.max_unpool2d(dy, argmax, kernel_size=2, stride=2, output_size=x.shape[2:]), {}
+        return maxpool2_backward_portable(x, dy), {}
+
+
+def maxpool2_backward_portable(x, dy):
+    """MaxPool2's input gradient in ops every exporter converts (no unpool, no Tile upsampling).
+
+    The window is exposed by a reshape to (N, C, H/2, 2, W/2, 2); a mask of the first maximum in
+    row-major order multiplies the broadcast output gradient. Used inside static graphs.
+    """
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    h, w = H // 2, W // 2
+    x6 = x[:, :, : 2 * h, : 2 * w].reshape([0, C, h, 2, w, 2])
+    y6 = x6.max(axis=[3, 5], keepdim=True)
+    eq = (x6 == y6).astype(dy.dtype)
+    e00, e01 = eq[:, :, :, 0, :, 0], eq[:, :, :, 0, :, 1]
+    e10, e11 = eq[:, :, :, 1, :, 0], eq[:, :, :, 1, :, 1]
+    # a position wins if it is a maximum and no earlier position of its window was
+    m01 = e01 * (1 - e00)
+    m10 = e10 * (1 - e00) * (1 - e01)
+    m11 = e11 * (1 - e00) * (1 - e01) * (1 - e10)
+    first = paddle.stack([paddle.stack([e00, m01], axis=-1), paddle.stack([m10, m11], axis=-1)], axis=3)
+    dx = (first * dy.reshape([0, C, h, 1, w, 1])).reshape([0, C, 2 * h, 2 * w])
+    if H != 2 * h or W != 2 * w:
+        dx = F.pad(dx, [0, W - 2 * w, 0, H - 2 * h])  # the dropped row/column gets no gradient
+    return dx
+
+
+@dataclass(frozen=True)
+class Flatten(Layer):
+    """(N, T*C, H, W) -> (T, N, C*H*W): from task-stacked channels to one row per image per task.
+
+    `channels` is C, the channels of one task, so that T = x.shape[1] // C is known statically.
+    """
+
+    channels: int
+
+    def forward(self, params, x):
+        T = x.shape[1] // self.channels
+        y = x.reshape([0, T, -1]).transpose([1, 0, 2])
+        return y, (x.shape[1], x.shape[2], x.shape[3])
+
+    def backward(self, params, cache, dy, need_dx=True):
+        C, H, W = cache
+        return dy.transpose([1, 0, 2]).reshape([-1, C, H, W]), {}
+
+
+@dataclass(frozen=True)
+class Linear(Layer):
+    """Per-task affine map on (T, N, in_features) -> (T, N, out_features); weight is (in, out)."""
+
+    in_features: int
+    out_features: int
+
+    def param_shapes(self):
+        return {"weight": (self.in_features, self.out_features), "bias": (self.out_features,)}
+
+    def init_params(self, rng):
+        bound = math.sqrt(6.0 / (self.in_features + self.out_features))  # Xavier-uniform
+        return {"weight": rng.uniform(-bound, bound, (self.in_features, self.out_features)).astype("float32"),
+                "bias": np.zeros(self.out_features, "float32")}
+
+    def forward(self, params, x):
+        return paddle.matmul(x, params["weight"]) + params["bias"].unsqueeze(1), (x,)
+
+    def backward(self, params, cache, dy, need_dx=True):
+        (x,) = cache
+        dw = paddle.matmul(x, dy, transpose_x=True)  # (T, in, out)
+        db = dy.sum(axis=1)  # (T, out)
+        dx = paddle.matmul(dy, params["weight"], transpose_y=True) if need_dx else None
+        return dx, {"weight": dw, "bias": db}
+
+
+def softmax_cross_entropy(logits, labels):
+    """Mean cross-entropy per task and its gradient.
+
+    logits: (T, N, O); labels: (T, N) int64. Returns (loss (T,), dlogits (T, N, O)) where dlogits is
+    the gradient of loss.sum() (each task's loss only depends on its own logits).
+    """
+    n = logits.shape[1]
+    onehot = F.one_hot(labels, logits.shape[2]).astype(logits.dtype)
+    log_p = F.log_softmax(logits, axis=-1)
+    loss = -(onehot * log_p).sum(axis=-1).mean(axis=-1)
+    # n may be dynamic (-1) in a static graph: divide by the count computed at run time
+    count = paddle.shape(labels)[1].astype(logits.dtype) if n is None or n < 0 else float(n)
+    dlogits = (paddle.exp(log_p) - onehot) / count
+    return loss, dlogits
+
+
+LAYER_TYPES = {cls.__name__: cls for cls in (Conv2d, BatchNorm, ReLU, MaxPool2, Flatten, Linear)}
+
+
+def layer_from_spec(spec: dict) -> Layer:
+    """Rebuild a layer from `Layer.spec()` output (as stored in checkpoints and exports)."""
+    spec = dict(spec)
+    kind = spec.pop("type")
+    if kind not in LAYER_TYPES:
+        raise ValueError(f"unknown layer type {kind!r}; known: {', '.join(LAYER_TYPES)}")
+    return LAYER_TYPES[kind](**spec)

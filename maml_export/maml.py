@@ -1,0 +1,108 @@
+"""MAML adaptation (Finn et al., 2017, https://arxiv.org/abs/1703.03400) on hand-written gradients.
+
+`adapt` runs plain SGD on a support set with the gradients of `Model.backward`, for a batch of T
+tasks at once. Second-order meta-gradients come from ordinary autograd *through* that backward (Paddle's
+own double-backward is missing for several ops, ../shared/NOTES.md point 9); first-order stops the
+gradient of the inner-loop gradients.
+
+Example:
+    >>> import numpy as np, paddle
+    >>> from maml_export.model import Model, conv4_specs, to_tensors
+    >>> model = Model.from_specs(conv4_specs(ways=5))
+    >>> maml = MAML(model, to_tensors(model.init_params(0)), inner_lr=0.4, steps=5)
+    >>> x_spt = paddle.rand([2, 5, 1, 28, 28]); y_spt = paddle.to_tensor([[0, 1, 2, 3, 4]] * 2)
+    >>> fast = maml.adapt(x_spt, y_spt)                      # task-stacked fast weights
+    >>> maml.predict(fast, paddle.rand([2, 75, 1, 28, 28])).shape
+    [2, 75, 5]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import paddle
+
+from .layers import softmax_cross_entropy
+from .model import Model
+
+
+def expand_to_tasks(params: dict, tasks: int) -> dict:
+    """Meta-parameters (no task axis) -> one copy per task (leading axis T); autograd sums back."""
+    return {k: v.unsqueeze(0).expand([tasks] + list(v.shape)) for k, v in params.items()}
+
+
+def loss_and_grads(model: Model, params: dict, x, y):
+    """Per-task mean cross-entropy (T,), its gradients for every parameter, and the logits."""
+    logits, caches = model.forward(params, x)
+    loss, dlogits = softmax_cross_entropy(logits, y)
+    return loss, model.backward(params, caches, dlogits), logits
+
+
+def sgd_steps(model: Model, params: dict, x, y, steps: int, inner_lr: float, first_order: bool) -> dict:
+    """`steps` SGD steps on (x, y) from task-stacked `params`; returns the fast weights."""
+    for _ in range(steps):
+        _, grads, _ = loss_and_grads(model, params, x, y)
+        if first_order:  # first-order MAML: the inner gradient is a constant for the meta-gradient
+            grads = {k: g.detach() for k, g in grads.items()}
+        params = {k: p - inner_lr * grads[k] for k, p in params.items()}
+    return params
+
+
+@dataclass
+class MetaStep:
+    """What one meta-batch gives: the query loss and accuracy (means over tasks) and meta-gradients."""
+
+    loss: float
+    accuracy: float
+    grads: dict
+
+
+class MAML:
+    """A model, its meta-parameters and the adaptation defaults; per-call `None` means the default.
+
+    Args:
+        model: the network (`Model`).
+        params: meta-parameters, name -> Paddle tensor without task axis.
+        inner_lr: step size of the inner SGD.
+        steps: number of inner SGD steps.
+        first_order: drop second-order terms of the meta-gradient (FOMAML).
+    """
+
+    def __init__(self, model: Model, params: dict, inner_lr: float, steps: int, first_order: bool = False):
+        self.model, self.params = model, params
+        self.inner_lr, self.steps, self.first_order = inner_lr, steps, first_order
+
+    def adapt(self, x_spt, y_spt, steps: int | None = None, inner_lr: float | None = None,
+              first_order: bool | None = None) -> dict:
+        """x_spt (T, S, C, H, W), y_spt (T, S) -> fast weights, task-stacked."""
+        steps = self.steps if steps is None else steps
+        inner_lr = self.inner_lr if inner_lr is None else inner_lr
+        first_order = self.first_order if first_order is None else first_order
+        fast = expand_to_tasks(self.params, x_spt.shape[0])
+        return sgd_steps(self.model, fast, x_spt, y_spt, steps, inner_lr, first_order)
+
+    def predict(self, fast: dict, x_qry):
+        """Query logits (T, Q, ways) under the fast weights (batch norm uses the query's statistics)."""
+        return self.model.forward(fast, x_qry)[0]
+
+    def meta_step(self, x_spt, y_spt, x_qry, y_qry, steps: int | None = None) -> MetaStep:
+        """Meta-gradient of the mean query loss over a batch of T tasks.
+
+        First-order runs entirely without autograd: the meta-gradient is the query gradient at the
+        fast weights, summed over tasks by hand. Second-order differentiates through the inner loop.
+        """
+        T = x_spt.shape[0]
+        if self.first_order:
+            with paddle.no_grad():
+                fast = self.adapt(x_spt, y_spt, steps=steps)
+                loss, grads, logits = loss_and_grads(self.model, fast, x_qry, y_qry)
+                meta_grads = {k: g.sum(axis=0) / T for k, g in grads.items()}
+        else:
+            params = list(self.params.values())
+            for p in params:
+                p.stop_gradient = False
+            fast = self.adapt(x_spt, y_spt, steps=steps)
+            logits, caches = self.model.forward(fast, x_qry)
+            loss, _ = softmax_cross_entropy(logits, y_qry)
+            meta_grads = dict(zip(self.params, paddle.grad(loss.mean(), params)))
+        accuracy = (logits.argmax(axis=-1) == y_qry).astype("float32").mean()
+        return MetaStep(float(loss.mean()), float(accuracy), meta_grads)

@@ -1,0 +1,113 @@
+"""The network: a sequence of layers from `layers.py`, with parameters as a flat, named, ordered dict.
+
+A model is described by its layer specs (JSON-able dicts), which every checkpoint and export stores,
+so resume and export rebuild exactly the network that was trained.
+
+Example:
+    >>> model = Model.from_specs(conv4_specs(ways=5))
+    >>> params = model.init_params(seed=0)          # {"conv1.weight": ndarray (64, 1, 3, 3), ...}
+    >>> list(params)[:3]
+    ['conv1.weight', 'bn1.weight', 'bn1.bias']
+"""
+from __future__ import annotations
+
+import numpy as np
+import paddle
+
+from .layers import BatchNorm, Conv2d, Flatten, Layer, Linear, MaxPool2, ReLU, layer_from_spec
+
+_PREFIX = {"Conv2d": "conv", "BatchNorm": "bn", "Linear": "fc"}
+
+
+def conv4_specs(ways: int, channels: int = 1, image_size: int = 28, hidden: int = 64,
+                blocks: int = 4) -> list[dict]:
+    """Layer specs of the MAML conv-4: `blocks` x [conv3x3, batch norm, max-pool 2x2, ReLU], linear head.
+
+    Omniglot: channels=1, image_size=28, hidden=64 (28 -> 14 -> 7 -> 3 -> 1, 64 features), as in
+    PaddleRec's MAML. MiniImageNet: channels=3, image_size=84, hidden=32.
+    """
+    layers: list[Layer] = []
+    size, cin = image_size, channels
+    for _ in range(blocks):
+        # ReLU after the pool: max-pool and ReLU commute (ReLU is monotonic), values and gradients are
+        # identical to PaddleRec's conv-BN-ReLU-pool, and the ReLU runs on a quarter of the pixels.
+        layers += [Conv2d(cin, hidden), BatchNorm(hidden), MaxPool2(), ReLU()]
+        size, cin = size // 2, hidden
+    if size < 1:
+        raise ValueError(f"image size {image_size} is too small for {blocks} conv blocks")
+    layers += [Flatten(hidden), Linear(hidden * size * size, ways)]
+    return [layer.spec() for layer in layers]
+
+
+class Model:
+    """Runs layers forward and backward on task-stacked parameters (leading task axis T)."""
+
+    def __init__(self, layers: list[Layer]):
+        self.layers = list(layers)
+        counts: dict[str, int] = {}
+        self.names: list[str | None] = []  # parameter prefix of each layer, None if it has none
+        for layer in self.layers:
+            kind = type(layer).__name__
+            if layer.param_shapes():
+                counts[kind] = counts.get(kind, 0) + 1
+                self.names.append(f"{_PREFIX.get(kind, kind.lower())}{counts[kind]}")
+            else:
+                self.names.append(None)
+
+    @classmethod
+    def from_specs(cls, specs: list[dict]) -> "Model":
+        return cls([layer_from_spec(s) for s in specs])
+
+    def specs(self) -> list[dict]:
+        return [layer.spec() for layer in self.layers]
+
+    @property
+    def ways(self) -> int:
+        return self.layers[-1].out_features
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Flat name -> shape (no task axis), in layer order."""
+        return {f"{prefix}.{k}": shape for layer, prefix in zip(self.layers, self.names) if prefix
+                for k, shape in layer.param_shapes().items()}
+
+    def init_params(self, seed: int = 0) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        return {f"{prefix}.{k}": v for layer, prefix in zip(self.layers, self.names) if prefix
+                for k, v in layer.init_params(rng).items()}
+
+    def _local(self, params: dict, prefix: str | None) -> dict:
+        if prefix is None:
+            return {}
+        return {k[len(prefix) + 1:]: v for k, v in params.items() if k.startswith(prefix + ".")}
+
+    def forward(self, params: dict, x):
+        """x: (T, N, C, H, W) -> logits (T, N, ways), and the caches `backward` needs."""
+        T, C, H, W = x.shape[0], x.shape[2], x.shape[3], x.shape[4]
+        # (T, N, C, H, W) -> (N, T*C, H, W): task-stacked channels for the grouped convolutions
+        h = x.transpose([1, 0, 2, 3, 4]).reshape([-1, T * C, H, W]) if T != 1 else x.reshape([-1, C, H, W])
+        caches = []
+        for layer, prefix in zip(self.layers, self.names):
+            h, cache = layer.forward(self._local(params, prefix), h)
+            caches.append(cache)
+        return h, caches
+
+    def backward(self, params: dict, caches: list, dlogits) -> dict:
+        """Gradients of the loss whose logits gradient is `dlogits`, for every parameter (task-stacked)."""
+        grads = {}
+        dh = dlogits
+        for i in reversed(range(len(self.layers))):
+            layer, prefix = self.layers[i], self.names[i]
+            # the first layer's input is the image: its gradient is never needed
+            dh, local = layer.backward(self._local(params, prefix), caches[i], dh, need_dx=i > 0)
+            grads.update({f"{prefix}.{k}": g for k, g in local.items()})
+        return {name: grads[name] for name in params}  # parameter order
+
+
+def to_tensors(params: dict[str, np.ndarray], dtype: str = "float32", trainable: bool = False) -> dict:
+    """numpy arrays -> Paddle tensors (optionally leaves that autograd differentiates)."""
+    out = {}
+    for name, value in params.items():
+        t = paddle.to_tensor(np.asarray(value), dtype=dtype)
+        t.stop_gradient = not trainable
+        out[name] = t
+    return out
