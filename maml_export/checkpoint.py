@@ -1,0 +1,115 @@
+"""Pickle-free checkpoints: weights, optimizer and sampler state, and the config that rebuilds the model.
+
+A checkpoint is one `.npz` (loadable with `allow_pickle=False`) holding
+    param/<name>      the meta-parameters, float32
+    opt/<key>         optimizer arrays (Adam moments), only in training checkpoints
+    meta              a JSON string: {"config": MamlConfig, "iteration": int, "state": {...}}
+and a `.json` beside it with the same metadata for people and tools. Both are written atomically (a
+temporary file, then a rename), so a run killed mid-write never leaves a broken checkpoint.
+
+Example:
+    >>> ckpt = load_checkpoint(default_checkpoint())
+    >>> ckpt.config.ways, sorted(ckpt.params)[0]
+    (5, 'bn1.bias')
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import MamlConfig
+from .errors import CheckpointError, MamlError
+from .model import Model
+
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+
+
+def default_checkpoint() -> Path:
+    """The bundled pretrained 5-way 1-shot Omniglot weights (see README, "Pretrained weights")."""
+    return PRETRAINED_DIR / "omniglot-5w1s.npz"
+
+
+@dataclass
+class Checkpoint:
+    config: MamlConfig
+    params: dict  # name -> float32 ndarray, no task axis
+    iteration: int = 0
+    optimizer: dict = field(default_factory=dict)  # key -> ndarray
+    state: dict = field(default_factory=dict)  # JSON-able: sampler state, best validation, ...
+
+    def metadata(self) -> dict:
+        return {"format": "maml-export-checkpoint-v1", "config": self.config.to_dict(),
+                "iteration": self.iteration, "state": self.state}
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
+    """Write `path` (.npz) and its .json beside it, each atomically."""
+    path = Path(path)
+    meta = json.dumps(ckpt.metadata(), indent=1)
+    arrays = {f"param/{k}": np.asarray(v, dtype=np.float32) for k, v in ckpt.params.items()}
+    arrays.update({f"opt/{k}": np.asarray(v) for k, v in ckpt.optimizer.items()})
+    arrays["meta"] = np.array(meta)
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    _atomic_write(path.with_suffix(".json"), lambda f: f.write(meta.encode()))
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read and validate a checkpoint; every problem is one `CheckpointError` line naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "latest.npz"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (pass a .npz written by `python -m train`)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        meta = json.loads(str(arrays.pop("meta")))
+        config = MamlConfig.from_dict(meta["config"])
+        params = {k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")}
+        optimizer = {k[len("opt/"):]: v for k, v in arrays.items() if k.startswith("opt/")}
+        ckpt = Checkpoint(config, params, int(meta.get("iteration", 0)), optimizer, meta.get("state", {}))
+    except MamlError as e:
+        raise CheckpointError(f"checkpoint {path} has an invalid config: {e}") from None
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a maml-export checkpoint "
+                              f"({type(e).__name__}: {e})") from None
+    check_params(Model.from_specs(config.layers), params, str(path))
+    return ckpt
+
+
+def check_params(model: Model, params: dict, where: str) -> None:
+    """Raise CheckpointError unless `params` has exactly the model's names and shapes."""
+    expected = model.param_shapes()
+    missing = [k for k in expected if k not in params]
+    extra = [k for k in params if k not in expected]
+    wrong = [f"{k} {tuple(params[k].shape)} != {v}" for k, v in expected.items()
+             if k in params and tuple(params[k].shape) != tuple(v)]
+    if missing or extra or wrong:
+        details = "; ".join(filter(None, [missing and f"missing {missing}", extra and f"unexpected {extra}",
+                                          wrong and f"shapes {wrong}"]))
+        raise CheckpointError(f"checkpoint {where} does not match its model: {details}")
+    for k, v in params.items():
+        if not np.all(np.isfinite(v)):
+            raise CheckpointError(f"checkpoint {where} holds non-finite values in {k}")

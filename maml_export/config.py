@@ -1,0 +1,96 @@
+"""The typed configuration of a MAML run: the CLIs fill it, every checkpoint and export carries it.
+
+One dataclass, one field per option: `click_options(MamlConfig)` turns the fields (with their help
+text) into CLI options, so the trainer's options and the library can never drift apart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+
+import click
+
+from .errors import ConfigError
+from .model import conv4_specs
+
+PROTOCOL = "omniglot/README.md protocol: RandomState(1) split 1100/100/423, (character, rotation) classes, 28x28 LANCZOS, ink=1"
+
+
+def _opt(default, help: str, cli: bool = True):
+    return field(default=default, metadata={"help": help, "cli": cli})
+
+
+@dataclass
+class MamlConfig:
+    """Everything that defines a MAML model and how it was trained (see README for the defaults' sources)."""
+
+    name: str = _opt("omniglot-5w1s", "name of the run/config, carried into exports")
+    ways: int = _opt(5, "classes per task (N-way)")
+    shots: int = _opt(1, "support images per class (K-shot)")
+    query: int = _opt(15, "query images per class during training")
+    inner_steps: int = _opt(5, "SGD steps on the support set (inner loop)")
+    inner_lr: float = _opt(0.4, "inner-loop SGD step size")
+    first_order: bool = _opt(False, "first-order MAML (drop second derivatives); default second-order")
+    meta_batch: int = _opt(32, "tasks per meta-iteration")
+    meta_lr: float = _opt(1e-3, "Adam step size of the meta-update")
+    iterations: int = _opt(10000, "meta-iterations to train for (in total, counting resumed ones)")
+    seed: int = _opt(0, "seed of the initial weights and the task stream")
+    hidden: int = _opt(64, "filters per conv layer")
+    val_every: int = _opt(250, "validate (and save the best checkpoint) every this many iterations")
+    val_tasks: int = _opt(200, "validation tasks (always the same ones) per validation")
+    channels: int = _opt(1, "image channels", cli=False)
+    image_size: int = _opt(28, "image height and width", cli=False)
+    protocol: str = _opt(PROTOCOL, "data protocol the weights were trained under", cli=False)
+    layers: list = _opt(None, "layer specs (derived from the fields above when empty)", cli=False)
+
+    def __post_init__(self):
+        for name in ("ways", "shots", "query", "inner_steps", "meta_batch", "iterations", "hidden", "val_tasks",
+                     "val_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.ways < 2:
+            raise ConfigError(f"--ways must be at least 2, got {self.ways}")
+        if not self.layers:
+            self.layers = conv4_specs(self.ways, self.channels, self.image_size, self.hidden)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MamlConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown} (written by a newer maml-export?)")
+        return cls(**data)
+
+
+def click_options(cls, only_cli: bool = True):
+    """Decorator adding one click option per dataclass field (`inner_lr` -> `--inner-lr`), default None.
+
+    None means "not given", so `--resume` can tell given options from defaults.
+    """
+    def decorate(func):
+        for f in reversed(fields(cls)):
+            if only_cli and not f.metadata.get("cli", True):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            default = f.default
+            if f.type in ("bool", bool):
+                func = click.option(flag, f.name, is_flag=True, default=None,
+                                    help=f"{f.metadata['help']}")(func)
+            else:
+                kind = {"int": int, "float": float, "str": str}.get(f.type, str)
+                func = click.option(flag, f.name, type=kind, default=None, show_default=False,
+                                    help=f"{f.metadata['help']} [default: {default}]")(func)
+        return func
+    return decorate
+
+
+def given(options: dict) -> dict:
+    """The options the user actually gave (click passes None for the others)."""
+    return {k: v for k, v in options.items() if v is not None}

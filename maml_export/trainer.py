@@ -1,0 +1,196 @@
+"""Meta-training and evaluation: the loop behind `python -m train`.
+
+A run folder holds `latest.npz`/`.json` (weights, Adam state, task-sampler state: `--resume` continues
+exactly where it stopped), `best.npz`/`.json` (best validation accuracy) and `metrics.jsonl` (one JSON
+object per line: training iterations, validations, resumes). Checkpoints are chosen on the validation
+split; the test split is only used by `evaluate`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import paddle
+from tqdm import tqdm
+
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .config import MamlConfig
+from .data import TaskSampler, load_omniglot, split_characters
+from .errors import ConfigError, DataError
+from .maml import MAML
+from .model import Model, to_tensors
+from .optim import Adam
+
+VAL_SEED = 1_000_003  # the validation tasks are the same at every validation, and across runs
+TEST_SEED = 2_000_003
+
+
+def set_threads(threads: int | None) -> int:
+    """Paddle's CPU kernels default to one thread; use every core unless told otherwise."""
+    threads = threads or os.cpu_count() or 1
+    paddle.base.core.set_num_threads(threads)
+    return threads
+
+
+def mean_ci95(values) -> tuple[float, float]:
+    """Mean and the half-width of its 95% interval, 1.96 * std / sqrt(n), as the protocol reports."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.mean()), float(1.96 * values.std() / np.sqrt(len(values)))
+
+
+def as_tensors(tasks) -> list:
+    return [paddle.to_tensor(a) for a in tasks]
+
+
+def evaluate(maml: MAML, sampler: TaskSampler, num_tasks: int, batch: int = 16, steps: int | None = None,
+             progress: bool = False) -> np.ndarray:
+    """Query accuracy of each of `num_tasks` tasks after adaptation (batch norm on the batch's statistics)."""
+    accuracies = []
+    with paddle.no_grad(), tqdm(total=num_tasks, desc="evaluate", unit="task", disable=not progress,
+                                leave=False) as bar:
+        while len(accuracies) < num_tasks:
+            x_spt, y_spt, x_qry, y_qry = as_tensors(sampler.sample(min(batch, num_tasks - len(accuracies))))
+            logits = maml.predict(maml.adapt(x_spt, y_spt, steps=steps), x_qry)
+            accuracies += list((logits.argmax(axis=-1) == y_qry).astype("float32").mean(axis=1).numpy())
+            bar.update(x_spt.shape[0])
+    return np.array(accuracies)
+
+
+class Run:
+    """The files of one training run in `out`."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(out)
+        self.latest, self.best, self.metrics = self.out / "latest.npz", self.out / "best.npz", self.out / "metrics.jsonl"
+
+    def log(self, record: dict) -> None:
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _start(config: MamlConfig, run: Run, resume: bool, overrides: dict):
+    """(config, checkpoint or None): a new run, or the run in `run.out` with allowed overrides applied."""
+    if not resume:
+        if run.latest.exists():
+            raise ConfigError(f"{run.out} already holds a run: pass --resume to continue it, or another --out")
+        return config, None
+    if not run.latest.exists():
+        raise ConfigError(f"--resume: no checkpoint {run.latest} to resume (train without --resume first)")
+    ckpt = load_checkpoint(run.latest)
+    saved = ckpt.config
+    conflicts = [f"--{k.replace('_', '-')} {v} (run has {getattr(saved, k)})" for k, v in overrides.items()
+                 if k not in ("iterations", "val_every") and getattr(saved, k) != v]
+    if conflicts:
+        raise ConfigError(f"--resume continues the run as it was configured; these options differ: "
+                          f"{', '.join(conflicts)}")
+    for k in ("iterations", "val_every"):
+        if k in overrides:
+            setattr(saved, k, overrides[k])
+    return saved, ckpt
+
+
+def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.PathLike, resume: bool = False,
+          overrides: dict | None = None, threads: int | None = None, progress: bool = True) -> dict:
+    """Meta-train (or resume) a run; returns a summary. Ctrl-C saves `latest` before stopping."""
+    set_threads(threads)
+    run = Run(out)
+    config, ckpt = _start(config, run, resume, overrides or {})
+    images = load_omniglot(_data_dir(data))
+    splits = split_characters(len(images))
+    sampler = TaskSampler(images, splits["train"], config.ways, config.shots, config.query, config.seed,
+                          split_name="train")
+    # fail now, not at the first validation, if the validation split cannot give such tasks
+    TaskSampler(images, splits["val"], config.ways, config.shots, config.query, VAL_SEED, split_name="val")
+    model = Model.from_specs(config.layers)
+    params = to_tensors(ckpt.params if ckpt else model.init_params(config.seed))
+    maml = MAML(model, params, config.inner_lr, config.inner_steps, config.first_order)
+    adam = Adam(params, config.meta_lr)
+    state = {"best_val_accuracy": None, "best_iteration": None, "seconds": 0.0}
+    start = 0
+    if ckpt:
+        adam.load_state_arrays(ckpt.optimizer)
+        sampler.load_state_dict(ckpt.state["sampler"])
+        state.update({k: ckpt.state[k] for k in state if k in ckpt.state})
+        start = ckpt.iteration
+        run.log({"event": "resume", "iteration": start})
+    run.out.mkdir(parents=True, exist_ok=True)
+
+    def checkpoint(path: Path, iteration: int, sampler_state: dict):
+        save_checkpoint(path, Checkpoint(config, {k: v.numpy() for k, v in params.items()}, iteration,
+                                         adam.state_arrays(), {**state, "sampler": sampler_state}))
+
+    def validate(iteration: int) -> float:
+        val = TaskSampler(images, splits["val"], config.ways, config.shots, config.query, VAL_SEED)
+        accuracy, ci = mean_ci95(evaluate(maml, val, config.val_tasks, batch=config.meta_batch))
+        run.log({"event": "validation", "iteration": iteration, "val_accuracy": accuracy, "val_ci95": ci,
+                 "tasks": config.val_tasks, "seconds": round(state["seconds"], 2)})
+        return accuracy
+
+    sampler_state = sampler.state_dict()
+    iteration = start
+    bar = tqdm(total=config.iterations, initial=start, desc=config.name, unit="it", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        while iteration < config.iterations:
+            sampler_state = sampler.state_dict()  # the state *before* this iteration's tasks: resume point
+            began = time.perf_counter()
+            step = maml.meta_step(*as_tensors(sampler.sample(config.meta_batch)))
+            adam.step(step.grads)
+            iteration += 1
+            state["seconds"] += time.perf_counter() - began
+            run.log({"iteration": iteration, "loss": round(step.loss, 5), "accuracy": round(step.accuracy, 4),
+                     "seconds": round(state["seconds"], 2)})
+            bar.set_postfix(loss=f"{step.loss:.3f}", acc=f"{step.accuracy:.3f}",
+                            val=f"{state['best_val_accuracy'] or 0:.3f}")
+            bar.update(1)
+            if iteration % config.val_every == 0 or iteration == config.iterations:
+                accuracy = validate(iteration)
+                sampler_state = sampler.state_dict()
+                if state["best_val_accuracy"] is None or accuracy > state["best_val_accuracy"]:
+                    state.update(best_val_accuracy=accuracy, best_iteration=iteration)
+                    checkpoint(run.best, iteration, sampler_state)
+                checkpoint(run.latest, iteration, sampler_state)
+                bar.write(f"iteration {iteration}: validation accuracy {accuracy:.4f} "
+                          f"(best {state['best_val_accuracy']:.4f} at {state['best_iteration']})")
+    except KeyboardInterrupt:
+        # the interrupted iteration is redone on resume: save the weights and sampler state before it
+        checkpoint(run.latest, iteration, sampler_state)
+        bar.close()
+        raise
+    bar.close()
+    return {"iterations": iteration, "best_val_accuracy": state["best_val_accuracy"],
+            "best_iteration": state["best_iteration"], "seconds": state["seconds"], "out": str(run.out)}
+
+
+def _data_dir(data) -> str:
+    data = data or os.environ.get("OMNIGLOT_DIR")
+    if not data:
+        raise DataError("no Omniglot data: pass --data DIR or set OMNIGLOT_DIR (the official "
+                        "images_background.zip and images_evaluation.zip are published at "
+                        "https://github.com/brendenlake/omniglot/tree/master/python)")
+    return data
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, data, tasks: int = 600, split: str = "test",
+                        steps: int | None = None, inner_lr: float | None = None, seed: int = TEST_SEED,
+                        query: int = 15, threads: int | None = None, progress: bool = True) -> dict:
+    """Meta-test accuracy of a checkpoint by the shared protocol (15 queries per class), with its 95% interval."""
+    set_threads(threads)
+    ckpt = load_checkpoint(checkpoint)
+    config = ckpt.config
+    images = load_omniglot(_data_dir(data))
+    splits = split_characters(len(images))
+    sampler = TaskSampler(images, splits[split], config.ways, config.shots, query, seed, split_name=split)
+    model = Model.from_specs(config.layers)
+    maml = MAML(model, to_tensors(ckpt.params), config.inner_lr if inner_lr is None else inner_lr,
+                config.inner_steps if steps is None else steps)
+    started = time.perf_counter()
+    accuracies = evaluate(maml, sampler, tasks, steps=steps, progress=progress)
+    accuracy, ci = mean_ci95(accuracies)
+    return {"checkpoint": str(checkpoint), "config": config.name, "split": split, "tasks": tasks,
+            "ways": config.ways, "shots": config.shots, "query": query, "steps": maml.steps,
+            "inner_lr": maml.inner_lr, "accuracy": accuracy, "ci95": ci,
+            "seconds": round(time.perf_counter() - started, 2)}

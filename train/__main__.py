@@ -1,0 +1,80 @@
+"""`python -m train`: meta-train MAML on Omniglot; `python -m train evaluate`: meta-test accuracy."""
+import json
+import sys
+
+import click
+
+from maml_export.config import MamlConfig, click_options, given
+from maml_export.errors import MamlError
+
+
+def fail(message: str, code: int = 2):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data", type=click.Path(), default=None,
+              help="Omniglot folder: the .npz pair, the official zips or their extracted folders "
+                   "[default: $OMNIGLOT_DIR]")
+@click.option("--out", type=click.Path(file_okay=False), default="runs/omniglot-5w1s", show_default=True,
+              help="run folder: checkpoints latest/best (.npz + .json) and metrics.jsonl")
+@click.option("--resume", is_flag=True, help="continue the run in --out (weights, Adam and task stream)")
+@click.option("--threads", type=int, default=None, help="CPU threads for Paddle [default: all cores]")
+@click_options(MamlConfig)
+@click.pass_context
+def main(ctx, data, out, resume, threads, **options):
+    """Meta-train a conv-4 MAML on Omniglot (5-way 1-shot by default).
+
+    \b
+    Examples:
+      python -m train --data ../shared/omniglot --iterations 200 --first-order --out runs/quick
+      python -m train --out runs/quick --resume --iterations 400
+      python -m train evaluate --checkpoint runs/quick/best.npz --tasks 600
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    options = given(options)
+    from maml_export.trainer import train  # imports paddle: keep --help fast
+    try:
+        config = MamlConfig(**options)
+        summary = train(config, data, out, resume=resume, overrides=options, threads=threads)
+    except MamlError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail(f"interrupted; the last completed iteration is saved: continue with --out {out} --resume", 130)
+    click.echo(json.dumps(summary))
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="checkpoint .npz (or a run folder) [default: the bundled pretrained weights]")
+@click.option("--data", type=click.Path(), default=None, help="Omniglot folder [default: $OMNIGLOT_DIR]")
+@click.option("--tasks", type=int, default=600, show_default=True, help="test tasks to average over")
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
+@click.option("--steps", type=int, default=None, help="inner SGD steps [default: the checkpoint's]")
+@click.option("--inner-lr", type=float, default=None, help="inner step size [default: the checkpoint's]")
+@click.option("--query", type=int, default=15, show_default=True, help="query images per class")
+@click.option("--seed", type=int, default=None, help="seed of the test tasks [default: fixed]")
+@click.option("--threads", type=int, default=None, help="CPU threads [default: all cores]")
+@click.option("--json", "as_json", is_flag=True, help="print only the JSON result")
+def evaluate(checkpoint, data, tasks, split, steps, inner_lr, query, seed, threads, as_json):
+    """Meta-test accuracy of a checkpoint, mean over --tasks tasks with its 95% interval."""
+    from maml_export.checkpoint import default_checkpoint
+    from maml_export.trainer import TEST_SEED, evaluate_checkpoint
+    if tasks < 1:
+        fail("--tasks must be at least 1")
+    try:
+        result = evaluate_checkpoint(checkpoint or default_checkpoint(), data, tasks, split, steps, inner_lr,
+                                     TEST_SEED if seed is None else seed, query, threads, progress=not as_json)
+    except MamlError as e:
+        fail(str(e))
+    if not as_json:
+        click.echo(f"{result['config']}: {result['ways']}-way {result['shots']}-shot, {result['steps']} steps, "
+                   f"{split} accuracy {100 * result['accuracy']:.2f} ± {100 * result['ci95']:.2f} % "
+                   f"over {tasks} tasks")
+    click.echo(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
