@@ -84,15 +84,13 @@ class Conv2d(Layer):
         T, O, C, k = w.shape[0], self.out_channels, self.in_channels, self.kernel
         H, W = x.shape[2], x.shape[3]
         Ho, Wo = dy.shape[2], dy.shape[3]
-        # Weight gradient as a convolution whose "batch" is the input channel and whose kernel is dy:
-        # dW[t, o, c, i, j] = sum_n sum_p dy[n, t*O+o, p] * x_pad[n, t*C+c, s*p + (i, j)].
-        xt = x.reshape([-1, T, C, H, W]).transpose([2, 1, 0, 3, 4]).reshape([C, -1, H, W])  # (C, T*N, H, W)
-        dyt = dy.reshape([-1, T, O, Ho, Wo]).transpose([1, 2, 0, 3, 4]).reshape([T * O, -1, Ho, Wo])  # (T*O, N, Ho, Wo)
-        dw = F.conv2d(xt, dyt, padding=self.padding, dilation=self.stride, groups=T)  # (C, T*O, k', k')
-        taps = (H + 2 * self.padding - self.stride * (Ho - 1), W + 2 * self.padding - self.stride * (Wo - 1))
-        if taps != (k, k):  # stride > 1 can leave taps that no output used
-            dw = dw[:, :, :k, :k]
-        dw = dw.reshape([C, T, O, k, k]).transpose([1, 2, 0, 3, 4])  # (T, O, C, k, k)
+        # Weight gradient as im2col + matmul: cols[n, t, c*k*k + i*k + j, p] = x_pad[n, t*C+c, s*p + (i, j)],
+        # dW[t] = sum_n dy[n, t] @ cols[n, t]^T. Measured against a convolution with a dy-sized kernel
+        # (groups=T): 2-8x faster in Paddle on CPU for the support sets and the first layer.
+        L = Ho * Wo
+        cols = F.unfold(x, [k, k], strides=self.stride, paddings=self.padding).reshape([-1, T, C * k * k, L])
+        dw = paddle.matmul(dy.reshape([-1, T, O, L]), cols, transpose_y=True).sum(axis=0)  # (T, O, C*k*k)
+        dw = dw.reshape([T, O, C, k, k])
         dx = None
         if need_dx:
             # Input gradient: the transposed convolution with the same (grouped) weights.
