@@ -122,12 +122,12 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
         save_checkpoint(path, Checkpoint(config, {k: v.numpy() for k, v in params.items()}, iteration,
                                          adam.state_arrays(), {**state, "sampler": sampler_state}))
 
-    def validate(iteration: int) -> float:
+    def validate(iteration: int) -> tuple[float, float]:
         val = TaskSampler(images, splits["val"], config.ways, config.shots, config.query, VAL_SEED)
         accuracy, ci = mean_ci95(evaluate(maml, val, config.val_tasks, batch=config.meta_batch))
         run.log({"event": "validation", "iteration": iteration, "val_accuracy": accuracy, "val_ci95": ci,
                  "tasks": config.val_tasks, "seconds": round(state["seconds"], 2)})
-        return accuracy
+        return accuracy, ci
 
     sampler_state = sampler.state_dict()
     iteration = start
@@ -147,14 +147,14 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
                             val=f"{state['best_val_accuracy'] or 0:.3f}")
             bar.update(1)
             if iteration % config.val_every == 0 or iteration == config.iterations:
-                accuracy = validate(iteration)
+                accuracy, ci = validate(iteration)
                 sampler_state = sampler.state_dict()
                 if state["best_val_accuracy"] is None or accuracy > state["best_val_accuracy"]:
                     state.update(best_val_accuracy=accuracy, best_iteration=iteration)
                     checkpoint(run.best, iteration, sampler_state)
                 checkpoint(run.latest, iteration, sampler_state)
-                bar.write(f"iteration {iteration}: validation accuracy {accuracy:.4f} "
-                          f"(best {state['best_val_accuracy']:.4f} at {state['best_iteration']})")
+                bar.write(f"iteration {iteration}: validation accuracy {100 * accuracy:.2f} ± {100 * ci:.2f} % "
+                          f"(best {100 * state['best_val_accuracy']:.2f} % at {state['best_iteration']})")
     except KeyboardInterrupt:
         # the interrupted iteration is redone on resume: save the weights and sampler state before it
         checkpoint(run.latest, iteration, sampler_state)

@@ -52,6 +52,13 @@ def test_short_training_learns(tmp_path):
     assert len(losses) == 60
     assert np.mean(losses[-15:]) < np.mean(losses[:15]) - 0.1
     assert summary["best_val_accuracy"] > max(0.5, base + 0.05), (summary, base)
+    # the evaluation entry reports meta-test accuracy with its interval, by the protocol (15 queries)
+    result = cli("evaluate", "--checkpoint", str(tmp_path / "run" / "best.npz"), "--data", DATA, "--tasks", "20",
+                 "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["query"] == 15 and report["tasks"] == 20 and report["split"] == "test"
+    assert 0.4 < report["accuracy"] <= 1 and 0 < report["ci95"] < 0.2
 
 
 @needs_data
