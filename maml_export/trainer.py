@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +21,8 @@ from tqdm import tqdm
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from .config import MamlConfig
 from .data import TaskSampler, load_omniglot, split_characters
-from .errors import ConfigError, DataError
+from .distributed import RankLostError, Ranks
+from .errors import ConfigError, DataError, MamlError
 from .maml import MAML
 from .model import Model, to_tensors
 from .optim import Adam
@@ -46,17 +49,35 @@ def as_tensors(tasks) -> list:
 
 
 def evaluate(maml: MAML, sampler: TaskSampler, num_tasks: int, batch: int = 16, steps: int | None = None,
-             progress: bool = False) -> np.ndarray:
-    """Query accuracy of each of `num_tasks` tasks after adaptation (batch norm on the batch's statistics)."""
-    accuracies = []
+             progress: bool = False, ranks: Ranks | None = None) -> np.ndarray:
+    """Query accuracy of each of `num_tasks` tasks after adaptation (batch norm on the batch's statistics).
+
+    With `ranks`, every rank draws the same batches and adapts only its block of each.
+    """
+    accuracies = np.zeros(num_tasks, dtype=np.float32)
+    done = 0
     with paddle.no_grad(), tqdm(total=num_tasks, desc="evaluate", unit="task", disable=not progress,
                                 leave=False) as bar:
-        while len(accuracies) < num_tasks:
-            x_spt, y_spt, x_qry, y_qry = as_tensors(sampler.sample(min(batch, num_tasks - len(accuracies))))
-            logits = maml.predict(maml.adapt(x_spt, y_spt, steps=steps), x_qry)
-            accuracies += list((logits.argmax(axis=-1) == y_qry).astype("float32").mean(axis=1).numpy())
-            bar.update(x_spt.shape[0])
-    return np.array(accuracies)
+        while done < num_tasks:
+            tasks = sampler.sample(min(batch, num_tasks - done))
+            block = ranks.block(len(tasks.x_spt)) if ranks else slice(None)
+            x_spt, y_spt, x_qry, y_qry = as_tensors(a[block] for a in tasks)
+            if x_spt.shape[0]:
+                logits = maml.predict(maml.adapt(x_spt, y_spt, steps=steps), x_qry)
+                hits = (logits.argmax(axis=-1) == y_qry).astype("float32").mean(axis=1).numpy()
+                accuracies[done:done + len(tasks.x_spt)][block] = hits
+            done += len(tasks.x_spt)
+            bar.update(len(tasks.x_spt))
+    return ranks.gather(accuracies) if ranks else accuracies
+
+
+class Terminated(MamlError):
+    """SIGTERM arrived (paddle.distributed.launch sends it to every rank when one rank fails)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated("stopped by SIGTERM (under paddle.distributed.launch: another rank failed; its "
+                     "workerlog in the launcher's --log_dir says why)")
 
 
 class Run:
@@ -95,9 +116,11 @@ def _start(config: MamlConfig, run: Run, resume: bool, overrides: dict):
 def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.PathLike, resume: bool = False,
           overrides: dict | None = None, threads: int | None = None, progress: bool = True) -> dict:
     """Meta-train (or resume) a run; returns a summary. Ctrl-C saves `latest` before stopping."""
-    set_threads(threads)
+    ranks = Ranks()
+    set_threads(threads or max(1, (os.cpu_count() or 1) // ranks.world))
     run = Run(out)
     config, ckpt = _start(config, run, resume, overrides or {})
+    ranks.check_meta_batch(config.meta_batch)
     images = load_omniglot(_data_dir(data))
     splits = split_characters(len(images))
     sampler = TaskSampler(images, splits["train"], config.ways, config.shots, config.query, config.seed,
@@ -115,35 +138,47 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
         sampler.load_state_dict(ckpt.state["sampler"])
         state.update({k: ckpt.state[k] for k in state if k in ckpt.state})
         start = ckpt.iteration
-        run.log({"event": "resume", "iteration": start})
+        if ranks.main:
+            run.log({"event": "resume", "iteration": start, "ranks": ranks.world})
     run.out.mkdir(parents=True, exist_ok=True)
 
     def checkpoint(path: Path, iteration: int, sampler_state: dict):
+        if not ranks.main:
+            return
         save_checkpoint(path, Checkpoint(config, {k: v.numpy() for k, v in params.items()}, iteration,
                                          adam.state_arrays(), {**state, "sampler": sampler_state}))
 
     def validate(iteration: int) -> tuple[float, float]:
         val = TaskSampler(images, splits["val"], config.ways, config.shots, config.query, VAL_SEED)
-        accuracy, ci = mean_ci95(evaluate(maml, val, config.val_tasks, batch=config.meta_batch))
-        run.log({"event": "validation", "iteration": iteration, "val_accuracy": accuracy, "val_ci95": ci,
-                 "tasks": config.val_tasks, "seconds": round(state["seconds"], 2)})
+        accuracy, ci = mean_ci95(evaluate(maml, val, config.val_tasks, batch=config.meta_batch, ranks=ranks))
+        if ranks.main:
+            run.log({"event": "validation", "iteration": iteration, "val_accuracy": accuracy, "val_ci95": ci,
+                     "tasks": config.val_tasks, "seconds": round(state["seconds"], 2)})
         return accuracy, ci
 
     sampler_state = sampler.state_dict()
     iteration = start
-    bar = tqdm(total=config.iterations, initial=start, desc=config.name, unit="it", disable=not progress,
-               dynamic_ncols=True)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)  # save `latest` before stopping, as on Ctrl-C
+    bar = tqdm(total=config.iterations, initial=start, desc=config.name, unit="it",
+               disable=not (progress and ranks.main), dynamic_ncols=True)
     try:
         while iteration < config.iterations:
             sampler_state = sampler.state_dict()  # the state *before* this iteration's tasks: resume point
             began = time.perf_counter()
-            step = maml.meta_step(*as_tensors(sampler.sample(config.meta_batch)))
-            adam.step(step.grads)
+            block = ranks.block(config.meta_batch)  # every rank draws the meta-batch, keeps its block
+            step = maml.meta_step(*as_tensors(a[block] for a in sampler.sample(config.meta_batch)))
+            grads = ranks.mean_of_blocks(step.grads, config.meta_batch)
+            adam.step(grads)
             iteration += 1
             state["seconds"] += time.perf_counter() - began
-            run.log({"iteration": iteration, "loss": round(step.loss, 5), "accuracy": round(step.accuracy, 4),
-                     "seconds": round(state["seconds"], 2)})
-            bar.set_postfix(loss=f"{step.loss:.3f}", acc=f"{step.accuracy:.3f}",
+            metrics = ranks.mean_of_blocks({"loss": paddle.to_tensor([step.loss]),
+                                            "accuracy": paddle.to_tensor([step.accuracy])}, config.meta_batch)
+            loss, accuracy = float(metrics["loss"][0]), float(metrics["accuracy"][0])
+            if ranks.main:
+                run.log({"iteration": iteration, "loss": round(loss, 5), "accuracy": round(accuracy, 4),
+                         "seconds": round(state["seconds"], 2)})
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}",
                             val=f"{state['best_val_accuracy'] or 0:.3f}")
             bar.update(1)
             if iteration % config.val_every == 0 or iteration == config.iterations:
@@ -153,9 +188,10 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
                     state.update(best_val_accuracy=accuracy, best_iteration=iteration)
                     checkpoint(run.best, iteration, sampler_state)
                 checkpoint(run.latest, iteration, sampler_state)
-                bar.write(f"iteration {iteration}: validation accuracy {100 * accuracy:.2f} ± {100 * ci:.2f} % "
-                          f"(best {100 * state['best_val_accuracy']:.2f} % at {state['best_iteration']})")
-    except KeyboardInterrupt:
+                if ranks.main and progress:
+                    bar.write(f"iteration {iteration}: validation accuracy {100 * accuracy:.2f} ± {100 * ci:.2f} % "
+                              f"(best {100 * state['best_val_accuracy']:.2f} % at {state['best_iteration']})")
+    except (KeyboardInterrupt, RankLostError, Terminated):
         # the interrupted iteration is redone on resume: save the weights and sampler state before it
         checkpoint(run.latest, iteration, sampler_state)
         bar.close()

@@ -35,10 +35,13 @@ def main(ctx, data, out, resume, threads, **options):
     if ctx.invoked_subcommand is not None:
         return
     options = given(options)
-    from maml_export.trainer import train  # imports paddle: keep --help fast
+    from maml_export.distributed import RankLostError  # these import paddle: keep --help fast
+    from maml_export.trainer import Terminated, train
     try:
         config = MamlConfig(**options)
         summary = train(config, data, out, resume=resume, overrides=options, threads=threads)
+    except (RankLostError, Terminated) as e:
+        fail(f"{e}; the last completed iteration is saved: continue with --out {out} --resume")
     except MamlError as e:
         fail(str(e))
     except KeyboardInterrupt:
