@@ -138,7 +138,10 @@ class BatchNorm(Layer):
         dy3 = dy.reshape([0, shape[1], -1])
         mean_dy = dy3.mean(axis=2, keepdim=True).mean(axis=0)  # (T*C, 1)
         mean_dy_xc = (dy3 * xc).mean(axis=2, keepdim=True).mean(axis=0)
-        count = dy3.shape[2] * (dy3.shape[0] if dy3.shape[0] > 0 else paddle.shape(dy3)[0].astype(dy.dtype))
+        # pixels per channel, N*H*W: from the 4-D shape, since a reshape with -1 hides H*W from static
+        # shape inference when N is dynamic (N itself then comes from the run-time shape)
+        n = shape[0] if shape[0] > 0 else paddle.shape(dy)[0].astype(dy.dtype)
+        count = n * (shape[2] * shape[3])
         # sum(dy * xhat) = count * inv_std * mean(dy * xc)
         dgamma = (count * inv_std * mean_dy_xc).reshape([T, self.channels])
         dbeta = (count * mean_dy).reshape([T, self.channels])
@@ -203,8 +206,12 @@ def maxpool2_backward_portable(x, dy):
     m11 = e11 * (1 - e00) * (1 - e01) * (1 - e10)
     first = paddle.stack([paddle.stack([e00, m01], axis=-1), paddle.stack([m10, m11], axis=-1)], axis=3)
     dx = (first * dy.reshape([0, C, h, 1, w, 1])).reshape([0, C, 2 * h, 2 * w])
-    if H != 2 * h or W != 2 * w:
-        dx = F.pad(dx, [0, W - 2 * w, 0, H - 2 * h])  # the dropped row/column gets no gradient
+    # the dropped row/column gets no gradient. Zeros are concatenated rather than padded: paddle2onnx
+    # 2.1.0 reads pad3d's constant under an old attribute name and pads with uninitialised memory.
+    if W != 2 * w:
+        dx = paddle.concat([dx, paddle.zeros_like(x[:, :, : 2 * h, 2 * w:])], axis=3)
+    if H != 2 * h:
+        dx = paddle.concat([dx, paddle.zeros_like(x[:, :, 2 * h:, :])], axis=2)
     return dx
 
 

@@ -1,0 +1,148 @@
+"""`maml-bench`: adapt-then-predict latency of the exported MAML graph beside its peers.
+
+    maml-bench --provider cpu                                  # bundled weights, 4 configs, a table
+    maml-bench --model export/model.onnx --configs 5w1s --runs 50 --max-seconds 0 --json bench.json
+    maml-bench --data ../shared/omniglot --tasks 600           # plus meta-test accuracy
+
+The work is `maml_export.benchmark.run_benchmark`; this module parses options and prints.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+os.environ.setdefault("GLOG_minloglevel", "2")  # Paddle's INFO lines would break the table; read at import
+
+COLUMNS = ("p50 ms", "p90 ms", "p99 ms", "mean ms", "tasks/s", "vs fastest", "x floor", "runs", "rel diff",
+           "same class")
+
+
+def _cells(r: dict) -> tuple:
+    mark = " !!" if r["flagged"] else " f64" if r["disagreements"] else ""
+    return (f"{r['p50_ms']:.1f}", f"{r['p90_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['mean_ms']:.1f}",
+            f"{r['tasks_per_s']:.2f}", f"{r['ratio_to_fastest']:.2f}x",
+            "n/a" if r["floor_multiple"] is None else f"{r['floor_multiple']:.1f}x", str(r["runs"]),
+            f"{r['max_rel_vs_eager']:.1e}", f"{r['same_class']}/{r['queries']}{mark}")
+
+
+def table(report: dict) -> str:
+    """The report as text: a header, one block per config (rows fastest first), then notes."""
+    s, m, results = report["settings"], report["machine"], report["results"]
+    names = {id(r): r["runtime"] + (f" ({r['detail']})" if r["detail"] else "") for r in results}
+    width = max([len(n) for n in names.values()] + [18])
+    line = lambda name, cells: f"  {name:<{width}}" + "".join(f"{c:>{len(h) + 2}}" for c, h in zip(cells, COLUMNS))
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if k != "maml-export")
+    lines = [f"adapt-then-predict: one task per call (support + 15 queries per class), all SGD steps, provider "
+             f"{s['provider']}, {s['threads']} threads; inputs: {s['inputs']}",
+             f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}; {versions}",
+             f"floor = counted FLOPs / {report['gemm_gflops']:.1f} GFLOP/s (numpy float32 2048^3 GEMM on "
+             f"{s['threads']} OpenBLAS threads, measured now); rel diff and same class: against eager Paddle"]
+    for config, floor in report["flop_floor_ms"].items():
+        model = report["models"][config]
+        lines += ["", f"{config}: {model['flops'] / 1e9:.2f} GFLOP ({model['steps']} steps), floor {floor:.1f} ms; "
+                      f"weights: {model['weights']}", line("runtime", COLUMNS)]
+        lines += [line(names[id(r)], _cells(r)) for r in sorted(results, key=lambda r: r["p50_ms"])
+                  if r["config"] == config]
+        lines += [f"  {x['runtime']:<{width}}  cannot run: {x['reason']}" for x in report["skipped"]
+                  if x["config"] == config]
+    notes = []
+    if s["provider"] != "cpu":
+        notes.append("Paddle peers not timed: this paddlepaddle computes on the CPU only (time them with --provider "
+                     "cpu); eager Paddle still gives the reference logits. GPU rows: inputs and logits stay on the "
+                     "device (IO binding); no floor multiple (the GEMM rate measured is the CPU's).")
+    if any(r["runs"] < s["runs"] for r in results):
+        notes.append(f"rows with fewer than --runs {s['runs']} runs stopped after --max-seconds {s['max_seconds']:g} "
+                     "(at least 3 runs); the p99 of few runs is about their maximum")
+    if any(r["disagreements"] and not r["flagged"] for r in results):
+        notes.append("f64: the classes differ from eager float32 only where float64 Paddle sides with this runtime "
+                     "(a max-pool near-tie that float32 rounds either way; NOTES point 3)")
+    if any(r["flagged"] for r in results):
+        notes.append("!!: DISAGREEMENT: other classes than eager Paddle in float32 and in float64")
+    for a in report["accuracy"]:
+        o, e = a["onnxruntime"], a["paddle-eager"]
+        notes.append(f"accuracy {a['config']} over {a['tasks']} Omniglot test tasks: exported graph "
+                     f"{100 * o['accuracy']:.2f} ± {100 * o['ci95']:.2f} %, eager Paddle {100 * e['accuracy']:.2f} ± "
+                     f"{100 * e['ci95']:.2f} % (95% interval); same class {a['same_class']}/{a['queries']}; "
+                     f"weights: {a['weights']}")
+    return "\n".join(lines + [""] * bool(notes) + notes)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+              help="onnxruntime execution provider. cuda/tensorrt need onnxruntime-gpu (pip uninstall onnxruntime "
+                   "&& pip install \"maml-export[gpu]\") and run with IO binding (and a CUDA graph where possible); "
+                   "the Paddle peers, CPU-only here, are then not timed.")
+@click.option("--model", type=str, default=None,
+              help="An exported model.onnx (or its folder), with model.json/model.pdiparams beside it. "
+                   "[default: export the bundled weights into a temporary folder]")
+@click.option("--configs", default="5w1s,5w5s,20w1s,20w5s", show_default=True,
+              help="N-way K-shot configs, 15 queries per class. The graph's ways are fixed: other ways get a graph "
+                   "of the same architecture and steps, from a bundled checkpoint of those ways if one exists, else "
+                   "the model's conv weights with a zero head (latency does not depend on the values); the table "
+                   "says which.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Inner SGD steps in the graph. [default: the --model's, or 5 when exporting]")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads. [default: all cores]")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed calls per row.")
+@click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed calls per row.")
+@click.option("--max-seconds", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="Stop a row's timed calls after this many seconds (at least 3 runs; slow peers such as the "
+                   "PaddleRec loop get fewer runs). 0: always --runs.")
+@click.option("--data", type=str, default=None,
+              help="Omniglot folder: benchmark on real test tasks. [default: $OMNIGLOT_DIR, else random images]")
+@click.option("--tasks", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also measure meta-test accuracy ± 95% interval on this many test tasks (the protocol: 600), "
+                   "exported graph beside eager adaptation. Needs --data.")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
+def cli(provider, model, configs, steps, threads, warmup, runs, max_seconds, data, tasks, json_file):
+    """Time adapt-then-predict (one task in, query logits out, all SGD steps) of the exported MAML graph in
+    onnxruntime beside eager Paddle, a PaddleRec-style loop and Paddle Inference, against the FLOP floor.
+
+    Prints p50/p90/p99/mean latency, tasks/s, the ratio to the fastest runtime and the multiple of the
+    floor (counted FLOPs / this machine's GEMM rate, measured in the same run), and checks that every
+    runtime predicts the classes eager Paddle predicts. Exits 3 on a disagreement, 1 on an error
+    (2 on a usage error).
+    """
+    from maml_export.benchmark import parse_configs, run_benchmark
+
+    parsed = parse_configs(configs)
+    data = data or os.environ.get("OMNIGLOT_DIR")
+    report = run_benchmark(parsed, provider, model, steps, threads, warmup, runs, max_seconds, data, tasks,
+                           echo=lambda m: click.echo(m, err=True))
+    click.echo(table(report))
+    if json_file:
+        with open(json_file, "w") as f:
+            json.dump(report, f, indent=1)
+    bad = [r for r in report["results"] if r["flagged"]]
+    for r in bad:
+        click.echo(f"!! DISAGREEMENT: {r['runtime']} predicts other classes than eager Paddle (float32 and float64) "
+                   f"on {r['disagreements']} of {r['queries']} queries of {r['config']} (rel logit diff "
+                   f"{r['max_rel_vs_eager']:.1e}; weights: {report['models'][r['config']]['weights']})", err=True)
+    return 3 if bad else 0
+
+
+def main(args: list[str] | None = None) -> None:
+    """Every failure a user can cause is one `error: ...` line and a non-zero exit, never a traceback."""
+    from maml_export.errors import MamlError
+
+    try:
+        code = cli.main(args=args, prog_name="maml-bench", standalone_mode=False)
+    except click.ClickException as e:
+        code = _fail(e.format_message(), e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        code = _fail("interrupted", 130)
+    except (MamlError, ValueError, OSError) as e:
+        code = _fail(str(e), 1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int) -> int:
+    click.echo(f"error: {' '.join(message.split())}", err=True)
+    return code
+
+
+if __name__ == "__main__":
+    main()

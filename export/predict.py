@@ -1,0 +1,120 @@
+"""`maml-predict`: adapt an exported model to a folder of labelled examples and classify new images.
+
+    maml-predict --model exported/model.onnx --support support/ --query query/ [--json]
+
+support/ holds one sub-folder per class (the class names; sorted, they are labels 0..n-1, and n must
+be the model's ways), each with one or more images; query/ holds the images to classify. Images of
+any size and mode (PNG, JPEG, ...) are prepared as the Omniglot protocol prepares its drawings:
+grayscale (transparent pixels count as paper), dark ink on light paper inverted so that ink is 1.0,
+resized to the model's size with LANCZOS, divided by 255. Needs onnxruntime, numpy and Pillow only.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+import numpy as np
+
+from export.__main__ import run
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """An image file -> float32 [1, size, size], ink 1.0, paper 0.0 (the protocol's pixels)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                # composite on white paper: a transparent background must not turn into ink
+                rgba = image.convert("RGBA")
+                image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+            if image.mode.startswith("I"):  # 16-bit grayscale: Pillow's convert("L") clips at 255
+                a = np.asarray(image, dtype=np.float64)
+                image = Image.fromarray(np.uint8(np.clip(np.round(a / 257 if a.max() > 255 else a), 0, 255)))
+            gray = np.asarray(image.convert("L"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise ValueError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
+    # ink = 255 - gray: the drawing as an 8-bit image with ink 255, then resized (as data.py does)
+    ink = Image.fromarray(255 - gray, mode="L").resize((size, size), Image.Resampling.LANCZOS)
+    return (np.asarray(ink, dtype=np.float32) / np.float32(255))[None]
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files directly in `folder`, sorted by name; hidden files and other suffixes are skipped."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def read_support(folder: Path, ways: int, size: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Class names (sorted sub-folder names), images [S, 1, size, size] and labels [S]."""
+    if not folder.is_dir():
+        raise ValueError(f"--support {folder} is not a directory")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) != ways:
+        found = f"{len(classes)} ({', '.join(classes)})" if classes else "none"
+        raise ValueError(f"--support {folder} must hold one sub-folder per class: the model is {ways}-way, "
+                         f"found {found}")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        files = image_files(folder / name)
+        if not files:
+            raise ValueError(f"--support class folder {folder / name} holds no images")
+        images += [load_image(f, size) for f in files]
+        labels += [label] * len(files)
+    return classes, np.stack(images), np.array(labels, dtype=np.int64)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--model", "model_path", type=str, required=True, help="model.onnx written by maml-export.")
+@click.option("--support", type=str, required=True,
+              help="Folder with one sub-folder of example images per class (sorted names = labels 0..n-1).")
+@click.option("--query", type=str, required=True, help="Folder of images to classify.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
+@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads. [default: all cores]")
+def cli(model_path, support, query, as_json, threads):
+    """Adapt a MAML model to the support examples (in the graph: `steps` SGD steps) and classify
+    the query images. Prints each query file with its predicted class and probability."""
+    from maml_export.adapter import Adapter
+
+    try:
+        adapter = Adapter(model_path, threads=threads)
+    except ValueError as e:
+        raise ValueError(f"--model: {e}") from None
+    if adapter.channels != 1:
+        raise ValueError(f"--model {model_path} takes {adapter.channels}-channel images; maml-predict "
+                         "prepares grayscale drawings (channels=1) only")
+    classes, x_spt, y_spt = read_support(Path(support), adapter.ways, adapter.image_size)
+    query_dir = Path(query)
+    if not query_dir.is_dir():
+        raise ValueError(f"--query {query_dir} is not a directory")
+    files = image_files(query_dir)
+    if not files:
+        raise ValueError(f"--query {query_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    x_qry = np.stack([load_image(f, adapter.image_size) for f in files])
+    proba = adapter.predict_proba(x_spt, y_spt, x_qry)
+    best = proba.argmax(axis=1)
+    if as_json:
+        doc = {"model": os.fspath(model_path), "ways": adapter.ways, "steps": adapter.steps, "classes": classes,
+               "support": {c: int((y_spt == i).sum()) for i, c in enumerate(classes)},
+               "predictions": [{"file": f.name, "class": classes[k], "label": int(k), "probability": float(p[k]),
+                                "probabilities": {c: float(v) for c, v in zip(classes, p)}}
+                               for f, k, p in zip(files, best, proba)]}
+        click.echo(json.dumps(doc, indent=1))
+        return
+    width = max(len(f.name) for f in files)
+    cwidth = max(len(c) for c in classes)
+    for f, k, p in zip(files, best, proba):
+        click.echo(f"{f.name:<{width}}  {classes[k]:<{cwidth}}  {p[k]:.3f}")
+
+
+def main(args: list[str] | None = None) -> None:
+    run(cli, args, "maml-predict")
+
+
+if __name__ == "__main__":
+    main()

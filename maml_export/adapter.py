@@ -1,0 +1,121 @@
+"""Run an exported MAML adaptation graph with onnxruntime: support set in, query logits out.
+
+Needs only onnxruntime and numpy (no Paddle), so a deployment installs nothing else:
+
+    >>> from maml_export.adapter import Adapter
+    >>> adapter = Adapter("exported/model.onnx")
+    >>> logits = adapter.predict(x_spt, y_spt, x_qry)        # [Q, ways]
+
+`x_spt` is [S, C, H, W] and `x_qry` [Q, C, H, W] (Omniglot: C=1, H=W=28, ink 1.0, paper 0.0), `y_spt`
+is [S] labels in 0..ways-1 with every class present. S and Q may be anything >= 1 (e.g. 5-shot support
+for a graph meta-trained 1-shot). Inputs are checked first, so that a mistake is a one-line
+ValueError, not an onnxruntime shape error or silently meaningless logits.
+
+Batch norm uses the statistics of the batch at hand, as MAML does at test time: the query images are
+normalised together, so one image's logits depend on the others in `x_qry` (classify a batch of
+queries, as in the tasks the model was trained on, rather than one image at a time).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+_REQUIRED = ("ways", "steps", "inner_lr", "image_size", "channels")
+
+
+class Adapter:
+    """An exported `model.onnx` and its metadata.
+
+    Args:
+        model_path: the `model.onnx` written by `maml-export`.
+        providers: onnxruntime execution providers, default `["CPUExecutionProvider"]` (a CUDA
+            provider that cannot load falls back to CPU with only a warning: check `.providers`).
+        threads: onnxruntime intra-op threads (default: onnxruntime's choice, one per core).
+    """
+
+    def __init__(self, model_path: str | os.PathLike, providers: list | None = None, threads: int | None = None):
+        self.path = os.fspath(model_path)
+        if not os.path.isfile(self.path):
+            raise ValueError(f"model {self.path} does not exist (write one with maml-export)")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only; a clean export loads without warnings
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+        try:
+            self.session = ort.InferenceSession(self.path, options, providers=providers or ["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception zoo
+            raise ValueError(f"model {self.path} cannot be loaded by onnxruntime: {' '.join(str(e).split())}") from None
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        names = [i.name for i in self.session.get_inputs()]
+        missing = [k for k in _REQUIRED if k not in self.metadata]
+        if names != ["x_spt", "y_spt", "x_qry"] or missing:
+            raise ValueError(f"model {self.path} is not a maml-export adaptation graph "
+                             f"(inputs {names}, missing metadata {missing})")
+        self.ways = int(self.metadata["ways"])
+        self.steps = int(self.metadata["steps"])
+        self.inner_lr = float(self.metadata["inner_lr"])
+        self.image_size = int(self.metadata["image_size"])
+        self.channels = int(self.metadata["channels"])
+        self.config_name = self.metadata.get("config_name", "")
+        self.input_range = self.metadata.get("input_range", "")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def __repr__(self) -> str:
+        return (f"Adapter({self.path!r}, ways={self.ways}, steps={self.steps}, inner_lr={self.inner_lr}, "
+                f"image_shape={self.image_shape}, config={self.config_name!r})")
+
+    def _images(self, name: str, x) -> np.ndarray:
+        try:
+            a = np.asarray(x)
+        except Exception as e:  # noqa: BLE001 - ragged lists and the like
+            raise ValueError(f"{name} is not an array ({e})") from None
+        if a.dtype.kind not in "biuf":
+            raise ValueError(f"{name} must hold numbers, got dtype {a.dtype}")
+        want = "[N, " + ", ".join(map(str, self.image_shape)) + "]"
+        if a.ndim != 4 or a.shape[1:] != self.image_shape:
+            raise ValueError(f"{name} must have shape {want} (images, channels, height, width), got {list(a.shape)}")
+        if a.shape[0] < 1:
+            raise ValueError(f"{name} holds no images")
+        a = a.astype(np.float32)
+        if not np.isfinite(a).all():
+            raise ValueError(f"{name} holds NaN or infinite values")
+        return np.ascontiguousarray(a)
+
+    def check(self, x_spt, y_spt, x_qry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The inputs as float32/int64 arrays, or a one-line ValueError saying what is wrong."""
+        xs, xq = self._images("x_spt", x_spt), self._images("x_qry", x_qry)
+        y = np.asarray(y_spt)
+        if y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all():
+            y = y.astype(np.int64)  # 1.0 is a fine label; 1.5 is not
+        if y.dtype.kind not in "iu":
+            raise ValueError(f"y_spt must hold integer labels 0..{self.ways - 1}, got dtype {y.dtype}")
+        if y.shape != (xs.shape[0],):
+            raise ValueError(f"y_spt must have shape [{xs.shape[0]}] (one label per x_spt image), got {list(y.shape)}")
+        bad = y[(y < 0) | (y >= self.ways)]
+        if bad.size:
+            raise ValueError(f"y_spt holds label {bad[0]}, outside 0..{self.ways - 1} (the model is {self.ways}-way)")
+        absent = sorted(set(range(self.ways)) - set(y.tolist()))
+        if absent:
+            raise ValueError(f"the support set has no image of class {', '.join(map(str, absent))}: "
+                             f"a {self.ways}-way model needs every class 0..{self.ways - 1} in y_spt")
+        return xs, y.astype(np.int64), xq
+
+    def predict(self, x_spt, y_spt, x_qry) -> np.ndarray:
+        """Adapt to (x_spt, y_spt) with `steps` SGD steps, then query logits, float32 [Q, ways]."""
+        xs, ys, xq = self.check(x_spt, y_spt, x_qry)
+        return self.session.run(["logits"], {"x_spt": xs, "y_spt": ys, "x_qry": xq})[0]
+
+    def predict_proba(self, x_spt, y_spt, x_qry) -> np.ndarray:
+        """Class probabilities (softmax of `predict`), float32 [Q, ways]."""
+        logits = self.predict(x_spt, y_spt, x_qry)
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)

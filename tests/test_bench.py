@@ -1,0 +1,155 @@
+"""maml-bench: the FLOP counter against ../shared/NOTES.md, the timing and agreement helpers, and the CLI end
+to end (real export, real runtimes, small --runs) plus its one-line errors.
+
+The end-to-end run uses the bundled weights when they exist, else freshly initialised ones; it runs on
+Omniglot test tasks when $OMNIGLOT_DIR is set (CI sets it), else on random images.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from maml_export.benchmark import BenchConfig, agreement, count_flops, parse_configs, time_calls
+from maml_export.errors import ConfigError
+from maml_export.model import conv4_specs
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+RUNTIMES = {"onnxruntime", "paddle-eager", "paddlerec-loop", "paddle-inference"}
+ROW_KEYS = {"runtime", "provider", "config", "steps", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "tasks_per_s"}
+
+
+def bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench", *args], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                          timeout=timeout)
+
+
+# --- FLOPs -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ways, shots, notes", [(5, 1, 2.92), (5, 5, 8.72), (20, 1, 11.69), (20, 5, 34.88)])
+def test_flop_counter_reproduces_the_notes(ways, shots, notes):
+    flops = count_flops(conv4_specs(ways), support=ways * shots, query=ways * 15, steps=5)
+    # NOTES gives two decimals; 20w5s counts 34.887 GFLOP, which NOTES writes as 34.88 (truncated)
+    assert abs(flops / 1e9 - notes) < 0.01, flops
+
+
+def test_flop_counter_by_hand():
+    specs = conv4_specs(5)
+    convs = [64 * 1 * 9 * 28 * 28, 64 * 64 * 9 * 14 * 14, 64 * 64 * 9 * 7 * 7, 64 * 64 * 9 * 3 * 3]
+    forward = sum(convs) + 64 * 5  # MACs per image, the head included
+    assert count_flops(specs, support=0, query=1, steps=5) == 2 * forward  # query forward only
+    # one step on one image: forward + weight gradients + input gradients, except the first conv's
+    assert count_flops(specs, support=1, query=0, steps=1) == 2 * (3 * forward - convs[0])
+    assert count_flops(specs, support=5, query=75, steps=5) == 2_922_028_800
+
+
+# --- helpers -----------------------------------------------------------------------------------------------
+
+def test_parse_configs():
+    assert parse_configs("5w1s, 20w5s,5w1s") == [BenchConfig(5, 1), BenchConfig(20, 5)]
+    assert parse_configs("5w1s")[0].name == "5w1s" and parse_configs("5w1s")[0].query == 15
+    for bad in ("7x1s", "5w0s", "1w1s", "5w1s,", "fast"):
+        with pytest.raises(ConfigError, match="--configs"):
+            parse_configs(bad)
+
+
+def test_agreement_flags_class_changes_but_not_near_ties():
+    ref = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 2.0 - 1e-6], [1.0, 0.0, 0.0]], np.float32)
+    same = agreement(ref + 1e-6, ref)
+    assert same["disagreements"] == 0 and same["same_class"] == 3 and same["max_rel_vs_eager"] < 1e-5
+    tie = ref.copy()
+    tie[1, 2] += 2e-6  # the top-2 margin of query 1 is a near-tie: the flip is no disagreement
+    assert agreement(tie, ref)["same_class"] == 2 and agreement(tie, ref)["disagreements"] == 0
+    wrong = ref[:, ::-1].copy()
+    assert agreement(wrong, ref)["disagreements"] == 2  # queries 0 and 2 flip clearly
+    assert agreement(np.full_like(ref, np.nan), ref)["max_rel_vs_eager"] == float("inf")
+
+
+def test_time_calls_warms_up_times_each_call_and_respects_the_budget():
+    calls = []
+    stats, out = time_calls(lambda: calls.append(1) or len(calls), warmup=2, runs=4, max_seconds=0)
+    assert len(calls) == 6 and out == 6 and stats["runs"] == 4
+    stats, _ = time_calls(lambda: time.sleep(0.02), warmup=0, runs=1000, max_seconds=0.1)
+    assert 3 <= stats["runs"] < 20
+    assert stats["p50_ms"] >= 19 and stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"]
+    assert stats["tasks_per_s"] == pytest.approx(1e3 / stats["mean_ms"])
+
+
+# --- the CLI -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    from maml_export.checkpoint import Checkpoint, default_checkpoint, save_checkpoint
+    from maml_export.config import MamlConfig
+    from maml_export.export import export_model
+    from maml_export.model import Model
+    ckpt = default_checkpoint()
+    if not ckpt.is_file():
+        config = MamlConfig()
+        ckpt = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "init.npz",
+                               Checkpoint(config, Model.from_specs(config.layers).init_params(0)))
+    out = tmp_path_factory.mktemp("export")
+    export_model(ckpt, out, steps=5, tasks=1)
+    return out / "model.onnx"
+
+
+def test_cli_end_to_end_writes_the_json_schema_and_all_peers_agree(exported, tmp_path):
+    result = bench("--provider", "cpu", "--model", str(exported), "--configs", "5w1s", "--runs", "3", "--warmup", "1",
+                   "--json", str(tmp_path / "bench.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert {"machine", "results", "flop_floor_ms", "gemm_gflops"} <= set(doc)
+    assert {"cpu", "cores", "threads", "python", "versions"} <= set(doc["machine"])
+    assert doc["gemm_gflops"] > 1
+    assert doc["flop_floor_ms"]["5w1s"] == pytest.approx(2.922028800e9 / doc["gemm_gflops"] / 1e6)
+    rows = {r["runtime"]: r for r in doc["results"]}
+    skipped = {s["runtime"]: s["reason"] for s in doc["skipped"]}
+    assert set(rows) | set(skipped) == RUNTIMES and {"onnxruntime", "paddle-eager", "paddlerec-loop"} <= set(rows)
+    for name, r in rows.items():
+        assert ROW_KEYS <= set(r) and r["config"] == "5w1s" and r["steps"] == 5 and r["runs"] == 3, r
+        assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["tasks_per_s"] == pytest.approx(1e3 / r["mean_ms"])
+        assert r["provider"] == "cpu" and r["floor_multiple"] > 0 and r["ratio_to_fastest"] >= 1
+        # every runtime predicts the classes eager Paddle predicts on the same inputs (or, where a float32
+        # max-pool near-tie sends adaptation another way, the classes eager Paddle in float64 predicts)
+        assert r["queries"] == 75 and not r["flagged"], r
+        assert np.isfinite(r["max_rel_vs_eager"]), r
+    assert min(r["ratio_to_fastest"] for r in rows.values()) == 1
+    assert "5w1s" in result.stdout and "x floor" in result.stdout and "onnxruntime" in result.stdout
+
+
+def test_cli_cuda_without_the_provider_is_one_line_and_no_cpu_numbers():
+    import onnxruntime
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    result = bench("--provider", "cuda", "--configs", "5w1s", "--runs", "1")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "CUDAExecutionProvider" in lines[0], result.stderr
+    assert 'pip install "maml-export[gpu]"' in lines[0]
+    assert result.stdout == ""  # no table, no CPU figures passed off as GPU ones
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--configs", "7x1s"], "--configs: '7x1s' is not a config like 5w1s"),
+    (["--model", "/nonexistent/model.onnx"], "--model /nonexistent/model.onnx does not exist"),
+    (["--runs", "0"], "--runs"),
+])
+def test_cli_bad_input_is_one_error_line(args, message):
+    result = bench(*args)
+    assert result.returncode != 0 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_cli_help_explains_the_options():
+    result = bench("--help")
+    assert result.returncode == 0
+    for option in ("--provider", "--model", "--configs", "--steps", "--threads", "--warmup", "--runs", "--json",
+                   "--data", "--tasks"):
+        assert option in result.stdout

@@ -1,0 +1,375 @@
+"""The export: static graph, op check, ONNX contract and metadata, parity, the Adapter and both CLIs.
+
+One export per module (fixture `exported`), with the bundled pretrained weights when they exist (parity on
+trained weights is what matters, ../shared/NOTES.md point 3), else freshly initialised ones. Real Omniglot
+test tasks come from $OMNIGLOT_DIR or ../shared/omniglot; tests that need them skip when it is absent.
+"""
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import paddle
+import paddle.nn.functional as F
+import pytest
+from PIL import Image
+
+from maml_export.adapter import Adapter
+from maml_export.checkpoint import Checkpoint, default_checkpoint, load_checkpoint, save_checkpoint
+from maml_export.config import MamlConfig
+from maml_export.errors import ExportError
+from maml_export.export import RTOL, check_ops, compare, convert, export_model, inspect_program
+from maml_export.maml import MAML
+from maml_export.model import Model, to_tensors
+
+DATA = os.environ.get("OMNIGLOT_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "omniglot"))
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def run_cli(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=ENV,
+                          cwd=ROOT, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    if default_checkpoint().is_file():
+        return default_checkpoint()
+    path = tmp_path_factory.mktemp("ckpt") / "init.npz"
+    config = MamlConfig()
+    return save_checkpoint(path, Checkpoint(config, Model.from_specs(config.layers).init_params(0)))
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    report = export_model(checkpoint, out, steps=5, tasks=6, data=DATA if os.path.isdir(DATA) else None)
+    return out, report
+
+
+@pytest.fixture(scope="module")
+def omniglot():
+    if not os.path.isdir(DATA):
+        pytest.skip(f"shared Omniglot not found at {DATA} (set OMNIGLOT_DIR)")
+    from maml_export.data import load_omniglot, split_characters
+    return load_omniglot(DATA), split_characters()["test"]
+
+
+def sample(omniglot, tasks, shots=1, seed=123):
+    from maml_export.data import TaskSampler
+    images, test = omniglot
+    return TaskSampler(images, test, ways=5, shots=shots, query=15, seed=seed).sample(tasks)
+
+
+def eager_logits(ckpt, x_spt, y_spt, x_qry, steps=5, dtype="float32"):
+    """The reference: MAML.adapt/predict in eager Paddle, one task (T=1)."""
+    model = Model.from_specs(ckpt.config.layers)
+    maml = MAML(model, to_tensors(ckpt.params, dtype), ckpt.config.inner_lr, steps)
+    xs, ys, xq = (paddle.to_tensor(a).unsqueeze(0) for a in (x_spt, y_spt, x_qry))
+    with paddle.no_grad():
+        return maml.predict(maml.adapt(xs.astype(dtype), ys), xq.astype(dtype))[0].numpy()
+
+
+def assert_matches_eager(ckpt, got, x_spt, y_spt, x_qry):
+    """Within RTOL of eager float32, or (a max-pool near-tie rounded the other way) of eager float64."""
+    c = compare(got, eager_logits(ckpt, x_spt, y_spt, x_qry))
+    if not c["ok"]:
+        c = compare(got, eager_logits(ckpt, x_spt, y_spt, x_qry, dtype="float64"))
+    assert c["ok"], c
+    return c
+
+
+# --- files, ops, graph, metadata -------------------------------------------------------------------------
+
+def test_export_writes_every_file(exported):
+    out, report = exported
+    for name in ("model.json", "model.pdiparams", "model.onnx", "export.json"):
+        assert (out / name).stat().st_size > 0, name
+    doc = json.loads((out / "export.json").read_text())
+    assert doc["parity"]["passed"] and doc["steps"] == 5
+    assert set(doc["versions"]) >= {"paddle", "paddle2onnx", "onnx", "onnxruntime", "maml_export"}
+    assert len(doc["timings_s"]) == 5 and doc["onnx_ops"] == report.ops
+
+
+def test_static_program_holds_only_convertible_ops(exported):
+    from paddle2onnx.paddle2onnx_cpp2py_export import get_all_supported_operators_pir
+    out, _ = exported
+    ops = inspect_program(out / "model").ops
+    check_ops(ops)  # raises on any offender
+    assert not [op for op in ops if op.endswith("_grad") or "unpool" in op or "batch_norm" in op], ops
+    assert "pd_op.conv2d" in ops and "pd_op.conv2d_transpose" in ops  # forward and hand-written backward
+    assert "max_pool2d_with_index" not in ops  # the eager-only max-pool path stayed out of the graph
+    assert len(get_all_supported_operators_pir()) > 100
+
+
+def test_onnx_graph_is_valid_and_follows_the_contract(exported):
+    out, _ = exported
+    model = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+
+    def sig(vi):
+        t = vi.type.tensor_type
+        return vi.name, t.elem_type, [d.dim_param or d.dim_value for d in t.shape.dim]
+
+    f32, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+    assert [sig(i) for i in model.graph.input] == [("x_spt", f32, ["S", 1, 28, 28]), ("y_spt", i64, ["S"]),
+                                                  ("x_qry", f32, ["Q", 1, 28, 28])]
+    assert [sig(o) for o in model.graph.output] == [("logits", f32, ["Q", 5])]
+    used = {i for n in model.graph.node for i in n.input}
+    assert all(t.name in used for t in model.graph.initializer)  # no unused initializer (NOTES point 8)
+    assert not [n for n in model.graph.node if n.op_type in ("Identity", "BatchNormalization")]
+    # paddle2onnx 2.1.0 gives a pad3d's Pad an uninitialised constant: no Pad may carry a constant input
+    # (F.unfold's Pads have none and pad with 0)
+    assert not [n.name for n in model.graph.node if n.op_type == "Pad" and len(n.input) > 2 and n.input[2]]
+
+
+def test_metadata(exported, checkpoint):
+    out, _ = exported
+    ckpt = load_checkpoint(checkpoint)
+    meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert (meta["ways"], meta["steps"], meta["image_size"], meta["channels"]) == ("5", "5", "28", "1")
+    assert float(meta["inner_lr"]) == ckpt.config.inner_lr
+    assert meta["config_name"] == ckpt.config.name and "ink 1.0" in meta["input_range"]
+    assert json.loads(meta["config"]) == ckpt.config.to_dict()
+    h = hashlib.sha256()  # the scheme the metadata states, recomputed here
+    for name in sorted(ckpt.params):
+        a = np.ascontiguousarray(ckpt.params[name], dtype="<f4")
+        h.update(name.encode() + b"\0" + json.dumps(list(a.shape)).encode() + b"\0" + a.tobytes())
+    assert meta["weights_sha256"] == h.hexdigest()
+
+
+def test_onnxruntime_loads_without_a_warning(exported):
+    out, _ = exported
+    code = ("import onnxruntime as ort, sys\n"
+            "ort.set_default_logger_severity(2)\n"
+            "o = ort.SessionOptions(); o.log_severity_level = 2\n"
+            f"ort.InferenceSession({str(out / 'model.onnx')!r}, o, providers=['CPUExecutionProvider'])\n"
+            "print('loaded')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "loaded\n", done.stderr
+    assert done.stderr == ""
+    # the check can fail: the raw paddle2onnx graph does warn (one line per dead initializer)
+    raw = out / "raw"
+    convert(out / "model", raw.with_suffix(".onnx"), 17)
+    code = code.replace(str(out / "model.onnx"), str(raw.with_suffix(".onnx")))
+    assert "It is not used by any node" in subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                                          text=True, timeout=120).stderr
+
+
+# --- parity and accuracy on real tasks -----------------------------------------------------------------
+
+def test_export_parity_on_omniglot_tasks(exported, omniglot):
+    out, report = exported
+    doc = json.loads((out / "export.json").read_text())["parity"]
+    assert doc["source"].startswith("Omniglot test tasks") and doc["passed"]
+    for name in ("static vs eager", "onnxruntime vs eager", "onnxruntime vs static"):
+        r = report.parity[name]
+        assert r["ok"] and r["tasks"] == 6 and r["median_rel"] <= RTOL, (name, r)
+    assert report.parity["static vs eager"]["max_rel"] <= 1e-5  # same kernels: nothing to drift
+
+
+def test_accuracy_on_20_test_tasks_equals_eager(exported, omniglot, checkpoint):
+    out, _ = exported
+    ckpt, adapter = load_checkpoint(checkpoint), Adapter(out / "model.onnx")
+    t = sample(omniglot, 20)
+    acc_onnx, acc_eager = [], []
+    for i in range(20):
+        got = adapter.predict(t.x_spt[i], t.y_spt[i], t.x_qry[i])
+        ref = eager_logits(ckpt, t.x_spt[i], t.y_spt[i], t.x_qry[i])
+        c = compare(got, ref)
+        if not c["ok"]:  # a max-pool near-tie: the float64 run decides which rounding was right
+            ref = eager_logits(ckpt, t.x_spt[i], t.y_spt[i], t.x_qry[i], dtype="float64")
+            assert compare(got, ref)["ok"], i
+        assert (got.argmax(1) == ref.argmax(1)).all(), i
+        acc_onnx.append((got.argmax(1) == t.y_qry[i]).mean())
+        acc_eager.append((ref.argmax(1) == t.y_qry[i]).mean())
+    assert np.mean(acc_onnx) == np.mean(acc_eager)
+    if default_checkpoint().is_file():
+        assert np.mean(acc_onnx) > 0.8  # trained 5-way 1-shot weights
+
+
+@pytest.mark.parametrize("shots,queries", [(1, [1, 7, 75]), (5, [3, 75])])
+def test_dynamic_support_and_query_sizes(exported, omniglot, checkpoint, shots, queries):
+    out, _ = exported
+    ckpt, adapter = load_checkpoint(checkpoint), Adapter(out / "model.onnx")
+    t = sample(omniglot, 1, shots=shots, seed=7)
+    assert t.x_spt.shape[1] == 5 * shots
+    first = []
+    for q in queries:
+        got = adapter.predict(t.x_spt[0], t.y_spt[0], t.x_qry[0, :q])
+        assert got.shape == (q, 5) and got.dtype == np.float32
+        assert_matches_eager(ckpt, got, t.x_spt[0], t.y_spt[0], t.x_qry[0, :q])
+        first.append(got[0])
+    # batch norm normalises the query with the query batch's own statistics: the first image's
+    # logits depend on which other images are in the batch
+    assert np.abs(first[0] - first[-1]).max() > 1e-3
+
+
+# --- Adapter -------------------------------------------------------------------------------------------------
+
+def test_adapter_reads_metadata_and_rejects_bad_input(exported):
+    out, _ = exported
+    a = Adapter(out / "model.onnx")
+    assert (a.ways, a.steps, a.image_shape) == (5, 5, (1, 28, 28))
+    rng = np.random.default_rng(0)
+    xs, ys, xq = rng.random((5, 1, 28, 28)), np.arange(5), rng.random((4, 1, 28, 28))
+    assert a.predict(xs, ys.astype(float), xq.astype(np.float64)).shape == (4, 5)  # convertible dtypes
+    p = a.predict_proba(xs, ys, xq)
+    assert np.allclose(p.sum(1), 1, atol=1e-6)
+    nan = xq.copy()
+    nan[0, 0, 3, 3] = np.nan
+    bad = {
+        "must have shape [N, 1, 28, 28]": (xs[:, :, :27], ys, xq),
+        "x_qry must have shape": (xs, ys, xq[:, 0]),
+        "y_spt must have shape [5]": (xs, ys[:4], xq),
+        "outside 0..4": (xs, np.array([0, 1, 2, 3, 5]), xq),
+        "no image of class 4": (xs, np.array([0, 1, 2, 3, 3]), xq),
+        "NaN or infinite": (xs, ys, nan),
+        "integer labels": (xs, np.array([0, 1, 2, 3, 4.5]), xq),
+        "must hold numbers": (xs.astype(str), ys, xq),
+        "holds no images": (xs, ys, xq[:0]),
+    }
+    for message, args in bad.items():
+        with pytest.raises(ValueError, match=re.escape(message)) as e:
+            a.predict(*args)
+        assert "\n" not in str(e.value)
+
+
+def test_adapter_needs_no_paddle(exported):
+    out, _ = exported
+    code = (f"import sys; from maml_export.adapter import Adapter; a = Adapter({str(out / 'model.onnx')!r}); "
+            "assert 'paddle' not in sys.modules, 'paddle imported'; print(a.ways)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "5", done.stderr
+
+
+# --- maml-predict ----------------------------------------------------------------------------------------------
+
+def write_drawing(paper: np.ndarray, path: Path, mode: str) -> None:
+    """A 105x105 Omniglot paper mask (True = paper) as an image file: black ink on white paper."""
+    gray = np.where(paper, 255, 0).astype(np.uint8)
+    image = Image.fromarray(gray)
+    if mode == "RGBA":  # transparent paper: must still read as paper
+        image = Image.fromarray(np.dstack([gray * 0, gray * 0, gray * 0, 255 - gray]).astype(np.uint8), "RGBA")
+    elif mode != "L":
+        image = image.convert(mode)
+    image.save(path)
+
+
+def test_maml_predict_on_a_folder_tree(exported, omniglot, tmp_path):
+    from export.predict import load_image
+    out, _ = exported
+    images, test = omniglot
+    raw = {}  # the 105x105 drawings, to write real image files from
+    for half in ("background", "evaluation"):
+        with np.load(os.path.join(DATA, f"images_{half}.npz")) as z:
+            raw[half] = z["images"]
+    drawings = np.concatenate([raw["background"], raw["evaluation"]])  # protocol numbering
+    chars = test[:5]  # five test characters, unrotated
+    names = ["kappa", "alpha", "zeta", "beta", "mu"]  # sorted: alpha beta kappa mu zeta
+    modes = ["1", "L", "RGB", "RGBA", "P"]
+    for c, name, mode in zip(chars, names, modes):
+        (tmp_path / "support" / name).mkdir(parents=True)
+        write_drawing(drawings[c, 0], tmp_path / "support" / name / "0.png", mode)
+    (tmp_path / "query").mkdir()
+    truth = {}
+    for c, name in zip(chars, names):
+        for d in range(1, 4):
+            file = f"{name}_{d}.png"
+            write_drawing(drawings[c, d], tmp_path / "query" / file, modes[d])
+            truth[file] = name
+    (tmp_path / "query" / "notes.txt").write_text("not an image")  # skipped
+
+    # the files read back as the protocol's pixels, bit for bit, whatever their mode
+    for c, name in zip(chars, names):
+        assert np.array_equal(load_image(tmp_path / "support" / name / "0.png", 28)[0], images[c, 0])
+
+    done = run_cli("export.predict", "--model", str(out / "model.onnx"), "--support", str(tmp_path / "support"),
+                   "--query", str(tmp_path / "query"), "--json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["classes"] == sorted(names) and doc["support"] == {n: 1 for n in names}
+    preds = {p["file"]: p for p in doc["predictions"]}
+    assert sorted(preds) == sorted(truth)
+    # the same as the Adapter on the protocol's pixels, labels named by the sorted folder names
+    order = sorted(range(5), key=lambda i: names[i])
+    x_spt = np.stack([images[chars[i], 0][None] for i in order])
+    files = sorted(truth)
+    x_qry = np.stack([images[chars[names.index(truth[f])], int(f[-5])][None] for f in files])
+    expected = Adapter(out / "model.onnx").predict_proba(x_spt, np.arange(5), x_qry)
+    for f, p in zip(files, expected):
+        assert preds[f]["class"] == sorted(names)[p.argmax()]
+        assert abs(preds[f]["probability"] - p.max()) < 1e-5
+    if default_checkpoint().is_file():  # trained weights: the labels are right
+        assert np.mean([preds[f]["class"] == truth[f] for f in files]) >= 0.8
+
+    table = run_cli("export.predict", "--model", str(out / "model.onnx"), "--support", str(tmp_path / "support"),
+                    "--query", str(tmp_path / "query"))
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert len(lines) == len(files)
+    for line, f in zip(lines, files):
+        file, cls, prob = line.split()
+        assert (file, cls) == (f, preds[f]["class"]) and abs(float(prob) - preds[f]["probability"]) < 1e-3
+
+    (tmp_path / "support" / "extra").mkdir()
+    wrong = run_cli("export.predict", "--model", str(out / "model.onnx"), "--support", str(tmp_path / "support"),
+                    "--query", str(tmp_path / "query"))
+    assert wrong.returncode != 0 and wrong.stdout == ""
+    assert wrong.stderr.count("\n") == 1 and wrong.stderr.startswith("error: --support")
+    assert "5-way" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+# --- maml-export CLI and failure paths ----------------------------------------------------------------
+
+def test_maml_export_cli_prints_stages_and_parity(checkpoint, tmp_path):
+    done = run_cli("export", "--checkpoint", str(checkpoint), "--steps", "2", "--tasks", "1",
+                   "--out", str(tmp_path / "exp"))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [ln.split(" ... ")[0][:5] for ln in lines[:5]] == ["[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"]
+    assert all(ln.endswith(" s)") and " done (" in ln for ln in lines[:5])
+    assert sum(ln.lstrip().startswith("✓") for ln in lines) == 3
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "exp" / "model.onnx")).metadata_props}
+    assert meta["steps"] == "2"
+
+
+def test_maml_export_with_a_corrupt_checkpoint_is_one_line(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    done = run_cli("export", "--checkpoint", str(bad), "--out", str(tmp_path / "exp"))
+    assert done.returncode != 0
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: --checkpoint"), done.stderr
+    assert "corrupt" in done.stderr and "Traceback" not in done.stderr
+    usage = run_cli("export", "--steps", "many")
+    assert usage.returncode == 2 and usage.stderr.startswith("error:") and usage.stderr.count("\n") == 1
+    zero = run_cli("export", "--checkpoint", str(bad), "--steps", "0")
+    assert zero.returncode == 1 and "--steps" in zero.stderr
+
+
+class Unpool(paddle.nn.Layer):
+    """Max-pool and unpool: `pd_op.unpool` is not in paddle2onnx's list."""
+
+    def forward(self, x):
+        y, index = F.max_pool2d(x, 2, 2, return_mask=True)
+        return F.max_unpool2d(y, index, 2, 2, output_size=[4, 4])
+
+
+@pytest.mark.filterwarnings("ignore:no variable in your model")
+def test_unsupported_op_is_an_export_error_not_an_abort(tmp_path):
+    spec = [paddle.static.InputSpec([None, 1, 4, 4], "float32", "x")]
+    net = Unpool()
+    net.eval()
+    paddle.jit.save(paddle.jit.to_static(net, input_spec=spec, full_graph=True), str(tmp_path / "m"), input_spec=spec)
+    with pytest.raises(ExportError, match="pd_op.unpool"):
+        check_ops(inspect_program(tmp_path / "m").ops)
+    # and if the check were skipped, paddle2onnx's abort kills only its child process
+    with pytest.raises(ExportError, match="paddle2onnx failed.*unsupported operators"):
+        convert(tmp_path / "m", tmp_path / "m.onnx", 17)
+    assert not (tmp_path / "m.onnx").exists()
