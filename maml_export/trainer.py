@@ -76,8 +76,8 @@ class Terminated(MamlError):
 
 
 def _raise_terminated(signum, frame):
-    raise Terminated("stopped by SIGTERM (under paddle.distributed.launch: another rank failed; its "
-                     "workerlog in the launcher's --log_dir says why)")
+    raise Terminated("stopped by SIGTERM (under paddle.distributed.launch this means another rank failed: "
+                     "its workerlog in the launcher's --log_dir says why)")
 
 
 class Run:
