@@ -32,11 +32,11 @@ def main(data, ways, shots, query, steps, meta_batch, repeats, threads, skip_pad
     from maml_export.errors import MamlError
     from maml_export.maml import MAML
     from maml_export.model import Model, conv4_specs, to_tensors
-    from maml_export.trainer import _data_dir, as_tensors, set_threads
+    from maml_export.trainer import data_dir, as_tensors, set_threads
 
     threads = set_threads(threads)
     try:
-        images = load_omniglot(_data_dir(data))
+        images = load_omniglot(data_dir(data))
     except MamlError as e:
         raise click.ClickException(str(e))
     tasks = TaskSampler(images, split_characters()["train"], ways, shots, query, seed=0).sample(meta_batch)

@@ -121,7 +121,7 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
     run = Run(out)
     config, ckpt = _start(config, run, resume, overrides or {})
     ranks.check_meta_batch(config.meta_batch)
-    images = load_omniglot(_data_dir(data))
+    images = load_omniglot(data_dir(data))
     splits = split_characters(len(images))
     sampler = TaskSampler(images, splits["train"], config.ways, config.shots, config.query, config.seed,
                           split_name="train")
@@ -201,7 +201,7 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
             "best_iteration": state["best_iteration"], "seconds": state["seconds"], "out": str(run.out)}
 
 
-def _data_dir(data) -> str:
+def data_dir(data) -> str:
     data = data or os.environ.get("OMNIGLOT_DIR")
     if not data:
         raise DataError("no Omniglot data: pass --data DIR or set OMNIGLOT_DIR (the official "
@@ -217,7 +217,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data, tasks: int = 600, s
     set_threads(threads)
     ckpt = load_checkpoint(checkpoint)
     config = ckpt.config
-    images = load_omniglot(_data_dir(data))
+    images = load_omniglot(data_dir(data))
     splits = split_characters(len(images))
     sampler = TaskSampler(images, splits[split], config.ways, config.shots, query, seed, split_name=split)
     model = Model.from_specs(config.layers)
