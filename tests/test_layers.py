@@ -3,7 +3,7 @@ import numpy as np
 import paddle
 import pytest
 
-from maml_export.layers import (BatchNorm, Conv2d, Flatten, Linear, MaxPool2, ReLU, maxpool2_backward_portable,
+from maml_export.layers import (BatchNorm, Conv2d, Flatten, Linear, MaxPool2, ReLU, im2col, maxpool2_backward_portable,
                                 softmax_cross_entropy)
 from maml_export.model import Model, conv4_specs
 
@@ -122,3 +122,21 @@ def test_whole_model_backward(channels, size, hidden, tasks):
     expected = paddle.grad(loss.sum(), list(params.values()))
     for (name, got), want in zip(grads.items(), expected):
         assert rel_err(got.numpy(), want.numpy()) <= TOL, name
+
+
+@pytest.mark.parametrize("shape,k,stride,padding", [((2, 3, 7, 7), 3, 1, 1), ((1, 2, 9, 8), 3, 2, 1), ((2, 1, 6, 6), 3, 1, 0)])
+def test_static_im2col_equals_unfold(shape, k, stride, padding):
+    """The slicing im2col of static graphs moves exactly the values F.unfold does (eager)."""
+    x = np.random.default_rng(6).normal(size=shape).astype("float32")
+    Ho, Wo = (shape[2] + 2 * padding - k) // stride + 1, (shape[3] + 2 * padding - k) // stride + 1
+    want = im2col(paddle.to_tensor(x), k, stride, padding, Ho, Wo).numpy()
+    paddle.enable_static()  # trace a static program, N dynamic, as the export does
+    try:
+        main = paddle.static.Program()
+        with paddle.static.program_guard(main):
+            t = paddle.static.data("x", [-1, *shape[1:]], "float32")
+            out = im2col(t, k, stride, padding, Ho, Wo)
+        (got,) = paddle.static.Executor(paddle.CPUPlace()).run(main, feed={"x": x}, fetch_list=[out])
+    finally:
+        paddle.disable_static()
+    np.testing.assert_array_equal(got, want)
