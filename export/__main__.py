@@ -57,17 +57,22 @@ def _fail(message: str, code: int) -> int:
 @click.option("--data", type=str, default=None,
               help="Omniglot folder (images_*.npz, the official zips or folders): parity runs on real "
                    "test tasks. [default: $OMNIGLOT_DIR, else random images]")
-def cli(checkpoint, steps, inner_lr, opset, out, tasks, data):
+@click.option("--task-batch", type=click.IntRange(min=1), default=None,
+              help="Export a graph for T tasks per call (inputs [T, S, C, H, W], [T, S], [T, Q, C, H, W] -> "
+                   "logits [T, Q, ways]; T fixed, S and Q dynamic), for throughput. Parity then runs on --tasks "
+                   "rounded up to a multiple of T. [default: one task per call, no task axis]")
+def cli(checkpoint, steps, inner_lr, opset, out, tasks, data, task_batch):
     """Export MAML adaptation (STEPS SGD steps on a support set, then query logits) as one graph.
 
     The ONNX graph takes x_spt float32 [S, C, H, W], y_spt int64 [S] (labels 0..ways-1) and
-    x_qry float32 [Q, C, H, W], and returns logits float32 [Q, ways]; S and Q are dynamic. Exits
-    non-zero when the three implementations disagree beyond the tolerance (figures in export.json).
+    x_qry float32 [Q, C, H, W], and returns logits float32 [Q, ways]; S and Q are dynamic. With
+    --task-batch T every input and the output gain a leading task axis of T. Exits non-zero when the
+    three implementations disagree beyond the tolerance (figures in export.json).
     """
     from maml_export.export import export_model
 
     report = export_model(checkpoint, out, steps=steps, inner_lr=inner_lr, opset=opset, tasks=tasks, data=data,
-                          echo=print)
+                          task_batch=task_batch, echo=print)
     click.echo(f"wrote {', '.join(report.files.values())}")
     top = ", ".join(f"{k} {v}" for k, v in list(report.ops.items())[:5])
     click.echo(f"ONNX graph: {sum(report.ops.values())} nodes ({top}, ...)")

@@ -85,6 +85,9 @@ def cli(model_path, support, query, as_json, threads):
         adapter = Adapter(model_path, threads=threads)
     except ValueError as e:
         raise ValueError(f"--model: {e}") from None
+    if adapter.task_batch:
+        raise ValueError(f"--model {model_path} adapts {adapter.task_batch} tasks per call (exported with "
+                         "--task-batch); maml-predict adapts one: export without --task-batch")
     if adapter.channels != 1:
         raise ValueError(f"--model {model_path} takes {adapter.channels}-channel images; maml-predict "
                          "prepares grayscale drawings (channels=1) only")

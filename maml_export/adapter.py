@@ -11,6 +11,10 @@ is [S] labels in 0..ways-1 with every class present. S and Q may be anything >= 
 for a graph meta-trained 1-shot). Inputs are checked first, so that a mistake is a one-line
 ValueError, not an onnxruntime shape error or silently meaningless logits.
 
+A graph exported with `maml-export --task-batch T` (metadata `task_batch` = T; "0" or absent: one
+task) adapts T tasks per call: x_spt [T, S, C, H, W], y_spt [T, S], x_qry [T, Q, C, H, W] -> logits
+[T, Q, ways], T exactly the exported one, every task's support holding every class.
+
 Batch norm uses the statistics of the batch at hand, as MAML does at test time: the query images are
 normalised together, so one image's logits depend on the others in `x_qry` (classify a batch of
 queries, as in the tasks the model was trained on, rather than one image at a time).
@@ -58,6 +62,7 @@ class Adapter:
         self.inner_lr = float(self.metadata["inner_lr"])
         self.image_size = int(self.metadata["image_size"])
         self.channels = int(self.metadata["channels"])
+        self.task_batch = int(self.metadata.get("task_batch") or 0)  # 0: one task per call, no task axis
         self.config_name = self.metadata.get("config_name", "")
         self.input_range = self.metadata.get("input_range", "")
 
@@ -70,8 +75,14 @@ class Adapter:
         return self.session.get_providers()
 
     def __repr__(self) -> str:
+        batch = f", task_batch={self.task_batch}" if self.task_batch else ""
         return (f"Adapter({self.path!r}, ways={self.ways}, steps={self.steps}, inner_lr={self.inner_lr}, "
-                f"image_shape={self.image_shape}, config={self.config_name!r})")
+                f"image_shape={self.image_shape}{batch}, config={self.config_name!r})")
+
+    @property
+    def _lead(self) -> tuple[int, ...]:
+        """The task axis the inputs start with: (T,) for a batched graph, () for one task."""
+        return (self.task_batch,) if self.task_batch else ()
 
     def _images(self, name: str, x) -> np.ndarray:
         try:
@@ -80,10 +91,13 @@ class Adapter:
             raise ValueError(f"{name} is not an array ({e})") from None
         if a.dtype.kind not in "biuf":
             raise ValueError(f"{name} must hold numbers, got dtype {a.dtype}")
-        want = "[N, " + ", ".join(map(str, self.image_shape)) + "]"
-        if a.ndim != 4 or a.shape[1:] != self.image_shape:
-            raise ValueError(f"{name} must have shape {want} (images, channels, height, width), got {list(a.shape)}")
-        if a.shape[0] < 1:
+        lead, k = self._lead, len(self._lead)
+        if a.ndim != k + 4 or a.shape[:k] != lead or a.shape[k + 1:] != self.image_shape:
+            want = "[" + ", ".join(map(str, lead + ("N",) + self.image_shape)) + "]"
+            what = "tasks, " * k + "images, channels, height, width"
+            batch = f"; the model adapts {self.task_batch} tasks per call" if k else ""
+            raise ValueError(f"{name} must have shape {want} ({what}{batch}), got {list(a.shape)}")
+        if a.shape[k] < 1:
             raise ValueError(f"{name} holds no images")
         a = a.astype(np.float32)
         if not np.isfinite(a).all():
@@ -98,24 +112,29 @@ class Adapter:
             y = y.astype(np.int64)  # 1.0 is a fine label; 1.5 is not
         if y.dtype.kind not in "iu":
             raise ValueError(f"y_spt must hold integer labels 0..{self.ways - 1}, got dtype {y.dtype}")
-        if y.shape != (xs.shape[0],):
-            raise ValueError(f"y_spt must have shape [{xs.shape[0]}] (one label per x_spt image), got {list(y.shape)}")
+        k = len(self._lead)
+        if y.shape != xs.shape[:k + 1]:
+            raise ValueError(f"y_spt must have shape {list(xs.shape[:k + 1])} (one label per x_spt image), "
+                             f"got {list(y.shape)}")
         bad = y[(y < 0) | (y >= self.ways)]
         if bad.size:
             raise ValueError(f"y_spt holds label {bad[0]}, outside 0..{self.ways - 1} (the model is {self.ways}-way)")
-        absent = sorted(set(range(self.ways)) - set(y.tolist()))
-        if absent:
-            raise ValueError(f"the support set has no image of class {', '.join(map(str, absent))}: "
-                             f"a {self.ways}-way model needs every class 0..{self.ways - 1} in y_spt")
+        for t, labels in enumerate(y.reshape(-1, y.shape[-1])):  # one row per task
+            absent = sorted(set(range(self.ways)) - set(labels.tolist()))
+            if absent:
+                where = f"task {t}'s support set" if k else "the support set"
+                raise ValueError(f"{where} has no image of class {', '.join(map(str, absent))}: "
+                                 f"a {self.ways}-way model needs every class 0..{self.ways - 1} in y_spt")
         return xs, y.astype(np.int64), xq
 
     def predict(self, x_spt, y_spt, x_qry) -> np.ndarray:
-        """Adapt to (x_spt, y_spt) with `steps` SGD steps, then query logits, float32 [Q, ways]."""
+        """Adapt to (x_spt, y_spt) with `steps` SGD steps, then query logits, float32 [Q, ways] ([T, Q, ways]
+        for a batched graph)."""
         xs, ys, xq = self.check(x_spt, y_spt, x_qry)
         return self.session.run(["logits"], {"x_spt": xs, "y_spt": ys, "x_qry": xq})[0]
 
     def predict_proba(self, x_spt, y_spt, x_qry) -> np.ndarray:
-        """Class probabilities (softmax of `predict`), float32 [Q, ways]."""
+        """Class probabilities (softmax of `predict`), float32 [Q, ways] ([T, Q, ways] for a batched graph)."""
         logits = self.predict(x_spt, y_spt, x_qry)
-        e = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
+        e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)

@@ -9,6 +9,11 @@ all K SGD steps and tensor conversions included. Same weights, same inputs, one 
     paddlerec-loop     PaddleRec style: deep-copy a paddle.nn conv-4, SGD with loss.backward(), forward
     paddle-inference   the exported static program (model.json/.pdiparams), oneDNN off (NOTES point 10)
 
+With `task_batch` T (maml-bench --task-batch T), two more onnxruntime rows per config time throughput on
+the same T tasks: `onnxruntime-batch`, one call of the graph exported with --task-batch T (the same
+weights), and `onnxruntime-loop`, T calls of the single-task graph; their ms are per call (T tasks),
+their tasks/s per task.
+
 Each is warmed up, then each call is timed with perf_counter. Eager Paddle is the reference: a runtime
 that predicts other classes (argmax) than eager float32 *and* eager float64 is a disagreement.
 
@@ -133,6 +138,9 @@ def load_exported(onnx_path: Path) -> Exported:
     from .export import weights_sha256
     from .model import Model
     meta, prefix = Adapter(onnx_path).metadata, onnx_path.with_name("model")
+    if int(meta.get("task_batch") or 0):
+        raise ConfigError(f"--model: {onnx_path} adapts {meta['task_batch']} tasks per call; maml-bench takes a "
+                          "single-task export (--task-batch T exports the batched graph from its weights)")
     missing = [p.name for p in (prefix.with_suffix(".json"), prefix.with_suffix(".pdiparams")) if not p.is_file()]
     if missing:
         raise ConfigError(f"--model: {onnx_path.parent} has no {' or '.join(missing)} beside model.onnx (maml-export "
@@ -149,13 +157,22 @@ def load_exported(onnx_path: Path) -> Exported:
     return Exported(onnx_path, config, params, float(meta["inner_lr"]), int(meta["steps"]), f"--model {onnx_path}")
 
 
-def export_checkpoint(path: Path, out: Path, steps: int, inner_lr, data, source: str) -> Exported:
+def export_checkpoint(path: Path, out: Path, steps: int, inner_lr, data, source: str,
+                      task_batch: int | None = None) -> Exported:
     from .checkpoint import load_checkpoint
     from .export import export_model
     ckpt = load_checkpoint(path)
-    export_model(path, out, steps=steps, inner_lr=inner_lr, tasks=1, data=data)
+    export_model(path, out, steps=steps, inner_lr=inner_lr, tasks=1, data=data, task_batch=task_batch)
     lr = ckpt.config.inner_lr if inner_lr is None else inner_lr
     return Exported(out / "model.onnx", ckpt.config, ckpt.params, lr, steps, source)
+
+
+def batched(exp: Exported, task_batch: int, workdir: Path, data) -> Exported:
+    """`exp`'s weights, steps and inner lr exported again as a graph for `task_batch` tasks per call."""
+    from .checkpoint import Checkpoint, save_checkpoint
+    name = f"{exp.config.ways}way-batch{task_batch}"
+    path = save_checkpoint(workdir / f"{name}.npz", Checkpoint(exp.config, exp.params))
+    return export_checkpoint(path, workdir / name, exp.steps, exp.inner_lr, data, exp.source, task_batch)
 
 
 def reheaded(base: Exported, ways: int, workdir: Path, data) -> Exported:
@@ -280,7 +297,8 @@ def onnxruntime(exp: Exported, provider: str, threads: int):
                 binding, keep = session.io_binding(), [ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for a in (xs, ys, xq)]
                 for name, value in zip(("x_spt", "y_spt", "x_qry"), keep):
                     binding.bind_ortvalue_input(name, value)
-                keep.append(ort.OrtValue.ortvalue_from_shape_and_type([len(xq), exp.config.ways], np.float32, "cuda", 0))
+                logits = list(xq.shape[:-3]) + [exp.config.ways]  # [Q, ways], or [T, Q, ways] for a batched graph
+                keep.append(ort.OrtValue.ortvalue_from_shape_and_type(logits, np.float32, "cuda", 0))
                 binding.bind_ortvalue_output("logits", keep[-1])
                 session.run_with_iobinding(binding)  # with a CUDA graph: the capture
             except Exception as e:  # noqa: BLE001 - a node off the CUDA provider: no graph, plain IO binding
@@ -324,6 +342,14 @@ def agreement(logits: np.ndarray, ref: np.ndarray) -> dict:
     rel = float(np.abs(logits - ref).max()) / scale if np.isfinite(logits).all() else float("inf")
     return {"max_rel_vs_eager": rel, "same_class": int((~differ).sum()), "queries": len(ref),
             "disagreements": int((differ & ~tie).sum())}
+
+
+def agreement_per_task(logits: np.ndarray, ref: np.ndarray) -> dict:
+    """`agreement` of each task's [Q, ways] logits in [T, Q, ways], combined: the largest relative
+    difference, the sums of the counts."""
+    each = [agreement(a, b) for a, b in zip(logits, ref)]
+    return {"max_rel_vs_eager": max(e["max_rel_vs_eager"] for e in each),
+            **{k: sum(e[k] for e in each) for k in ("same_class", "queries", "disagreements")}}
 
 
 def meta_test_accuracy(exp: Exported, c: BenchConfig, provider: str, threads: int, images, tasks: int) -> dict:
@@ -399,11 +425,43 @@ def bench_config(c: BenchConfig, exp: Exported, binders: dict, report: dict, ima
             r["settled_by_float64"] = agreement(outs[r["runtime"]], f64)["disagreements"] == 0
 
 
+def bench_task_batch(c: BenchConfig, exp: Exported, batch: Exported, task_batch: int, binders: dict, report: dict,
+                     images, warmup, runs, max_seconds):
+    """Throughput on T = `task_batch` tasks of config `c`: one call of the batched graph `batch` against T calls
+    of the single-task graph, on the same tasks; adds rows onnxruntime-batch and onnxruntime-loop to `report`."""
+    provider, threads = report["settings"]["provider"], report["settings"]["threads"]
+    tasks = [task_inputs(c, exp.config.channels, exp.config.image_size, images, seed=i)[:3] for i in range(task_batch)]
+    eager, single = binders["paddle-eager", c.ways], binders["onnxruntime", c.ways]
+    ref = np.stack([eager(*t)() for t in tasks])  # eager Paddle, one task at a time: (T, Q, ways)
+    singles = [single(*t) for t in tasks]
+    calls = {"onnxruntime-batch": (onnxruntime(batch, provider, threads)(*map(np.stack, zip(*tasks))),
+                                   f"{task_batch} tasks in one call"),
+             "onnxruntime-loop": (lambda: np.stack([np.asarray(call()) for call in singles]),
+                                  f"{task_batch} single-task calls")}
+    rows = {}
+    for name, (call, detail) in calls.items():
+        stats, out = time_calls(call, warmup, runs, max_seconds)
+        out = out if isinstance(out, np.ndarray) else out.numpy()  # an OrtValue on the device
+        stats["tasks_per_s"] *= task_batch  # per task: a call adapts T tasks
+        rows[name] = {"runtime": name, "provider": provider, "config": c.name, "steps": exp.steps, **stats,
+                      "detail": detail, "task_batch": task_batch, **agreement_per_task(out, ref)}
+        if rows[name]["disagreements"]:  # float64 decides, as in bench_config
+            f64 = paddle_eager(exp, dtype="float64")
+            rows[name]["settled_by_float64"] = agreement_per_task(out, np.stack([f64(*t)() for t in tasks]))[
+                "disagreements"] == 0
+    rows["onnxruntime-batch"]["speedup_vs_loop"] = (rows["onnxruntime-batch"]["tasks_per_s"]
+                                                    / rows["onnxruntime-loop"]["tasks_per_s"])
+    report["results"] += rows.values()
+
+
 def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str | None = None, steps: int | None = None,
                   threads: int | None = None, warmup: int = 1, runs: int = 20, max_seconds: float = 2.0,
-                  data: str | None = None, tasks: int = 0, echo=print) -> dict:
-    """Time every runtime on every config; returns the report `maml-bench --json` writes."""
+                  data: str | None = None, tasks: int = 0, task_batch: int | None = None, echo=print) -> dict:
+    """Time every runtime on every config (and, with `task_batch`, onnxruntime's throughput on that many tasks
+    per call); returns the report `maml-bench --json` writes."""
     check_provider(provider)  # the cheap checks first: no export, no Paddle import before a usage error
+    if task_batch and provider != "cpu":
+        raise ConfigError(f"--task-batch: measured with --provider cpu only (not {provider}) for now")
     if tasks and not data:
         raise ConfigError("--tasks (meta-test accuracy) needs Omniglot: pass --data DIR or set OMNIGLOT_DIR")
     path = model and (Path(model) / "model.onnx" if Path(model).is_dir() else Path(model))
@@ -416,20 +474,30 @@ def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str 
     inputs = f"Omniglot test tasks from {data}" if data else "random sparse binary images"
     report = {"machine": machine_info(threads), "results": [], "flop_floor_ms": {}, "gemm_gflops": None, "skipped": [],
               "models": {}, "accuracy": [], "settings": {"provider": provider, "threads": threads, "warmup": warmup,
-                                                         "runs": runs, "max_seconds": max_seconds, "inputs": inputs}}
+                                                         "runs": runs, "max_seconds": max_seconds, "inputs": inputs,
+                                                         "task_batch": task_batch}}
     images = load_omniglot(data) if data else None
     with tempfile.TemporaryDirectory(prefix="maml-bench-") as tmp:
         models, binders = prepare_models(path, configs, steps, Path(tmp), data, echo), {}
+        batches = {}
+        for ways, exp in models.items() if task_batch else ():
+            echo(f"exporting the {ways}-way graph for {task_batch} tasks per call ...")
+            batches[ways] = batched(exp, task_batch, Path(tmp), data)
         echo(f"measuring the float32 GEMM rate (numpy 2048^3, {threads} threads) ...")
         report["gemm_gflops"] = gemm_gflops(threads)
         for c in configs:
             echo(f"timing {c.name} ...")
             bench_config(c, models[c.ways], binders, report, images, warmup, runs, max_seconds)
+            if task_batch:
+                echo(f"timing {c.name}, {task_batch} tasks: one batched call against {task_batch} single calls ...")
+                bench_task_batch(c, models[c.ways], batches[c.ways], task_batch, binders, report, images, warmup, runs,
+                                 max_seconds)
             if tasks:
                 echo(f"{c.name}: meta-test accuracy on {tasks} tasks ...")
                 report["accuracy"].append(meta_test_accuracy(models[c.ways], c, provider, threads, images, tasks))
+    per_task = lambda r: r["p50_ms"] / r.get("task_batch", 1)  # noqa: E731 - rows of --task-batch time T tasks a call
     for r in report["results"]:
-        r["ratio_to_fastest"] = r["p50_ms"] / min(x["p50_ms"] for x in report["results"] if x["config"] == r["config"])
-        r["floor_multiple"] = r["p50_ms"] / report["flop_floor_ms"][r["config"]] if r["provider"] == "cpu" else None
+        r["ratio_to_fastest"] = per_task(r) / min(per_task(x) for x in report["results"] if x["config"] == r["config"])
+        r["floor_multiple"] = per_task(r) / report["flop_floor_ms"][r["config"]] if r["provider"] == "cpu" else None
         r["flagged"] = bool(r["disagreements"]) and not r.get("settled_by_float64")
     return report

@@ -3,6 +3,9 @@
     logits[Q, ways] = predict(adapt(meta_weights, x_spt[S, C, H, W], y_spt[S]), x_qry[Q, C, H, W])
 
 for one task, meta-weights baked in, S and Q dynamic, batch norm on the statistics of the batch at hand.
+With `task_batch=T` the graph takes T tasks per call, [T, S, C, H, W], [T, S], [T, Q, C, H, W] ->
+[T, Q, ways], adapted at once (one grouped convolution per layer, as in training); T is fixed in the
+graph (the task-stacked channel layout needs it statically), S and Q stay dynamic.
 `export_model` runs the stages below, each a function, and writes export.json:
 
   1. trace    `paddle.jit.to_static` + `paddle.jit.save` -> model.json + model.pdiparams (PIR program)
@@ -73,11 +76,12 @@ _FORBIDDEN = {"batch_norm": "jit.save turns it into inference mode (running stat
 # ---------------------------------------------------------------------------------------------
 
 class AdaptAndPredict(paddle.nn.Layer):
-    """The exported function as a Layer: meta-weights as (frozen) parameters, one task per call."""
+    """The exported function as a Layer: meta-weights as (frozen) parameters; one task per call, or
+    `task_batch` tasks stacked on a leading axis (0: one task, no task axis in the inputs)."""
 
-    def __init__(self, model: Model, params: dict, steps: int, inner_lr: float):
+    def __init__(self, model: Model, params: dict, steps: int, inner_lr: float, task_batch: int = 0):
         super().__init__()
-        self.model, self.steps, self.inner_lr = model, steps, inner_lr
+        self.model, self.steps, self.inner_lr, self.task_batch = model, steps, inner_lr, task_batch
         self.names = list(params)
         for i, name in enumerate(self.names):
             p = self.create_parameter(list(params[name].shape), dtype="float32",
@@ -96,16 +100,20 @@ def _adapt_and_predict(net: AdaptAndPredict, x_spt, y_spt, x_qry):
     # Plain tracing gives -1 for dynamic dims, which layers.py is written for.
     params = {name: getattr(net, f"p{i}") for i, name in enumerate(net.names)}
     maml = MAML(net.model, params, net.inner_lr, net.steps)
-    fast = maml.adapt(x_spt.unsqueeze(0), y_spt.unsqueeze(0))  # T = 1: (1, S, C, H, W), (1, S)
-    return maml.predict(fast, x_qry.unsqueeze(0))[0]  # (1, Q, ways) -> (Q, ways)
+    if not net.task_batch:  # one task: T = 1, (S, C, H, W) -> (1, S, C, H, W), (S,) -> (1, S)
+        x_spt, y_spt, x_qry = x_spt.unsqueeze(0), y_spt.unsqueeze(0), x_qry.unsqueeze(0)
+    logits = maml.predict(maml.adapt(x_spt, y_spt), x_qry)  # (T, Q, ways)
+    return logits if net.task_batch else logits[0]
 
 
-def trace(model: Model, params: dict, config, steps: int, inner_lr: float, prefix: Path) -> None:
-    """Write `prefix`.json (PIR program) and `prefix`.pdiparams."""
-    net = AdaptAndPredict(model, params, steps, inner_lr)
+def trace(model: Model, params: dict, config, steps: int, inner_lr: float, prefix: Path, task_batch: int = 0) -> None:
+    """Write `prefix`.json (PIR program) and `prefix`.pdiparams; `task_batch` tasks per call (0: one,
+    no task axis)."""
+    net = AdaptAndPredict(model, params, steps, inner_lr, task_batch)
     net.eval()  # NOTES point 5
-    img = [None, config.channels, config.image_size, config.image_size]  # None: S or Q, dynamic
-    specs = [paddle.static.InputSpec(img, "float32", "x_spt"), paddle.static.InputSpec([None], "int64", "y_spt"),
+    lead = [task_batch] if task_batch else []  # T is static; None: S or Q, dynamic
+    img = lead + [None, config.channels, config.image_size, config.image_size]
+    specs = [paddle.static.InputSpec(img, "float32", "x_spt"), paddle.static.InputSpec(lead + [None], "int64", "y_spt"),
              paddle.static.InputSpec(img, "float32", "x_qry")]
     try:
         static = paddle.jit.to_static(net, input_spec=specs, full_graph=True)
@@ -205,9 +213,10 @@ def convert(prefix: Path, onnx_path: Path, opset: int, timeout: float = 600) -> 
         raise ExportError(f"paddle2onnx failed ({how}): {hint}")
 
 
-def clean_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+def clean_graph(model: onnx.ModelProto, task_batch: int = 0) -> onnx.ModelProto:
     """Constants -> initializers, Identity chains bypassed, dead nodes and unused initializers dropped,
-    the output named `logits`; the dims S (support) and Q (query) named for readers and onnxruntime."""
+    the output named `logits`; the dims S (support) and Q (query) named for readers and onnxruntime
+    (after the fixed task axis T when `task_batch`)."""
     g = model.graph
     # Constant nodes -> initializers: the weights become inspectable, and no Constant is left dead.
     # (Nodes are collected into lists and written back once: removing from a protobuf list one by
@@ -251,8 +260,12 @@ def clean_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     del g.initializer[:]
     g.initializer.extend(used)
     del g.value_info[:]  # intermediate shapes of the raw graph refer to removed names
+    axis = 1 if task_batch else 0  # S and Q follow the task axis
     for vi, dim in [(g.input[0], "S"), (g.input[1], "S"), (g.input[2], "Q"), (g.output[0], "Q")]:
-        vi.type.tensor_type.shape.dim[0].dim_param = dim
+        dims = vi.type.tensor_type.shape.dim
+        dims[axis].dim_param = dim
+        if task_batch:
+            dims[0].dim_value = task_batch
     if not any(n.output[0] == OUTPUT for n in g.node) and OUTPUT not in {i.name for i in g.input}:
         raise ExportError(f"graph cleaning lost the producer of {old_out!r}")
     return model
@@ -267,11 +280,15 @@ def weights_sha256(params: dict) -> str:
     return h.hexdigest()
 
 
-def metadata(config, steps: int, inner_lr: float, params: dict, opset: int) -> dict[str, str]:
-    """The ONNX metadata_props: what a deployment must know to feed the graph and trust it."""
+def metadata(config, steps: int, inner_lr: float, params: dict, opset: int, task_batch: int = 0) -> dict[str, str]:
+    """The ONNX metadata_props: what a deployment must know to feed the graph and trust it. `task_batch`
+    is "0" for the single-task graph (no task axis; an export without the key is one too), else T."""
+    t = f"{task_batch}, " if task_batch else ""
     return {"ways": str(config.ways), "steps": str(steps), "inner_lr": repr(float(inner_lr)),
             "image_size": str(config.image_size), "channels": str(config.channels), "input_range": INPUT_RANGE,
-            "input_layout": "x_spt [S, C, H, W] float32, y_spt [S] int64 in 0..ways-1, x_qry [Q, C, H, W] float32",
+            "task_batch": str(task_batch),
+            "input_layout": f"x_spt [{t}S, C, H, W] float32, y_spt [{t}S] int64 in 0..ways-1, x_qry [{t}Q, C, H, W] "
+                            f"float32 -> logits [{t}Q, ways]",
             "batch_norm": "statistics of the batch at hand (the support set in each step, then the query set)",
             "config_name": config.name, "shots_trained": str(config.shots), "weights_sha256": weights_sha256(params),
             "weights_sha256_scheme": weights_sha256.__doc__, "config": json.dumps(config.to_dict()),
@@ -282,7 +299,7 @@ def metadata(config, steps: int, inner_lr: float, params: dict, opset: int) -> d
 def finish_onnx(onnx_path: Path, program: Program, meta: dict[str, str]) -> collections.Counter:
     """Fix, clean, stamp and check the converted model in place; returns its op-type histogram."""
     model = onnx.load(str(onnx_path))
-    model = clean_graph(model)
+    model = clean_graph(model, int(meta.get("task_batch") or 0))
     onnx.helper.set_model_props(model, meta)
     model.producer_name, model.producer_version = "maml-export", __version__
     model.doc_string = "MAML adaptation: SGD on (x_spt, y_spt), then logits of x_qry under the fast weights"
@@ -335,9 +352,11 @@ PAIRS = {"static vs eager": ("static", "eager"), "onnxruntime vs eager": ("onnx"
 
 
 def parity(onnx_path: Path, prefix: Path, model: Model, params: dict, steps: int, inner_lr: float,
-           tasks: list) -> dict:
-    """Logits of eager Paddle (MAML.adapt/predict, T=1), the saved static program (paddle.jit.load, in
-    eval mode: NOTES point 5) and onnxruntime, compared pairwise on every task.
+           tasks: list, task_batch: int = 0) -> dict:
+    """Logits of eager Paddle (MAML.adapt/predict), the saved static program (paddle.jit.load, in eval
+    mode: NOTES point 5) and onnxruntime, compared pairwise on every task. The tasks go in calls of
+    `task_batch` (a multiple of it long; 0: one task per call, no task axis), eager Paddle adapting the
+    same T tasks at once; the figures are per task either way.
 
     A task passes when the export side matches the reference within RTOL. Where it does not, eager
     Paddle in float64 decides: a max-pool window whose two largest values differ by less than float32
@@ -348,9 +367,9 @@ def parity(onnx_path: Path, prefix: Path, model: Model, params: dict, steps: int
     function, rounded differently than Paddle's float32 kernels."""
     import onnxruntime as ort
 
-    def eager(dtype):  # MAML.adapt/predict with T = 1, (1, Q, ways) -> (Q, ways)
+    def eager(dtype):  # MAML.adapt/predict on task-stacked inputs: (T, Q, ways)
         maml = MAML(model, to_tensors(params, dtype), inner_lr, steps)
-        return lambda xs, ys, xq: maml.predict(maml.adapt(xs.astype(dtype), ys), xq.astype(dtype))[0].numpy()
+        return lambda xs, ys, xq: maml.predict(maml.adapt(xs.astype(dtype), ys), xq.astype(dtype)).numpy()
 
     eager32, eager64 = eager("float32"), eager("float64")
     static = paddle.jit.load(str(prefix))
@@ -358,19 +377,26 @@ def parity(onnx_path: Path, prefix: Path, model: Model, params: dict, steps: int
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    per_task = {k: [] for k in PAIRS}
-    for t, (x_spt, y_spt, x_qry) in enumerate(tasks):
-        xs, ys, xq = (paddle.to_tensor(a).unsqueeze(0) for a in (x_spt, y_spt, x_qry))  # T = 1
+    per_task, T = {k: [] for k in PAIRS}, task_batch or 1
+    if len(tasks) % T:
+        raise ValueError(f"parity needs a multiple of {T} tasks, got {len(tasks)}")
+    for first in range(0, len(tasks), T):
+        arrays = [np.stack(a) for a in zip(*tasks[first:first + T])]  # (T, S, C, H, W), (T, S), (T, Q, C, H, W)
+        xs, ys, xq = (paddle.to_tensor(a) for a in arrays)
+        feeds = arrays if task_batch else [a[0] for a in arrays]  # the graph's inputs: no task axis for one task
         with paddle.no_grad():
-            out = {"eager": eager32(xs, ys, xq), "static": static(xs[0], ys[0], xq[0]).numpy(),
-                   "onnx": session.run([OUTPUT], dict(zip(INPUTS, (x_spt, y_spt, x_qry))))[0]}
-            for k, (a, b) in PAIRS.items():
-                c = compare(out[a], out[b])
-                if not c["ok"]:  # float64 decides (see above); computed once per task, only when needed
-                    out["f64"] = out["f64"] if "f64" in out else eager64(xs, ys, xq)
-                    c64 = compare(out[a], out["f64"])
-                    c.update(ok=c64["ok"], max_rel_vs_float64=c64["max_rel"])
-                per_task[k].append(dict(c, task=t))
+            static_out = static(*(paddle.to_tensor(a) for a in feeds)).numpy()
+            onnx_out = session.run([OUTPUT], dict(zip(INPUTS, feeds)))[0]
+            out = {"eager": eager32(xs, ys, xq), "static": static_out if task_batch else static_out[None],
+                   "onnx": onnx_out if task_batch else onnx_out[None]}  # every one (T, Q, ways)
+            for i in range(T):
+                for k, (a, b) in PAIRS.items():
+                    c = compare(out[a][i], out[b][i])
+                    if not c["ok"]:  # float64 decides (see above); computed once per call, only when needed
+                        out["f64"] = out["f64"] if "f64" in out else eager64(xs, ys, xq)
+                        c64 = compare(out[a][i], out["f64"][i])
+                        c.update(ok=c64["ok"], max_rel_vs_float64=c64["max_rel"])
+                    per_task[k].append(dict(c, task=first + i))
     return {k: _summary(cs) for k, cs in per_task.items()}
 
 
@@ -435,16 +461,22 @@ def _silent(*args, **kwargs):
 
 def export_model(checkpoint: str | os.PathLike | None = None, out: str | os.PathLike = "exported", steps: int = 5,
                  inner_lr: float | None = None, opset: int = 17, tasks: int = 8,
-                 data: str | os.PathLike | None = None, echo=_silent) -> ExportReport:
+                 data: str | os.PathLike | None = None, task_batch: int | None = None, echo=_silent) -> ExportReport:
     """Trace, check, convert and validate; writes model.json, model.pdiparams, model.onnx, export.json
-    into `out`. `echo` is print-like (gets `end=` and `flush=`): one progress line per stage and one
-    ✓/✗ line per parity comparison. Raises ExportError (after writing export.json) on a parity failure."""
+    into `out`. `task_batch` T: a graph for T tasks per call (None or 0: the single-task graph); parity
+    then runs on `tasks` rounded up to a multiple of T. `echo` is print-like (gets `end=` and `flush=`):
+    one progress line per stage and one ✓/✗ line per parity comparison. Raises ExportError (after
+    writing export.json) on a parity failure."""
     if steps < 1:  # with 0 steps the support inputs would be unused, and jit.save refuses that
         raise ExportError(f"--steps must be at least 1, got {steps}")
     if not 13 <= opset <= 21:  # paddle2onnx needs 13 for this graph; 13, 17, 19 and 21 were tested
         raise ExportError(f"--opset must be between 13 and 21, got {opset}")
     if tasks < 1:
         raise ExportError(f"--tasks must be at least 1, got {tasks}")
+    task_batch = task_batch or 0
+    if task_batch < 0:
+        raise ExportError(f"--task-batch must be at least 1, got {task_batch}")
+    tasks = -(-tasks // task_batch) * task_batch if task_batch else tasks  # whole calls of T tasks
     ckpt_path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
     ckpt_path = ckpt_path / "latest.npz" if ckpt_path.is_dir() else ckpt_path  # a training run folder
     try:
@@ -464,11 +496,11 @@ def export_model(checkpoint: str | os.PathLike | None = None, out: str | os.Path
     prefix, onnx_path = out / "model", out / "model.onnx"
     report = ExportReport(out, {"paddle_program": f"{prefix}.json", "paddle_params": f"{prefix}.pdiparams",
                                 "onnx": str(onnx_path), "report": str(out / "export.json")})
-    meta = metadata(config, steps, inner_lr, params, opset)
+    meta = metadata(config, steps, inner_lr, params, opset, task_batch)
 
     stage = _Stages(echo, 5, report.timings)
     with stage("tracing static graph"):
-        trace(model, params, config, steps, inner_lr, prefix)
+        trace(model, params, config, steps, inner_lr, prefix, task_batch)
     with stage("checking ops against paddle2onnx"):
         program = inspect_program(prefix)
         check_ops(program.ops)
@@ -478,7 +510,7 @@ def export_model(checkpoint: str | os.PathLike | None = None, out: str | os.Path
         report.ops = dict(finish_onnx(onnx_path, program, meta).most_common())
     with stage("parity eager / static / onnxruntime"):
         task_list, source = parity_tasks(config, tasks, data)
-        report.parity = parity(onnx_path, prefix, model, params, steps, inner_lr, task_list)
+        report.parity = parity(onnx_path, prefix, model, params, steps, inner_lr, task_list, task_batch)
     for name, r in report.parity.items():
         echo(parity_line(name, r))
 
@@ -489,7 +521,7 @@ def export_model(checkpoint: str | os.PathLike | None = None, out: str | os.Path
 
     doc = {"config": config.to_dict(), "checkpoint": str(ckpt_path), "iteration": ckpt.iteration,
            "checkpoint_sha256": hashlib.sha256(ckpt_path.read_bytes()).hexdigest(),
-           "steps": steps, "inner_lr": inner_lr, "opset": opset, "metadata": meta,
+           "steps": steps, "inner_lr": inner_lr, "opset": opset, "task_batch": task_batch, "metadata": meta,
            "versions": {"maml_export": __version__, "paddle": paddle.__version__,
                         "paddle2onnx": paddle2onnx.__version__, "onnx": onnx.__version__,
                         "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,

@@ -123,6 +123,27 @@ def test_cli_end_to_end_writes_the_json_schema_and_all_peers_agree(exported, tmp
     assert "5w1s" in result.stdout and "x floor" in result.stdout and "onnxruntime" in result.stdout
 
 
+def test_cli_task_batch_rows_time_one_batched_call_against_single_calls(exported, tmp_path):
+    T = 2
+    result = bench("--provider", "cpu", "--model", str(exported), "--configs", "5w1s", "--runs", "2", "--warmup", "1",
+                   "--task-batch", str(T), "--json", str(tmp_path / "bench.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert doc["settings"]["task_batch"] == T
+    rows = {r["runtime"]: r for r in doc["results"]}
+    assert {"onnxruntime", "onnxruntime-batch", "onnxruntime-loop"} <= set(rows)
+    assert "task_batch" not in rows["onnxruntime"]
+    for name in ("onnxruntime-batch", "onnxruntime-loop"):
+        r = rows[name]
+        assert ROW_KEYS <= set(r) and r["task_batch"] == T and r["config"] == "5w1s" and r["runs"] == 2, r
+        assert r["tasks_per_s"] == pytest.approx(T * 1e3 / r["mean_ms"])  # per task: a call adapts T tasks
+        assert r["queries"] == T * 75 and not r["flagged"], r  # every task's classes are eager Paddle's
+        assert r["floor_multiple"] == pytest.approx(r["p50_ms"] / T / doc["flop_floor_ms"]["5w1s"])
+    batch, loop = rows["onnxruntime-batch"], rows["onnxruntime-loop"]
+    assert batch["speedup_vs_loop"] == pytest.approx(batch["tasks_per_s"] / loop["tasks_per_s"])
+    assert "onnxruntime-batch (2 tasks in one call)" in result.stdout and "--task-batch 2" in result.stdout
+
+
 def test_cli_cuda_without_the_provider_is_one_line_and_no_cpu_numbers():
     import onnxruntime
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
@@ -151,5 +172,5 @@ def test_cli_help_explains_the_options():
     result = bench("--help")
     assert result.returncode == 0
     for option in ("--provider", "--model", "--configs", "--steps", "--threads", "--warmup", "--runs", "--json",
-                   "--data", "--tasks"):
+                   "--data", "--tasks", "--task-batch"):
         assert option in result.stdout

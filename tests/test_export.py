@@ -53,6 +53,18 @@ def exported(checkpoint, tmp_path_factory):
     return out, report
 
 
+TASK_BATCH = 3
+
+
+@pytest.fixture(scope="module")
+def exported_batch(checkpoint, tmp_path_factory):
+    """The same weights and steps as `exported`, as a graph for TASK_BATCH tasks per call (parity: one call)."""
+    out = tmp_path_factory.mktemp("export-batch")
+    report = export_model(checkpoint, out, steps=5, tasks=2, data=DATA if os.path.isdir(DATA) else None,
+                          task_batch=TASK_BATCH)
+    return out, report
+
+
 @pytest.fixture(scope="module")
 def omniglot():
     if not os.path.isdir(DATA):
@@ -247,6 +259,72 @@ def test_adapter_needs_no_paddle(exported):
             "assert 'paddle' not in sys.modules, 'paddle imported'; print(a.ways)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "5", done.stderr
+
+
+# --- a batch of tasks per call (--task-batch) -----------------------------------------------------------------
+
+def test_task_batch_graph_contract_metadata_and_parity(exported, exported_batch):
+    out, report = exported_batch
+    model = onnx.load(str(out / "model.onnx"))
+    dims = lambda vi: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]  # noqa: E731
+    T = TASK_BATCH
+    assert [(i.name, dims(i)) for i in model.graph.input] == [("x_spt", [T, "S", 1, 28, 28]), ("y_spt", [T, "S"]),
+                                                             ("x_qry", [T, "Q", 1, 28, 28])]
+    assert [(o.name, dims(o)) for o in model.graph.output] == [("logits", [T, "Q", 5])]
+    meta = {p.key: p.value for p in model.metadata_props}
+    single = {p.key: p.value for p in onnx.load(str(exported[0] / "model.onnx")).metadata_props}
+    assert meta["task_batch"] == str(T) and single["task_batch"] == "0"
+    assert meta["weights_sha256"] == single["weights_sha256"] and meta["steps"] == single["steps"] == "5"
+    assert meta["input_layout"].startswith(f"x_spt [{T}, S, C, H, W]")
+    # the same checks as the single-task graph: convertible ops, cleaned (no unused initializer, no Identity)
+    check_ops(inspect_program(out / "model").ops)
+    used = {i for n in model.graph.node for i in n.input}
+    assert all(t.name in used for t in model.graph.initializer)
+    assert not [n for n in model.graph.node if n.op_type in ("Identity", "BatchNormalization")]
+    doc = json.loads((out / "export.json").read_text())
+    assert doc["task_batch"] == T and doc["parity"]["passed"]
+    for name in ("static vs eager", "onnxruntime vs eager", "onnxruntime vs static"):
+        assert report.parity[name]["ok"] and report.parity[name]["tasks"] == T, name  # --tasks 2, rounded up to T
+    code = ("import onnxruntime as ort\no = ort.SessionOptions(); o.log_severity_level = 2\n"
+            f"ort.InferenceSession({str(out / 'model.onnx')!r}, o, providers=['CPUExecutionProvider'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+def test_task_batch_logits_equal_single_task_logits(exported, exported_batch, omniglot, checkpoint):
+    ckpt = load_checkpoint(checkpoint)
+    single, batch = Adapter(exported[0] / "model.onnx"), Adapter(exported_batch[0] / "model.onnx")
+    assert (single.task_batch, batch.task_batch) == (0, TASK_BATCH)
+    t = sample(omniglot, TASK_BATCH, seed=11)
+    got = batch.predict(t.x_spt, t.y_spt, t.x_qry[:, :40])  # any Q: 40 of the 75 queries
+    assert got.shape == (TASK_BATCH, 40, 5) and got.dtype == np.float32
+    assert np.allclose(batch.predict_proba(t.x_spt, t.y_spt, t.x_qry[:, :40]).sum(-1), 1, atol=1e-6)
+    for i in range(TASK_BATCH):  # each task as if it were adapted alone, by the single-task graph and by eager
+        assert compare(got[i], single.predict(t.x_spt[i], t.y_spt[i], t.x_qry[i, :40]))["ok"], i
+        assert_matches_eager(ckpt, got[i], t.x_spt[i], t.y_spt[i], t.x_qry[i, :40])
+
+
+def test_task_batch_adapter_rejects_bad_batches(exported_batch):
+    a, T = Adapter(exported_batch[0] / "model.onnx"), TASK_BATCH
+    rng = np.random.default_rng(0)
+    xs, ys, xq = rng.random((T, 5, 1, 28, 28)), np.tile(np.arange(5), (T, 1)), rng.random((T, 4, 1, 28, 28))
+    assert a.predict(xs, ys, xq).shape == (T, 4, 5)
+    missing = ys.copy()
+    missing[1, 4] = 0  # task 1 lacks class 4
+    nan = xs.copy()
+    nan[2, 0, 0, 1, 1] = np.inf
+    bad = {
+        "task 1's support set has no image of class 4": (xs, missing, xq),
+        f"x_spt must have shape [{T}, N, 1, 28, 28]": (xs[0], ys[0], xq[0]),  # one task to a batched graph
+        f"x_qry must have shape [{T}, N, 1, 28, 28]": (xs, ys, xq[:T - 1]),
+        f"y_spt must have shape [{T}, 5]": (xs, ys[:, :4], xq),
+        "outside 0..4": (xs, np.where(ys == 4, 7, ys), xq),
+        "NaN or infinite": (nan, ys, xq),
+    }
+    for message, args in bad.items():
+        with pytest.raises(ValueError, match=re.escape(message)) as e:
+            a.predict(*args)
+        assert "\n" not in str(e.value)
 
 
 # --- maml-predict ----------------------------------------------------------------------------------------------
