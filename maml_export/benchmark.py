@@ -314,8 +314,50 @@ def onnxruntime(exp: Exported, provider: str, threads: int):
     return bind
 
 
+def pytorch_eager(exp: Exported, provider="cpu", threads=None):
+    """The peer a PyTorch user would write (learn2learn-style): functional conv-4, `torch.autograd.grad`
+    per step. Optional: `pip install "maml-export[torch]"`; without it the row says so."""
+    try:
+        import torch
+        import torch.nn.functional as tf
+    except ImportError:
+        raise ImportError('PyTorch is not installed (optional peer: pip install "maml-export[torch]")') from None
+    if threads:
+        torch.set_num_threads(threads)
+    specs = exp.config.layers
+    meta = [torch.from_numpy(np.ascontiguousarray(v)) for v in exp.params.values()]  # layer order
+
+    def forward(params, x):
+        it = iter(params)
+        for spec in specs:
+            kind = spec["type"]
+            if kind == "Conv2d":
+                x = tf.conv2d(x, next(it), stride=spec["stride"], padding=spec["padding"])
+            elif kind == "BatchNorm":  # the batch's own statistics, as MAML uses them
+                x = tf.batch_norm(x, None, None, next(it), next(it), training=True, eps=spec["eps"])
+            elif kind == "MaxPool2":
+                x = tf.max_pool2d(x, 2, 2)
+            elif kind == "ReLU":
+                x = tf.relu(x)
+            elif kind == "Flatten":
+                x = x.flatten(1)
+            elif kind == "Linear":
+                x = x @ next(it) + next(it)  # weight stored (in, out)
+        return x
+
+    def call(xs, ys, xq):
+        xs_t, ys_t, xq_t = torch.from_numpy(xs), torch.from_numpy(ys).long(), torch.from_numpy(xq)
+        params = [p.clone().requires_grad_() for p in meta]
+        for _ in range(exp.steps):
+            grads = torch.autograd.grad(tf.cross_entropy(forward(params, xs_t), ys_t), params)
+            params = [(p - exp.inner_lr * g).detach().requires_grad_() for p, g in zip(params, grads)]
+        with torch.no_grad():
+            return forward(params, xq_t).numpy()
+    return lambda xs, ys, xq: lambda: call(xs, ys, xq)
+
+
 RUNTIMES = {"paddle-eager": paddle_eager, "onnxruntime": onnxruntime, "paddlerec-loop": paddlerec_loop,
-            "paddle-inference": paddle_inference}  # eager first: its logits are the reference
+            "paddle-inference": paddle_inference, "pytorch-eager": pytorch_eager}  # eager first: the reference
 
 
 def time_calls(call, warmup: int, runs: int, max_seconds: float) -> tuple[dict, object]:
@@ -408,7 +450,8 @@ def bench_config(c: BenchConfig, exp: Exported, binders: dict, report: dict, ima
             call = bind(xs, ys, xq)
             stats, out = time_calls(call, warmup, runs, max_seconds) if timed else (None, call())
         except Exception as e:  # noqa: BLE001 - Paddle Inference may fail in many ways: say why in its row
-            if name != "paddle-inference" or isinstance(e, MamlError):
+            optional = name == "paddle-inference" or (name == "pytorch-eager" and isinstance(e, ImportError))
+            if not optional or isinstance(e, MamlError):
                 raise
             why = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
             report["skipped"].append({"runtime": name, "config": c.name, "reason": why})

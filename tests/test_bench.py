@@ -4,6 +4,7 @@ to end (real export, real runtimes, small --runs) plus its one-line errors.
 The end-to-end run uses the bundled weights when they exist, else freshly initialised ones; it runs on
 Omniglot test tasks when $OMNIGLOT_DIR is set (CI sets it), else on random images.
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ from maml_export.model import conv4_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-RUNTIMES = {"onnxruntime", "paddle-eager", "paddlerec-loop", "paddle-inference"}
+RUNTIMES = {"onnxruntime", "paddle-eager", "paddlerec-loop", "paddle-inference", "pytorch-eager"}
 ROW_KEYS = {"runtime", "provider", "config", "steps", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "tasks_per_s"}
 
 
@@ -111,6 +112,10 @@ def test_cli_end_to_end_writes_the_json_schema_and_all_peers_agree(exported, tmp
     rows = {r["runtime"]: r for r in doc["results"]}
     skipped = {s["runtime"]: s["reason"] for s in doc["skipped"]}
     assert set(rows) | set(skipped) == RUNTIMES and {"onnxruntime", "paddle-eager", "paddlerec-loop"} <= set(rows)
+    if importlib.util.find_spec("torch") is None:  # the optional PyTorch peer says how to get it
+        assert 'pip install "maml-export[torch]"' in skipped["pytorch-eager"]
+    else:
+        assert "pytorch-eager" in rows
     for name, r in rows.items():
         assert ROW_KEYS <= set(r) and r["config"] == "5w1s" and r["steps"] == 5 and r["runs"] == 3, r
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["tasks_per_s"] == pytest.approx(1e3 / r["mean_ms"])
