@@ -40,5 +40,8 @@ def _keep_freed_memory() -> None:
 _keep_freed_memory()
 # Paddle warns at import about a C++ extension cache this project never uses.
 _warnings.filterwarnings("ignore", message="No ccache found")
+# Tracing `zeros_like` into a PIR program warns that the tensor has no place; harmless, and it would
+# break maml-export's progress lines.
+_warnings.filterwarnings("ignore", message="Tensor do not have 'place' interface")
 
 __version__ = "0.1.0"
