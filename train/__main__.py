@@ -17,7 +17,7 @@ def fail(message: str, code: int = 2):
 @click.option("--data", type=click.Path(), default=None,
               help="Omniglot folder: the .npz pair, the official zips or their extracted folders "
                    "[default: $OMNIGLOT_DIR]")
-@click.option("--out", type=click.Path(file_okay=False), default="runs/omniglot-5w1s", show_default=True,
+@click.option("--out", type=click.Path(file_okay=False), default="runs/default", show_default=True,
               help="run folder: checkpoints latest/best (.npz + .json) and metrics.jsonl")
 @click.option("--resume", is_flag=True, help="continue the run in --out (weights, Adam and task stream)")
 @click.option("--threads", type=int, default=None, help="CPU threads for Paddle [default: all cores]")
