@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import click
 
-os.environ.setdefault("GLOG_minloglevel", "2")  # Paddle's INFO lines would break the table; read at import
+from maml_export.cli import run
+
 
 COLUMNS = ("p50 ms", "p90 ms", "p99 ms", "mean ms", "tasks/s", "vs fastest", "x floor", "runs", "rel diff",
            "same class")
@@ -136,23 +136,7 @@ def cli(provider, model, configs, steps, threads, warmup, runs, max_seconds, dat
 
 
 def main(args: list[str] | None = None) -> None:
-    """Every failure a user can cause is one `error: ...` line and a non-zero exit, never a traceback."""
-    from maml_export.errors import MamlError
-
-    try:
-        code = cli.main(args=args, prog_name="maml-bench", standalone_mode=False)
-    except click.ClickException as e:
-        code = _fail(e.format_message(), e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        code = _fail("interrupted", 130)
-    except (MamlError, ValueError, OSError) as e:
-        code = _fail(str(e), 1)
-    sys.exit(code if isinstance(code, int) else 0)
-
-
-def _fail(message: str, code: int) -> int:
-    click.echo(f"error: {' '.join(message.split())}", err=True)
-    return code
+    run(cli, args, "maml-bench")
 
 
 if __name__ == "__main__":

@@ -8,38 +8,9 @@ this module only parses options and prints.
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import click
 
-# Paddle logs INFO/WARNING lines through glog ("New Executor is Running", a warning from inside
-# `Tensor.mean`) that would break the progress lines; errors still show. Read when paddle loads.
-os.environ.setdefault("GLOG_minloglevel", "2")
-
-
-def run(command: click.Command, args: list[str] | None, prog_name: str) -> None:
-    """Run a click command; every failure a user can cause is one `error: ...` line and exit 1 (2 for
-    a usage error), never a traceback."""
-    from maml_export.errors import MamlError
-
-    try:
-        code = command.main(args=args, prog_name=prog_name, standalone_mode=False)
-    except click.exceptions.Abort:
-        code = _fail("interrupted", 130)
-    except click.ClickException as e:  # usage errors: missing option, bad type...
-        code = _fail(e.format_message(), e.exit_code)
-    except (MamlError, ValueError, OSError) as e:
-        code = _fail(str(e), 1)
-    except KeyboardInterrupt:
-        code = _fail("interrupted", 130)
-    sys.exit(code if isinstance(code, int) else 0)
-
-
-def _fail(message: str, code: int) -> int:
-    click.echo(f"error: {' '.join(message.split())}", err=True)
-    return code
-
+from maml_export.cli import run
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--checkpoint", type=str, default=None,

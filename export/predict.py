@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from export.__main__ import run
+from maml_export.cli import run
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 

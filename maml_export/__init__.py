@@ -7,7 +7,14 @@ Modules, one concern each:
   data        Omniglot loading (npz, official zips or folders), the split, the task sampler
   config      the typed configuration every CLI fills and every checkpoint and export carries
   checkpoint  atomic, pickle-free checkpoints (weights + config + optimizer + sampler state)
+  optim       Adam with pickle-free state
   trainer     the meta-training loop behind `python -m train`
+  distributed splitting a meta-batch over paddle.distributed ranks
+  paddlerec   the PaddleRec-style reference loop (tests and benchmarks)
+  export      static graph + ONNX export with its parity check (`maml-export`)
+  adapter     running an exported graph with onnxruntime and numpy only
+  benchmark   adapt-then-predict latency beside the peers (`maml-bench`)
+  cli         the console scripts' shared error handling (one `error:` line, non-zero exit)
 """
 import os as _os
 import warnings as _warnings
