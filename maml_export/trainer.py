@@ -125,8 +125,11 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
     splits = split_characters(len(images))
     sampler = TaskSampler(images, splits["train"], config.ways, config.shots, config.query, config.seed,
                           split_name="train")
-    # fail now, not at the first validation, if the validation split cannot give such tasks
-    TaskSampler(images, splits["val"], config.ways, config.shots, config.query, VAL_SEED, split_name="val")
+
+    def val_sampler() -> TaskSampler:  # a fresh one each time: every validation sees the same tasks
+        return TaskSampler(images, splits["val"], config.ways, config.shots, config.query, VAL_SEED, split_name="val")
+
+    val_sampler()  # fail now, not at the first validation, if the validation split cannot give such tasks
     model = Model.from_specs(config.layers)
     params = to_tensors(ckpt.params if ckpt else model.init_params(config.seed))
     maml = MAML(model, params, config.inner_lr, config.inner_steps, config.first_order)
@@ -149,8 +152,7 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
                                          adam.state_arrays(), {**state, "sampler": sampler_state}))
 
     def validate(iteration: int) -> tuple[float, float]:
-        val = TaskSampler(images, splits["val"], config.ways, config.shots, config.query, VAL_SEED)
-        accuracy, ci = mean_ci95(evaluate(maml, val, config.val_tasks, batch=config.meta_batch, ranks=ranks))
+        accuracy, ci = mean_ci95(evaluate(maml, val_sampler(), config.val_tasks, batch=config.meta_batch, ranks=ranks))
         if ranks.main:
             run.log({"event": "validation", "iteration": iteration, "val_accuracy": accuracy, "val_ci95": ci,
                      "tasks": config.val_tasks, "seconds": round(state["seconds"], 2)})
@@ -158,8 +160,9 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
 
     sampler_state = sampler.state_dict()
     iteration = start
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)  # save `latest` before stopping, as on Ctrl-C
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    if on_main_thread:  # save `latest` before stopping, as on Ctrl-C; restored when training returns
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     bar = tqdm(total=config.iterations, initial=start, desc=config.name, unit="it",
                disable=not (progress and ranks.main), dynamic_ncols=True)
     try:
@@ -194,9 +197,11 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
     except (KeyboardInterrupt, RankLostError, Terminated):
         # the interrupted iteration is redone on resume: save the weights and sampler state before it
         checkpoint(run.latest, iteration, sampler_state)
-        bar.close()
         raise
-    bar.close()
+    finally:
+        bar.close()
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous_sigterm)
     return {"iterations": iteration, "best_val_accuracy": state["best_val_accuracy"],
             "best_iteration": state["best_iteration"], "seconds": state["seconds"], "out": str(run.out)}
 
