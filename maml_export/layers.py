@@ -103,20 +103,18 @@ class Conv2d(Layer):
 def im2col(x, k: int, stride: int, padding: int, Ho: int, Wo: int):
     """(N, C, H, W) -> (N, C*k*k, Ho*Wo) patches, ordered as `F.unfold` orders them (c, then i, then j).
 
-    Eager Paddle runs `F.unfold` 4-40x faster than slicing; paddle2onnx turns `unfold` into Gathers
-    that took a quarter of onnxruntime's time, where k*k strided slices and a concat are cheap. Both
-    move the same values, so the static graph (export) slices and eager mode unfolds.
+    Eager Paddle runs `F.unfold` fastest. paddle2onnx turns `unfold` into Gathers (a quarter of
+    onnxruntime's time, once), and k*k strided slices + zero padding + a stack cost about 20 nodes
+    per call; a depthwise convolution with a constant one-hot kernel is one node that onnxruntime
+    runs with its prepacked-weight kernels. Each output is 1.0 * one input value plus 0.0 * the
+    others, so all three move the same values exactly.
     """
     if paddle.in_dynamic_mode():
         return F.unfold(x, [k, k], strides=stride, paddings=padding)
-    if padding:  # zeros by concatenation, not pad3d (see maxpool2_backward_portable)
-        zw = paddle.zeros_like(x[:, :, :, :padding])
-        x = paddle.concat([zw, x, zw], axis=3)
-        zh = paddle.zeros_like(x[:, :, :padding, :])
-        x = paddle.concat([zh, x, zh], axis=2)
-    span_h, span_w = stride * (Ho - 1) + 1, stride * (Wo - 1) + 1
-    patches = [x[:, :, i:i + span_h:stride, j:j + span_w:stride] for i in range(k) for j in range(k)]
-    return paddle.stack(patches, axis=2).reshape([0, x.shape[1] * k * k, Ho * Wo])  # (N, C*k*k, Ho*Wo)
+    C = x.shape[1]
+    onehot = np.tile(np.eye(k * k, dtype="float32").reshape(k * k, 1, k, k), (C, 1, 1, 1))  # (C*k*k, 1, k, k)
+    patches = F.conv2d(x, paddle.to_tensor(onehot, dtype=x.dtype), stride=stride, padding=padding, groups=C)
+    return patches.reshape([0, C * k * k, Ho * Wo])  # (N, C*k*k, Ho*Wo)
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,7 @@ def test_whole_model_backward(channels, size, hidden, tasks):
 
 @pytest.mark.parametrize("shape,k,stride,padding", [((2, 3, 7, 7), 3, 1, 1), ((1, 2, 9, 8), 3, 2, 1), ((2, 1, 6, 6), 3, 1, 0)])
 def test_static_im2col_equals_unfold(shape, k, stride, padding):
-    """The slicing im2col of static graphs moves exactly the values F.unfold does (eager)."""
+    """The one-hot-convolution im2col of static graphs moves exactly the values F.unfold does (eager)."""
     x = np.random.default_rng(6).normal(size=shape).astype("float32")
     Ho, Wo = (shape[2] + 2 * padding - k) // stride + 1, (shape[3] + 2 * padding - k) // stride + 1
     want = im2col(paddle.to_tensor(x), k, stride, padding, Ho, Wo).numpy()
