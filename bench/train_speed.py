@@ -31,6 +31,7 @@ def main(data, ways, shots, query, steps, meta_batch, repeats, threads, skip_pad
     from maml_export.data import TaskSampler, load_omniglot, split_characters
     from maml_export.errors import MamlError
     from maml_export.maml import MAML
+    from maml_export.benchmark import count_flops, gemm_gflops
     from maml_export.model import Model, conv4_specs, to_tensors
     from maml_export.trainer import data_dir, as_tensors, set_threads
 
@@ -67,13 +68,41 @@ def main(data, ways, shots, query, steps, meta_batch, repeats, threads, skip_pad
         for name in list(results)[:2]:
             click.echo(f"speed-up of {name} over the PaddleRec-style loop: "
                        f"{results['paddlerec-style first-order'] / results[name]:.2f}x", err=True)
-    report = {"config": {"ways": ways, "shots": shots, "query": query, "steps": steps, "meta_batch": meta_batch,
+    # The floor: a meta-iteration's counted FLOPs (first-order: the support steps, then the query's
+    # forward and gradients) over this machine's numpy GEMM rate, and over the rate of Paddle's own
+    # conv2d kernel on the query's largest convolution, the fastest op any Paddle trainer can use.
+    specs = model.specs()
+    flops = meta_batch * (count_flops(specs, ways * shots, 0, steps) + count_flops(specs, ways * query, 0, 1))
+    conv_rate = paddle_conv_gflops(ways * query)
+    floors = {"gflop": flops / 1e9, "gemm_gflops": gemm_gflops(threads), "paddle_conv2d_gflops": conv_rate}
+    floors["gemm_floor_s"] = floors["gflop"] / floors["gemm_gflops"]
+    floors["paddle_conv2d_floor_s"] = floors["gflop"] / conv_rate
+    click.echo(f"floor: {floors['gflop']:.1f} GFLOP per meta-iteration (first-order) / "
+               f"{floors['gemm_gflops']:.0f} GFLOP/s numpy GEMM = {floors['gemm_floor_s']:.2f} s; / "
+               f"{conv_rate:.0f} GFLOP/s Paddle conv2d ({ways * query}x64x14x14) = "
+               f"{floors['paddle_conv2d_floor_s']:.2f} s", err=True)
+    report = {"floor": floors, "config": {"ways": ways, "shots": shots, "query": query, "steps": steps, "meta_batch": meta_batch,
                          "threads": threads, "repeats": repeats, "paddle": paddle.__version__},
               "seconds_per_iteration": results}
     click.echo(json.dumps(report))
     if json_file:
         with open(json_file, "w") as f:
             json.dump(report, f, indent=1)
+
+
+def paddle_conv_gflops(images: int) -> float:
+    """Rate of Paddle's conv2d forward on (images, 64, 14, 14) -> 64 channels, 3x3: best of 5."""
+    import paddle
+    import paddle.nn.functional as F
+
+    x, w = paddle.rand([images, 64, 14, 14]), paddle.rand([64, 64, 3, 3])
+    float(F.conv2d(x, w, padding=1).sum())  # warm-up
+    best = float("inf")
+    for _ in range(5):
+        began = time.perf_counter()
+        float(F.conv2d(x, w, padding=1).sum())
+        best = min(best, time.perf_counter() - began)
+    return 2 * images * 64 * 64 * 9 * 14 * 14 / best / 1e9
 
 
 if __name__ == "__main__":
