@@ -14,7 +14,8 @@ the same T tasks: `onnxruntime-batch`, one call of the graph exported with --tas
 weights), and `onnxruntime-loop`, T calls of the single-task graph; their ms are per call (T tasks),
 their tasks/s per task.
 
-Each is warmed up, then each call is timed with perf_counter. Eager Paddle is the reference: a runtime
+Each is warmed up, then each call is timed with perf_counter, the runtimes of a config round-robin (a
+burst of load on a shared machine then hits them alike, not one row's ratio). Eager Paddle is the reference: a runtime
 that predicts other classes (argmax) than eager float32 *and* eager float64 is a disagreement.
 
 The limit: `count_flops` counts 2 x multiply-adds of the convolutions and the linear head (per SGD step
@@ -363,15 +364,35 @@ RUNTIMES = {"paddle-eager": paddle_eager, "onnxruntime": onnxruntime, "paddlerec
 def time_calls(call, warmup: int, runs: int, max_seconds: float) -> tuple[dict, object]:
     """p50/p90/p99/mean ms and tasks/s of `runs` calls after `warmup` untimed ones, stopping early once
     `max_seconds` (0: never) are spent; and the last call's output."""
-    out = [call() for _ in range(warmup)][-1:]
-    times, start = [], time.perf_counter()
-    while len(times) < runs and not (max_seconds and len(times) >= MIN_RUNS and time.perf_counter() - start > max_seconds):
-        began = time.perf_counter()
-        out = [call()]
-        times.append((time.perf_counter() - began) * 1e3)
-    p50, p90, p99 = np.percentile(times, [50, 90, 99])
-    return {"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(np.mean(times)),
-            "tasks_per_s": float(1e3 / np.mean(times)), "runs": len(times)}, out[0]
+    return time_interleaved({"call": call}, warmup, runs, max_seconds)["call"]
+
+
+def time_interleaved(calls: dict, warmup: int, runs: int, max_seconds: float) -> dict:
+    """`time_calls` for several runtimes at once, round-robin: each round calls every runtime still
+    running once, so a burst of load from other work on a shared machine hits all of them alike.
+    (Timed one after another, one burst decided a ratio: the same graph measured 64 ms and 102 ms p50
+    in two runs an hour apart, its peers unchanged.) A runtime stops after `runs` calls or, past
+    MIN_RUNS, once its own calls have taken `max_seconds` (0: never). name -> (stats, last output)."""
+    outs = {name: [call() for _ in range(warmup)][-1:] for name, call in calls.items()}
+    times = {name: [] for name in calls}
+    spent = dict.fromkeys(calls, 0.0)
+
+    def running(name):
+        n = len(times[name])
+        return n < runs and not (max_seconds and n >= MIN_RUNS and spent[name] > max_seconds)
+
+    while any(running(name) for name in calls):
+        for name in [n for n in calls if running(n)]:
+            began = time.perf_counter()
+            outs[name] = [calls[name]()]
+            spent[name] += time.perf_counter() - began
+            times[name].append((time.perf_counter() - began) * 1e3)
+    result = {}
+    for name, ms in times.items():
+        p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+        result[name] = ({"p50_ms": float(p50), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(np.mean(ms)),
+                         "tasks_per_s": float(1e3 / np.mean(ms)), "runs": len(ms)}, outs[name][0])
+    return result
 
 
 def agreement(logits: np.ndarray, ref: np.ndarray) -> dict:
@@ -440,15 +461,15 @@ def bench_config(c: BenchConfig, exp: Exported, binders: dict, report: dict, ima
     flops = count_flops(exp.config.layers, len(xs), len(xq), exp.steps, exp.config.image_size)
     report["flop_floor_ms"][c.name] = flops / report["gemm_gflops"] / 1e6
     report["models"][c.name] = {"weights": exp.source, "flops": flops, "steps": exp.steps}
-    outs = {}
+    outs, calls = {}, {}
     for name, runtime in RUNTIMES.items():
         timed = provider == "cpu" or name == "onnxruntime"  # Paddle here computes on the CPU only
         if not timed and name != "paddle-eager":
             continue
-        try:
+        try:  # bind and call once: a runtime that cannot run says why in its row, before any timing
             bind = binders[name, c.ways] = binders.get((name, c.ways)) or runtime(exp, provider, threads)
             call = bind(xs, ys, xq)
-            stats, out = time_calls(call, warmup, runs, max_seconds) if timed else (None, call())
+            out = call()
         except Exception as e:  # noqa: BLE001 - Paddle Inference may fail in many ways: say why in its row
             optional = name == "paddle-inference" or (name == "pytorch-eager" and isinstance(e, ImportError))
             if not optional or isinstance(e, MamlError):
@@ -458,9 +479,12 @@ def bench_config(c: BenchConfig, exp: Exported, binders: dict, report: dict, ima
             continue
         outs[name] = out if isinstance(out, np.ndarray) else out.numpy()  # an OrtValue on the device
         if timed:
-            report["results"].append({"runtime": name, "provider": provider if name == "onnxruntime" else "cpu",
-                                      "config": c.name, "steps": exp.steps, **stats, "detail": getattr(call, "detail", ""),
-                                      **agreement(outs[name], outs["paddle-eager"])})
+            calls[name] = call
+    for name, (stats, out) in time_interleaved(calls, warmup, runs, max_seconds).items():
+        outs[name] = out if isinstance(out, np.ndarray) else out.numpy()
+        report["results"].append({"runtime": name, "provider": provider if name == "onnxruntime" else "cpu",
+                                  "config": c.name, "steps": exp.steps, **stats, "detail": getattr(calls[name], "detail", ""),
+                                  **agreement(outs[name], outs["paddle-eager"])})
     rows = [r for r in report["results"] if r["config"] == c.name and r["disagreements"]]
     if rows:  # did eager float32 round a max-pool near-tie the other way? float64 decides, as in the export
         f64 = paddle_eager(exp, dtype="float64")(xs, ys, xq)()
@@ -482,8 +506,9 @@ def bench_task_batch(c: BenchConfig, exp: Exported, batch: Exported, task_batch:
              "onnxruntime-loop": (lambda: np.stack([np.asarray(call()) for call in singles]),
                                   f"{task_batch} single-task calls")}
     rows = {}
+    timed = time_interleaved({name: call for name, (call, _) in calls.items()}, warmup, runs, max_seconds)
     for name, (call, detail) in calls.items():
-        stats, out = time_calls(call, warmup, runs, max_seconds)
+        stats, out = timed[name]
         out = out if isinstance(out, np.ndarray) else out.numpy()  # an OrtValue on the device
         stats["tasks_per_s"] *= task_batch  # per task: a call adapts T tasks
         rows[name] = {"runtime": name, "provider": provider, "config": c.name, "steps": exp.steps, **stats,

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maml_export.benchmark import BenchConfig, agreement, count_flops, parse_configs, time_calls
+from maml_export.benchmark import BenchConfig, agreement, count_flops, parse_configs, time_calls, time_interleaved
 from maml_export.errors import ConfigError
 from maml_export.model import conv4_specs
 
@@ -79,6 +79,17 @@ def test_time_calls_warms_up_times_each_call_and_respects_the_budget():
     assert 3 <= stats["runs"] < 20
     assert stats["p50_ms"] >= 19 and stats["p50_ms"] <= stats["p90_ms"] <= stats["p99_ms"]
     assert stats["tasks_per_s"] == pytest.approx(1e3 / stats["mean_ms"])
+
+
+def test_time_interleaved_calls_runtimes_round_robin_each_with_its_own_budget():
+    order = []
+    calls = {"fast": lambda: order.append("fast") or "f", "slow": lambda: order.append("slow") or time.sleep(0.03)}
+    timed = time_interleaved(calls, warmup=1, runs=1000, max_seconds=0.1)
+    assert order[:2] == ["fast", "slow"]  # warm-up, then rounds: fast, slow, fast, slow, ...
+    rounds = order[2:]
+    assert rounds[:2 * timed["slow"][0]["runs"]:2] == ["fast"] * timed["slow"][0]["runs"]
+    assert 3 <= timed["slow"][0]["runs"] < 10 and timed["fast"][0]["runs"] > timed["slow"][0]["runs"]
+    assert timed["fast"][1] == "f" and timed["slow"][0]["p50_ms"] >= 29
 
 
 # --- the CLI -----------------------------------------------------------------------------------------------
