@@ -361,18 +361,25 @@ RUNTIMES = {"paddle-eager": paddle_eager, "onnxruntime": onnxruntime, "paddlerec
             "paddle-inference": paddle_inference, "pytorch-eager": pytorch_eager}  # eager first: the reference
 
 
+# Untimed pause when a round-robin switches runtime: OpenMP pools (Paddle's, PyTorch's) keep their threads
+# spinning for up to 200 ms after a call (KMP_BLOCKTIME) and took a core from the next runtime (seen:
+# PyTorch eager 5w1s p50 143-160 ms right after Paddle's calls, 100-105 ms with this pause).
+SWITCH_PAUSE_S = float(os.environ.get("MAML_BENCH_SWITCH_PAUSE", "0.25"))
+
+
 def time_calls(call, warmup: int, runs: int, max_seconds: float) -> tuple[dict, object]:
     """p50/p90/p99/mean ms and tasks/s of `runs` calls after `warmup` untimed ones, stopping early once
     `max_seconds` (0: never) are spent; and the last call's output."""
     return time_interleaved({"call": call}, warmup, runs, max_seconds)["call"]
 
 
-def time_interleaved(calls: dict, warmup: int, runs: int, max_seconds: float) -> dict:
+def time_interleaved(calls: dict, warmup: int, runs: int, max_seconds: float, pause: float = SWITCH_PAUSE_S) -> dict:
     """`time_calls` for several runtimes at once, round-robin: each round calls every runtime still
     running once, so a burst of load from other work on a shared machine hits all of them alike.
     (Timed one after another, one burst decided a ratio: the same graph measured 64 ms and 102 ms p50
     in two runs an hour apart, its peers unchanged.) A runtime stops after `runs` calls or, past
-    MIN_RUNS, once its own calls have taken `max_seconds` (0: never). name -> (stats, last output)."""
+    MIN_RUNS, once its own calls have taken `max_seconds` (0: never). Switching runtimes waits `pause`
+    seconds, untimed. name -> (stats, last output)."""
     outs = {name: [call() for _ in range(warmup)][-1:] for name, call in calls.items()}
     times = {name: [] for name in calls}
     spent = dict.fromkeys(calls, 0.0)
@@ -381,8 +388,12 @@ def time_interleaved(calls: dict, warmup: int, runs: int, max_seconds: float) ->
         n = len(times[name])
         return n < runs and not (max_seconds and n >= MIN_RUNS and spent[name] > max_seconds)
 
+    last = None
     while any(running(name) for name in calls):
         for name in [n for n in calls if running(n)]:
+            if last not in (None, name):
+                time.sleep(pause)  # untimed: the previous runtime's worker threads stop spinning
+            last = name
             began = time.perf_counter()
             outs[name] = [calls[name]()]
             spent[name] += time.perf_counter() - began

@@ -84,12 +84,15 @@ def test_time_calls_warms_up_times_each_call_and_respects_the_budget():
 def test_time_interleaved_calls_runtimes_round_robin_each_with_its_own_budget():
     order = []
     calls = {"fast": lambda: order.append("fast") or "f", "slow": lambda: order.append("slow") or time.sleep(0.03)}
-    timed = time_interleaved(calls, warmup=1, runs=1000, max_seconds=0.1)
+    timed = time_interleaved(calls, warmup=1, runs=1000, max_seconds=0.1, pause=0)
     assert order[:2] == ["fast", "slow"]  # warm-up, then rounds: fast, slow, fast, slow, ...
     rounds = order[2:]
     assert rounds[:2 * timed["slow"][0]["runs"]:2] == ["fast"] * timed["slow"][0]["runs"]
     assert 3 <= timed["slow"][0]["runs"] < 10 and timed["fast"][0]["runs"] > timed["slow"][0]["runs"]
     assert timed["fast"][1] == "f" and timed["slow"][0]["p50_ms"] >= 29
+    began = time.perf_counter()  # a switch of runtime waits `pause`, untimed; staying on one does not
+    timed = time_interleaved({"a": lambda: None, "b": lambda: None}, warmup=0, runs=3, max_seconds=0, pause=0.05)
+    assert 0.25 <= time.perf_counter() - began < 1 and timed["a"][0]["p50_ms"] < 10
 
 
 # --- the CLI -----------------------------------------------------------------------------------------------
