@@ -92,6 +92,11 @@ class Run:
             f.write(json.dumps(record) + "\n")
 
 
+# What `--resume` may change: how long to train, how often to validate, and the meta step size (lowering
+# it for the tail of a long run is the usual last step; the resume event in metrics.jsonl records it).
+RESUME_MAY_CHANGE = ("iterations", "val_every", "meta_lr")
+
+
 def _start(config: MamlConfig, run: Run, resume: bool, overrides: dict):
     """(config, checkpoint or None): a new run, or the run in `run.out` with allowed overrides applied."""
     if not resume:
@@ -103,11 +108,11 @@ def _start(config: MamlConfig, run: Run, resume: bool, overrides: dict):
     ckpt = load_checkpoint(run.latest)
     saved = ckpt.config
     conflicts = [f"--{k.replace('_', '-')} {v} (run has {getattr(saved, k)})" for k, v in overrides.items()
-                 if k not in ("iterations", "val_every") and getattr(saved, k) != v]
+                 if k not in RESUME_MAY_CHANGE and getattr(saved, k) != v]
     if conflicts:
         raise ConfigError(f"--resume continues the run as it was configured; these options differ: "
-                          f"{', '.join(conflicts)}")
-    for k in ("iterations", "val_every"):
+                          f"{', '.join(conflicts)} (on resume only {', '.join(RESUME_MAY_CHANGE)} may change)")
+    for k in RESUME_MAY_CHANGE:
         if k in overrides:
             setattr(saved, k, overrides[k])
     return saved, ckpt
@@ -142,7 +147,7 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
         state.update({k: ckpt.state[k] for k in state if k in ckpt.state})
         start = ckpt.iteration
         if ranks.main:
-            run.log({"event": "resume", "iteration": start, "ranks": ranks.world})
+            run.log({"event": "resume", "iteration": start, "ranks": ranks.world, "meta_lr": config.meta_lr})
     run.out.mkdir(parents=True, exist_ok=True)
 
     def checkpoint(path: Path, iteration: int, sampler_state: dict):

@@ -10,7 +10,7 @@ import pytest
 
 from maml_export.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from maml_export.config import MamlConfig
-from maml_export.errors import CheckpointError
+from maml_export.errors import CheckpointError, ConfigError
 from maml_export.optim import Adam
 from maml_export.trainer import train
 
@@ -76,6 +76,18 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     # the metrics of the first segment are kept; the resume is recorded
     events = [json.loads(line).get("event") for line in open(tmp_path / "b" / "metrics.jsonl")]
     assert "resume" in events
+
+
+@needs_data
+def test_resume_may_lower_the_meta_lr_but_not_change_the_model(tmp_path):
+    train(MamlConfig(iterations=1, val_every=5, **SMALL), DATA, tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="--hidden"):
+        train(MamlConfig(**SMALL), DATA, tmp_path, resume=True, overrides={"iterations": 2, "hidden": 8}, progress=False)
+    train(MamlConfig(**SMALL), DATA, tmp_path, resume=True, overrides={"iterations": 2, "meta_lr": 1e-4},
+          progress=False)
+    assert load_checkpoint(tmp_path / "latest.npz").config.meta_lr == 1e-4
+    resumes = [e for e in map(json.loads, open(tmp_path / "metrics.jsonl")) if e.get("event") == "resume"]
+    assert resumes[-1]["meta_lr"] == 1e-4
 
 
 def test_checkpoint_round_trip_and_corruption(tmp_path):

@@ -19,7 +19,8 @@ def fail(message: str, code: int = 2):
                    "[default: $OMNIGLOT_DIR]")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/default", show_default=True,
               help="run folder: checkpoints latest/best (.npz + .json) and metrics.jsonl")
-@click.option("--resume", is_flag=True, help="continue the run in --out (weights, Adam and task stream)")
+@click.option("--resume", is_flag=True, help="continue the run in --out (weights, Adam and task stream); "
+              "only --iterations, --val-every and --meta-lr may differ from the run's")
 @click.option("--threads", type=int, default=None, help="CPU threads for Paddle [default: all cores]")
 @click_options(MamlConfig)
 @click.pass_context
@@ -30,6 +31,7 @@ def main(ctx, data, out, resume, threads, **options):
     Examples:
       python -m train --data ../shared/omniglot --iterations 200 --first-order --out runs/quick
       python -m train --out runs/quick --resume --iterations 400
+      python -m train --out runs/quick --resume --iterations 600 --meta-lr 1e-4
       python -m train evaluate --checkpoint runs/quick/best.npz --tasks 600
     """
     if ctx.invoked_subcommand is not None:
