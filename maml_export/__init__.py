@@ -14,6 +14,7 @@ Modules, one concern each:
   export      static graph + ONNX export with its parity check (`maml-export`)
   adapter     running an exported graph with onnxruntime and numpy only
   benchmark   adapt-then-predict latency beside the peers (`maml-bench`)
+  profile     where an exported graph spends its time in onnxruntime (`python -m bench.profile`)
   cli         the console scripts' shared error handling (one `error:` line, non-zero exit)
 """
 import os as _os

@@ -193,3 +193,21 @@ def test_cli_help_explains_the_options():
     for option in ("--provider", "--model", "--configs", "--steps", "--threads", "--warmup", "--runs", "--json",
                    "--data", "--tasks", "--task-batch"):
         assert option in result.stdout
+
+
+# --- python -m bench.profile ---------------------------------------------------------------------------------
+
+def test_profile_sums_steady_node_times_by_op_and_shape(tmp_path):
+    from maml_export.export import export_model
+    from maml_export.profile import profile_graph
+
+    export_model(out=tmp_path, steps=1, tasks=1, data=os.environ.get("OMNIGLOT_DIR"))
+    report = profile_graph(tmp_path / "model.onnx", threads=1, support=5, query=10, runs=3, warmup=1)
+    ops = {r["op"]: r for r in report["by_op"]}
+    assert report["nodes"] > 100 and ops["Conv"]["nodes"] >= 8 and ops["Conv"]["ms"] > 0
+    assert sum(r["ms"] for r in report["by_op"]) == pytest.approx(report["total_ms"])
+    assert sum(r["nodes"] for r in report["by_shape"]) == report["nodes"]
+    assert any("10, 64, 14, 14" in r["shape"] for r in report["by_shape"] if r["op"] == "Conv")  # the query pass
+    result = subprocess.run([sys.executable, "-m", "bench.profile", str(tmp_path), "--runs", "2", "--warmup", "2"],
+                            capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip() == "error: runs (2) must exceed warmup (2)"

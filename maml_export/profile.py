@@ -1,0 +1,71 @@
+"""Where an exported graph spends its time in onnxruntime: a steady-state profile by op type and shape.
+
+onnxruntime's own profiler records every node of every run; the first runs pay for memory-arena
+growth and page faults (a full-size `Sub` of the query pass measured 15 ms in the first run, 2 ms
+from the fourth on), so `profile` drops `warmup` runs and takes each node's median over the rest.
+This is the tool behind the before/after profiles in the README (`python -m bench.profile`).
+
+Example:
+    >>> report = profile_graph("exported/model.onnx", threads=2)        # doctest: +SKIP
+    >>> report["by_op"][0]                                              # doctest: +SKIP
+    {'op': 'Conv', 'ms': 38.2, 'nodes': 44}
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def graph_inputs(session, support: int, query: int, seed: int = 0) -> dict:
+    """Random sparse binary images (max-pool ties, as on blank paper) and labels 0..ways-1 for the graph's
+    inputs; a task-batch graph gets its fixed T tasks."""
+    meta = session.get_modelmeta().custom_metadata_map
+    ways, c, n = int(meta["ways"]), int(meta["channels"]), int(meta["image_size"])
+    lead = [int(meta["task_batch"])] if int(meta.get("task_batch") or 0) else []
+    rng = np.random.default_rng(seed)
+    labels = np.broadcast_to(np.arange(support) % ways, lead + [support]).astype("int64")
+    return {"x_spt": (rng.random(lead + [support, c, n, n]) < 0.2).astype("float32"), "y_spt": labels,
+            "x_qry": (rng.random(lead + [query, c, n, n]) < 0.2).astype("float32")}
+
+
+def profile_graph(model: str | os.PathLike, threads: int = 2, support: int = 5, query: int = 75, runs: int = 12,
+                  warmup: int = 4) -> dict:
+    """Run `model` `runs` times under onnxruntime's profiler; per node the median kernel time of the runs
+    after `warmup`, summed by op type and by (op type, output shape), largest first, in ms."""
+    import onnxruntime as ort
+
+    if runs <= warmup:
+        raise ValueError(f"runs ({runs}) must exceed warmup ({warmup})")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.log_severity_level, options.enable_profiling = threads, 3, True
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        feeds = graph_inputs(session, support, query)
+        for _ in range(runs):
+            session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    times, kinds = collections.defaultdict(list), {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            times[e["name"]].append(e["dur"] / 1e3)
+            kinds[e["name"]] = (e["args"]["op_name"], str(e["args"].get("output_type_shape", "")))
+    median = {name: float(np.median(ms[warmup:])) for name, ms in times.items() if len(ms) > warmup}
+    by_op, by_shape = collections.Counter(), collections.Counter()
+    nodes_op, nodes_shape = collections.Counter(), collections.Counter()
+    for name, ms in median.items():
+        op, shape = kinds[name]
+        by_op[op] += ms
+        nodes_op[op] += 1
+        by_shape[op, shape] += ms
+        nodes_shape[op, shape] += 1
+    return {"model": str(model), "threads": threads, "support": support, "query": query, "runs": runs,
+            "warmup": warmup, "nodes": len(median), "total_ms": sum(median.values()),
+            "by_op": [{"op": op, "ms": ms, "nodes": nodes_op[op]} for op, ms in by_op.most_common()],
+            "by_shape": [{"op": op, "shape": shape, "ms": ms, "nodes": nodes_shape[op, shape]}
+                         for (op, shape), ms in by_shape.most_common()]}
