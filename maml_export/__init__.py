@@ -13,6 +13,7 @@ Modules, one concern each:
   paddlerec   the PaddleRec-style reference loop (tests and benchmarks)
   export      static graph + ONNX export with its parity check (`maml-export`)
   adapter     running an exported graph with onnxruntime and numpy only
+  runtimes    the runtimes maml-bench compares (onnxruntime, eager Paddle, the PaddleRec loop, ...)
   benchmark   adapt-then-predict latency beside the peers (`maml-bench`)
   profile     where an exported graph spends its time in onnxruntime (`python -m bench.profile`)
   cli         the console scripts' shared error handling (one `error:` line, non-zero exit)

@@ -20,7 +20,7 @@ N (images per task) may be a dynamic dimension in a static graph: reshapes use -
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import paddle

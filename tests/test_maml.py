@@ -7,7 +7,7 @@ import pytest
 
 from maml_export import paddlerec
 from maml_export.data import TaskSampler, load_omniglot, split_characters
-from maml_export.maml import MAML, expand_to_tasks, loss_and_grads
+from maml_export.maml import MAML, loss_and_grads
 from maml_export.model import Model, conv4_specs, to_tensors
 
 DATA = os.environ.get("OMNIGLOT_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "omniglot"))
