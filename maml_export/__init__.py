@@ -11,7 +11,8 @@ Modules, one concern each:
   trainer     the meta-training loop behind `python -m train`
   distributed splitting a meta-batch over paddle.distributed ranks
   paddlerec   the PaddleRec-style reference loop (tests and benchmarks)
-  export      static graph + ONNX export with its parity check (`maml-export`)
+  export      static graph + ONNX export (`maml-export`)
+  parity      the export's validation: eager Paddle vs static program vs onnxruntime, per task
   adapter     running an exported graph with onnxruntime and numpy only
   runtimes    the runtimes maml-bench compares (onnxruntime, eager Paddle, the PaddleRec loop, ...)
   benchmark   adapt-then-predict latency beside the peers (`maml-bench`)

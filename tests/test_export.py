@@ -23,9 +23,10 @@ from maml_export.adapter import Adapter
 from maml_export.checkpoint import Checkpoint, default_checkpoint, load_checkpoint, save_checkpoint
 from maml_export.config import MamlConfig
 from maml_export.errors import ExportError
-from maml_export.export import RTOL, check_ops, compare, convert, export_model, inspect_program
+from maml_export.export import check_ops, convert, export_model, inspect_program
 from maml_export.maml import MAML
 from maml_export.model import Model, to_tensors
+from maml_export.parity import RTOL, compare
 
 DATA = os.environ.get("OMNIGLOT_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "omniglot"))
 ROOT = Path(__file__).resolve().parents[1]
