@@ -34,6 +34,8 @@ class MamlConfig:
     first_order: bool = _opt(False, "first-order MAML (drop second derivatives); default second-order")
     meta_batch: int = _opt(32, "tasks per meta-iteration")
     meta_lr: float = _opt(1e-3, "Adam step size of the meta-update")
+    zero_head: bool = _opt(False, "keep the linear head at zero, so that every task adapts from a zero head "
+                                  "(the zeroing trick of Kao et al., ICLR 2022)")
     iterations: int = _opt(10000, "meta-iterations to train for (in total, counting resumed ones)")
     seed: int = _opt(0, "seed of the initial weights and the task stream")
     hidden: int = _opt(64, "filters per conv layer")

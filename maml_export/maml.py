@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import paddle
 
-from .layers import softmax_cross_entropy
+from .layers import Linear, softmax_cross_entropy
 from .model import Model
 
 
@@ -45,6 +45,23 @@ def sgd_steps(model: Model, params: dict, x, y, steps: int, inner_lr: float, fir
             grads = {k: g.detach() for k, g in grads.items()}
         params = {k: p - inner_lr * grads[k] for k, p in params.items()}
     return params
+
+
+def zero_head(model: Model, params: dict) -> None:
+    """Set the head's (the last layer's) meta-parameters to zero, in place.
+
+    The zeroing trick (Kao, Chiu, Chen, "MAML is a Noisy Contrastive Learner in Classification", ICLR
+    2022, https://arxiv.org/abs/2106.15367): applied after every meta-update, each task's adaptation
+    starts from a zero head. Issue 5 found the meta-learned head of the plain recipe starting every
+    task at a support loss of 51 and doing all its work in the first SGD step, with validation
+    stuck at 93.5 %; from scratch, the trick lifted validation at iteration 100 from 75.6 % to 84.7 %.
+    """
+    prefix = model.names[-1]
+    if not isinstance(model.layers[-1], Linear):
+        raise ValueError(f"zero_head needs a Linear last layer, not {type(model.layers[-1]).__name__}")
+    for name, p in params.items():
+        if name.startswith(prefix + "."):
+            p.set_value(paddle.zeros_like(p))
 
 
 @dataclass

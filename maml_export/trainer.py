@@ -23,7 +23,7 @@ from .config import MamlConfig
 from .data import TaskSampler, load_omniglot, split_characters
 from .distributed import RankLostError, Ranks
 from .errors import ConfigError, DataError, MamlError
-from .maml import MAML
+from .maml import MAML, zero_head
 from .model import Model, to_tensors
 from .optim import Adam
 
@@ -139,6 +139,8 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
     params = to_tensors(ckpt.params if ckpt else model.init_params(config.seed))
     maml = MAML(model, params, config.inner_lr, config.inner_steps, config.first_order)
     adam = Adam(params, config.meta_lr)
+    if config.zero_head:
+        zero_head(model, params)
     state = {"best_val_accuracy": None, "best_iteration": None, "seconds": 0.0}
     start = 0
     if ckpt:
@@ -178,6 +180,8 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
             step = maml.meta_step(*as_tensors(a[block] for a in sampler.sample(config.meta_batch)))
             grads = ranks.mean_of_blocks(step.grads, config.meta_batch)
             adam.step(grads)
+            if config.zero_head:
+                zero_head(model, params)
             iteration += 1
             state["seconds"] += time.perf_counter() - began
             metrics = ranks.mean_of_blocks({"loss": paddle.to_tensor([step.loss]),

@@ -90,6 +90,17 @@ def test_resume_may_lower_the_meta_lr_but_not_change_the_model(tmp_path):
     assert resumes[-1]["meta_lr"] == 1e-4
 
 
+@needs_data
+def test_zero_head_keeps_the_head_at_zero_and_trains_the_body(tmp_path):
+    from maml_export.model import Model
+    config = MamlConfig(iterations=2, val_every=5, zero_head=True, **SMALL)
+    train(config, DATA, tmp_path, progress=False)
+    ckpt = load_checkpoint(tmp_path / "latest.npz")
+    init = Model.from_specs(config.layers).init_params(config.seed)
+    assert ckpt.config.zero_head and not np.allclose(ckpt.params["conv1.weight"], init["conv1.weight"])
+    assert not np.any(ckpt.params["fc1.weight"]) and not np.any(ckpt.params["fc1.bias"])
+
+
 def test_checkpoint_round_trip_and_corruption(tmp_path):
     config = MamlConfig(hidden=4)
     from maml_export.model import Model
