@@ -81,7 +81,8 @@ def main(data, ways, shots, query, steps, meta_batch, repeats, threads, skip_pad
                f"{floors['gemm_gflops']:.0f} GFLOP/s numpy GEMM = {floors['gemm_floor_s']:.2f} s; / "
                f"{conv_rate:.0f} GFLOP/s Paddle conv2d ({ways * query}x64x14x14) = "
                f"{floors['paddle_conv2d_floor_s']:.2f} s", err=True)
-    report = {"floor": floors, "config": {"ways": ways, "shots": shots, "query": query, "steps": steps, "meta_batch": meta_batch,
+    report = {"floor": floors,
+              "config": {"ways": ways, "shots": shots, "query": query, "steps": steps, "meta_batch": meta_batch,
                          "threads": threads, "repeats": repeats, "paddle": paddle.__version__},
               "seconds_per_iteration": results}
     click.echo(json.dumps(report))

@@ -11,8 +11,9 @@ weights), and `onnxruntime-loop`, T calls of the single-task graph; their ms are
 their tasks/s per task.
 
 Each is warmed up, then each call is timed with perf_counter, the runtimes of a config round-robin (a
-burst of load on a shared machine then hits them alike, not one row's ratio). Eager Paddle is the reference: a runtime
-that predicts other classes (argmax) than eager float32 *and* eager float64 is a disagreement.
+burst of load on a shared machine then hits them alike, not one row's ratio). Eager Paddle is the
+reference: a runtime that predicts other classes (argmax) than eager float32 *and* eager float64 is a
+disagreement.
 
 The limit: `count_flops` counts 2 x multiply-adds of the convolutions and the linear head (per SGD step
 on the support set: forward, weight gradients, input gradients except the first layer's; then one
@@ -120,8 +121,6 @@ def task_inputs(c: BenchConfig, channels: int, size: int, images=None, seed: int
     return x[:s], np.repeat(np.arange(c.ways), c.shots), x[s:], np.repeat(np.arange(c.ways), c.query)
 
 
-# Runtimes: runtime(exp, provider, threads) -> bind; bind(xs, ys, xq) -> call; call() -> logits [Q, ways].
-
 # Untimed pause when a round-robin switches runtime: OpenMP pools (Paddle's, PyTorch's) keep their threads
 # spinning for up to 200 ms after a call (KMP_BLOCKTIME) and took a core from the next runtime (seen:
 # PyTorch eager 5w1s p50 143-160 ms right after Paddle's calls, 100-105 ms with this pause).
@@ -142,12 +141,11 @@ def time_interleaved(calls: dict, warmup: int, runs: int, max_seconds: float, pa
     MIN_RUNS, once its own calls have taken `max_seconds` (0: never). Switching runtimes waits `pause`
     seconds, untimed. name -> (stats, last output)."""
     outs = {name: [call() for _ in range(warmup)][-1:] for name, call in calls.items()}
-    times = {name: [] for name in calls}
-    spent = dict.fromkeys(calls, 0.0)
+    times = {name: [] for name in calls}  # ms
 
     def running(name):
         n = len(times[name])
-        return n < runs and not (max_seconds and n >= MIN_RUNS and spent[name] > max_seconds)
+        return n < runs and not (max_seconds and n >= MIN_RUNS and sum(times[name]) > max_seconds * 1e3)
 
     last = None
     while any(running(name) for name in calls):
@@ -157,7 +155,6 @@ def time_interleaved(calls: dict, warmup: int, runs: int, max_seconds: float, pa
             last = name
             began = time.perf_counter()
             outs[name] = [calls[name]()]
-            spent[name] += time.perf_counter() - began
             times[name].append((time.perf_counter() - began) * 1e3)
     result = {}
     for name, ms in times.items():

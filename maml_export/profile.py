@@ -21,19 +21,19 @@ from pathlib import Path
 import numpy as np
 
 
-def graph_inputs(session, support: int, query: int, seed: int = 0) -> dict:
-    """Random sparse binary images (max-pool ties, as on blank paper) and labels 0..ways-1 for the graph's
-    inputs; a task-batch graph gets its fixed T tasks."""
+def graph_inputs(session, shots: int, query: int) -> dict:
+    """The graph's inputs for one `shots`-shot task with `query` queries per class (random sparse binary
+    images: `benchmark.task_inputs`), its ways read from the metadata; a task-batch graph gets T copies."""
+    from .benchmark import BenchConfig, task_inputs
     meta = session.get_modelmeta().custom_metadata_map
-    ways, c, n = int(meta["ways"]), int(meta["channels"]), int(meta["image_size"])
-    lead = [int(meta["task_batch"])] if int(meta.get("task_batch") or 0) else []
-    rng = np.random.default_rng(seed)
-    labels = np.broadcast_to(np.arange(support) % ways, lead + [support]).astype("int64")
-    return {"x_spt": (rng.random(lead + [support, c, n, n]) < 0.2).astype("float32"), "y_spt": labels,
-            "x_qry": (rng.random(lead + [query, c, n, n]) < 0.2).astype("float32")}
+    c = BenchConfig(int(meta["ways"]), shots, query)
+    x_spt, y_spt, x_qry, _ = task_inputs(c, int(meta["channels"]), int(meta["image_size"]))
+    tasks = int(meta.get("task_batch") or 0)
+    feeds = {"x_spt": x_spt, "y_spt": y_spt.astype("int64"), "x_qry": x_qry}
+    return {k: np.stack([v] * tasks) for k, v in feeds.items()} if tasks else feeds
 
 
-def profile_graph(model: str | os.PathLike, threads: int = 2, support: int = 5, query: int = 75, runs: int = 12,
+def profile_graph(model: str | os.PathLike, threads: int = 2, shots: int = 1, query: int = 15, runs: int = 12,
                   warmup: int = 4) -> dict:
     """Run `model` `runs` times under onnxruntime's profiler; per node the median kernel time of the runs
     after `warmup`, summed by op type and by (op type, output shape), largest first, in ms."""
@@ -46,7 +46,7 @@ def profile_graph(model: str | os.PathLike, threads: int = 2, support: int = 5, 
     with tempfile.TemporaryDirectory() as tmp:
         options.profile_file_prefix = str(Path(tmp) / "ort")
         session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-        feeds = graph_inputs(session, support, query)
+        feeds = graph_inputs(session, shots, query)
         for _ in range(runs):
             session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
@@ -64,7 +64,7 @@ def profile_graph(model: str | os.PathLike, threads: int = 2, support: int = 5, 
         nodes_op[op] += 1
         by_shape[op, shape] += ms
         nodes_shape[op, shape] += 1
-    return {"model": str(model), "threads": threads, "support": support, "query": query, "runs": runs,
+    return {"model": str(model), "threads": threads, "shots": shots, "query": query, "runs": runs,
             "warmup": warmup, "nodes": len(median), "total_ms": sum(median.values()),
             "by_op": [{"op": op, "ms": ms, "nodes": nodes_op[op]} for op, ms in by_op.most_common()],
             "by_shape": [{"op": op, "shape": shape, "ms": ms, "nodes": nodes_shape[op, shape]}

@@ -202,7 +202,7 @@ def test_profile_sums_steady_node_times_by_op_and_shape(tmp_path):
     from maml_export.profile import profile_graph
 
     export_model(out=tmp_path, steps=1, tasks=1, data=os.environ.get("OMNIGLOT_DIR"))
-    report = profile_graph(tmp_path / "model.onnx", threads=1, support=5, query=10, runs=3, warmup=1)
+    report = profile_graph(tmp_path / "model.onnx", threads=1, shots=1, query=2, runs=3, warmup=1)
     ops = {r["op"]: r for r in report["by_op"]}
     assert report["nodes"] > 100 and ops["Conv"]["nodes"] >= 8 and ops["Conv"]["ms"] > 0
     assert sum(r["ms"] for r in report["by_op"]) == pytest.approx(report["total_ms"])
