@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import click
 
@@ -38,11 +39,15 @@ def table(report: dict) -> str:
     lines = [f"adapt-then-predict: one task per call (support + 15 queries per class), all SGD steps, provider "
              f"{s['provider']}, {s['threads']} threads; inputs: {s['inputs']}",
              f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}; {versions}",
-             f"floor = counted FLOPs / {report['gemm_gflops']:.1f} GFLOP/s (numpy float32 2048^3 GEMM on "
-             f"{s['threads']} OpenBLAS threads, measured now); rel diff and same class: against eager Paddle"]
+             (f"floor = counted FLOPs / {report['gemm_gflops']:.1f} GFLOP/s ({report['gemm']}, measured now)"
+              if report["gemm_gflops"] else f"no floor: no GEMM rate measured ({report['gemm']})")
+             + "; rel diff and same class: against eager Paddle" + (" (the kit's logits)" if s.get("kit") else "")]
+    if m.get("gpu"):
+        lines.insert(2, f"GPU: {m['gpu']}")
     for config, floor in report["flop_floor_ms"].items():
         model = report["models"][config]
-        lines += ["", f"{config}: {model['flops'] / 1e9:.2f} GFLOP ({model['steps']} steps), floor {floor:.1f} ms; "
+        floor_text = "no floor" if floor is None else f"floor {floor:.1f} ms"
+        lines += ["", f"{config}: {model['flops'] / 1e9:.2f} GFLOP ({model['steps']} steps), {floor_text}; "
                       f"weights: {model['weights']}", line("runtime", COLUMNS)]
         lines += [line(names[id(r)], _cells(r)) for r in sorted(results, key=lambda r: r["ratio_to_fastest"])
                   if r["config"] == config]
@@ -52,7 +57,7 @@ def table(report: dict) -> str:
     if s["provider"] != "cpu":
         notes.append("Paddle peers not timed: this paddlepaddle computes on the CPU only (time them with --provider "
                      "cpu); eager Paddle still gives the reference logits. GPU rows: inputs and logits stay on the "
-                     "device (IO binding); no floor multiple (the GEMM rate measured is the CPU's).")
+                     "device (onnxruntime: IO binding); the floor is the GPU's fp32 GEMM rate.")
     if any(r["runs"] < s["runs"] for r in results):
         notes.append(f"rows with fewer than --runs {s['runs']} runs stopped after --max-seconds {s['max_seconds']:g} "
                      "(at least 3 runs); the p99 of few runs is about their maximum")
@@ -107,8 +112,16 @@ def table(report: dict) -> str:
               help="Also time onnxruntime's throughput on T tasks: one call of a graph exported with --task-batch T "
                    "(same weights, exported now) against T single-task calls, on the same tasks; rows "
                    "onnxruntime-batch and onnxruntime-loop, tasks/s per task. --provider cpu only.")
+@click.option("--write-kit", type=click.Path(file_okay=False), default=None,
+              help="Write a benchmark kit to this folder and exit: the graphs --configs need, one task per config "
+                   "and eager Paddle's logits for it. `maml-bench --kit DIR` then times them where Paddle is "
+                   "not installed (a GPU box with onnxruntime-gpu and PyTorch).")
+@click.option("--kit", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Time the graphs and tasks of a kit written by --write-kit, checked against its logits; needs "
+                   "onnxruntime (and PyTorch for its row), not Paddle.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
-def cli(provider, model, configs, steps, threads, warmup, runs, max_seconds, data, tasks, task_batch, json_file):
+def cli(provider, model, configs, steps, threads, warmup, runs, max_seconds, data, tasks, task_batch, write_kit, kit,
+        json_file):
     """Time adapt-then-predict (one task in, query logits out, all SGD steps) of the exported MAML graph in
     onnxruntime beside eager Paddle, a PaddleRec-style loop and Paddle Inference, against the FLOP floor.
 
@@ -121,8 +134,13 @@ def cli(provider, model, configs, steps, threads, warmup, runs, max_seconds, dat
 
     parsed = parse_configs(configs)
     data = data or os.environ.get("OMNIGLOT_DIR")
+    if write_kit:
+        from maml_export.kit import write_kit as write
+        index = write(Path(write_kit), parsed, model and Path(model), steps, data, echo=lambda m: click.echo(m, err=True))
+        click.echo(f"wrote the kit {write_kit}: {', '.join(index['configs'])}; time it with maml-bench --kit {write_kit}")
+        return 0
     report = run_benchmark(parsed, provider, model, steps, threads, warmup, runs, max_seconds, data, tasks, task_batch,
-                           echo=lambda m: click.echo(m, err=True))
+                           kit, echo=lambda m: click.echo(m, err=True))
     click.echo(table(report))
     if json_file:
         with open(json_file, "w") as f:

@@ -36,8 +36,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, MamlError
-from .runtimes import (RUNTIMES, Exported, batched, check_provider, export_checkpoint, load_exported, onnxruntime,
-                       open_session, paddle_eager, reheaded)
+from .kit import read_kit
+from .runtimes import (GPU_ROWS, RUNTIMES, Exported, batched, check_provider, export_checkpoint, gpu_gemm_gflops,
+                       gpu_name, host, load_exported, onnxruntime, open_session, paddle_eager, reheaded)
 
 QUERY = 15  # query images per class, as the protocol reports accuracy
 NEAR_TIE = 1e-4  # a class difference where the reference's top-2 logits are closer (relative) is a tie
@@ -223,17 +224,23 @@ def prepare_models(model: Path | None, configs: list, steps: int | None, workdir
     return models
 
 
-def bench_config(c: BenchConfig, exp: Exported, binders: dict, report: dict, images, warmup, runs, max_seconds):
-    """Time each runtime on one task of config `c`; add its rows (or why a runtime cannot run) to `report`."""
+def bench_config(c: BenchConfig, exp: Exported, binders: dict, report: dict, images, warmup, runs, max_seconds,
+                 task: dict | None = None):
+    """Time each runtime on one task of config `c`; add its rows (or why a runtime cannot run) to `report`.
+    With `task` (from a kit, maml_export.kit): its inputs and eager Paddle's logits; no Paddle runtime runs."""
     provider, threads = report["settings"]["provider"], report["settings"]["threads"]
-    xs, ys, xq, _ = task_inputs(c, exp.config.channels, exp.config.image_size, images)
-    flops = count_flops(exp.config.layers, len(xs), len(xq), exp.steps, exp.config.image_size)
-    report["flop_floor_ms"][c.name] = flops / report["gemm_gflops"] / 1e6
+    if task is None:
+        xs, ys, xq, _ = task_inputs(c, exp.config.channels, exp.config.image_size, images)
+        flops = count_flops(exp.config.layers, len(xs), len(xq), exp.steps, exp.config.image_size)
+    else:
+        xs, ys, xq, flops = task["x_spt"], task["y_spt"], task["x_qry"], task["flops"]
+    report["flop_floor_ms"][c.name] = flops / report["gemm_gflops"] / 1e6 if report["gemm_gflops"] else None
     report["models"][c.name] = {"weights": exp.source, "flops": flops, "steps": exp.steps}
-    outs, calls = {}, {}
+    outs, calls = {} if task is None else {"paddle-eager": task["float32"]}, {}
     for name, runtime in RUNTIMES.items():
-        timed = provider == "cpu" or name == "onnxruntime"  # Paddle here computes on the CPU only
-        if not timed and name != "paddle-eager":
+        # Paddle here computes on the CPU only; from a kit there is no Paddle at all
+        timed = name in ("onnxruntime", "pytorch-eager") or (provider == "cpu" and task is None)
+        if not timed and (name != "paddle-eager" or task is not None):
             continue
         try:  # bind and call once: a runtime that cannot run says why in its row, before any timing
             bind = binders[name, c.ways] = binders.get((name, c.ways)) or runtime(exp, provider, threads)
@@ -246,17 +253,17 @@ def bench_config(c: BenchConfig, exp: Exported, binders: dict, report: dict, ima
             why = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
             report["skipped"].append({"runtime": name, "config": c.name, "reason": why})
             continue
-        outs[name] = out if isinstance(out, np.ndarray) else out.numpy()  # an OrtValue on the device
+        outs[name] = host(out)
         if timed:
             calls[name] = call
     for name, (stats, out) in time_interleaved(calls, warmup, runs, max_seconds).items():
-        outs[name] = out if isinstance(out, np.ndarray) else out.numpy()
-        report["results"].append({"runtime": name, "provider": provider if name == "onnxruntime" else "cpu",
+        outs[name] = host(out)
+        report["results"].append({"runtime": name, "provider": provider if name in GPU_ROWS else "cpu",
                                   "config": c.name, "steps": exp.steps, **stats, "detail": getattr(calls[name], "detail", ""),
                                   **agreement(outs[name], outs["paddle-eager"])})
     rows = [r for r in report["results"] if r["config"] == c.name and r["disagreements"]]
     if rows:  # did eager float32 round a max-pool near-tie the other way? float64 decides, as in the export
-        f64 = paddle_eager(exp, dtype="float64")(xs, ys, xq)()
+        f64 = paddle_eager(exp, dtype="float64")(xs, ys, xq)() if task is None else task["float64"]
         for r in rows:
             r["settled_by_float64"] = agreement(outs[r["runtime"]], f64)["disagreements"] == 0
 
@@ -278,7 +285,7 @@ def bench_task_batch(c: BenchConfig, exp: Exported, batch: Exported, task_batch:
     timed = time_interleaved({name: call for name, (call, _) in calls.items()}, warmup, runs, max_seconds)
     for name, (call, detail) in calls.items():
         stats, out = timed[name]
-        out = out if isinstance(out, np.ndarray) else out.numpy()  # an OrtValue on the device
+        out = host(out)
         stats["tasks_per_s"] *= task_batch  # per task: a call adapts T tasks
         rows[name] = {"runtime": name, "provider": provider, "config": c.name, "steps": exp.steps, **stats,
                       "detail": detail, "task_batch": task_batch, **agreement_per_task(out, ref)}
@@ -293,38 +300,56 @@ def bench_task_batch(c: BenchConfig, exp: Exported, batch: Exported, task_batch:
 
 def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str | None = None, steps: int | None = None,
                   threads: int | None = None, warmup: int = 1, runs: int = 20, max_seconds: float = 2.0,
-                  data: str | None = None, tasks: int = 0, task_batch: int | None = None, echo=print) -> dict:
+                  data: str | None = None, tasks: int = 0, task_batch: int | None = None, kit: str | None = None,
+                  echo=print) -> dict:
     """Time every runtime on every config (and, with `task_batch`, onnxruntime's throughput on that many tasks
-    per call); returns the report `maml-bench --json` writes."""
+    per call); returns the report `maml-bench --json` writes. With `kit` (maml_export.kit), the graphs, tasks and
+    reference logits come from that folder and Paddle is not needed."""
     check_provider(provider)  # the cheap checks first: no export, no Paddle import before a usage error
     if task_batch and provider != "cpu":
         raise ConfigError(f"--task-batch: measured with --provider cpu only (not {provider}) for now")
     if tasks and not data:
         raise ConfigError("--tasks (meta-test accuracy) needs Omniglot: pass --data DIR or set OMNIGLOT_DIR")
+    if kit and (tasks or task_batch or model or steps):
+        raise ConfigError("--kit: the kit fixes the graphs and tasks; leave out --model, --steps, --tasks, --task-batch")
     path = model and (Path(model) / "model.onnx" if Path(model).is_dir() else Path(model))
     if path and not path.is_file():
         raise ConfigError(f"--model {path} does not exist (write one with `maml-export --out DIR`, pass DIR/model.onnx)")
-    from .data import load_omniglot
-    from .trainer import set_threads
     threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    set_threads(threads)
-    inputs = f"Omniglot test tasks from {data}" if data else "random sparse binary images"
+    if not kit:
+        from .trainer import set_threads
+        set_threads(threads)
+    kit_models, kit_tasks = read_kit(Path(kit)) if kit else ({}, {})
+    missing = [c.name for c in configs if kit and c.name not in kit_tasks]
+    if missing:
+        raise ConfigError(f"--configs: the kit {kit} has no {', '.join(missing)} (it has {', '.join(kit_tasks)})")
+    inputs = (f"the tasks of kit {kit}" if kit else f"Omniglot test tasks from {data}" if data
+              else "random sparse binary images")
     report = {"machine": machine_info(threads), "results": [], "flop_floor_ms": {}, "gemm_gflops": None, "skipped": [],
               "models": {}, "accuracy": [], "settings": {"provider": provider, "threads": threads, "warmup": warmup,
                                                          "runs": runs, "max_seconds": max_seconds, "inputs": inputs,
+                                                         "kit": kit,
                                                          "task_batch": task_batch}}
-    images = load_omniglot(data) if data else None
+    images = None
+    if data and not kit:
+        from .data import load_omniglot
+        images = load_omniglot(data)
     with tempfile.TemporaryDirectory(prefix="maml-bench-") as tmp:
-        models, binders = prepare_models(path, configs, steps, Path(tmp), data, echo), {}
-        batches = {}
+        models = kit_models or prepare_models(path, configs, steps, Path(tmp), data, echo)
+        binders, batches = {}, {}
         for ways, exp in models.items() if task_batch else ():
             echo(f"exporting the {ways}-way graph for {task_batch} tasks per call ...")
             batches[ways] = batched(exp, task_batch, Path(tmp), data)
-        echo(f"measuring the float32 GEMM rate (numpy 2048^3, {threads} threads) ...")
-        report["gemm_gflops"] = gemm_gflops(threads)
+        if provider == "cpu":
+            echo(f"measuring the float32 GEMM rate (numpy 2048^3, {threads} threads) ...")
+            report["gemm_gflops"], report["gemm"] = gemm_gflops(threads), f"numpy float32 2048^3 GEMM on {threads} OpenBLAS threads"
+        else:
+            echo("measuring the GPU's fp32 GEMM rate (PyTorch 4096^3, TF32 off) ...")
+            report["gemm_gflops"], report["gemm"] = gpu_gemm_gflops(), "PyTorch fp32 4096^3 GEMM on the GPU, TF32 off"
+            report["machine"]["gpu"] = gpu_name()
         for c in configs:
             echo(f"timing {c.name} ...")
-            bench_config(c, models[c.ways], binders, report, images, warmup, runs, max_seconds)
+            bench_config(c, models[c.ways], binders, report, images, warmup, runs, max_seconds, kit_tasks.get(c.name))
             if task_batch:
                 echo(f"timing {c.name}, {task_batch} tasks: one batched call against {task_batch} single calls ...")
                 bench_task_batch(c, models[c.ways], batches[c.ways], task_batch, binders, report, images, warmup, runs,
@@ -335,6 +360,7 @@ def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str 
     per_task = lambda r: r["p50_ms"] / r.get("task_batch", 1)  # noqa: E731 - rows of --task-batch time T tasks a call
     for r in report["results"]:
         r["ratio_to_fastest"] = per_task(r) / min(per_task(x) for x in report["results"] if x["config"] == r["config"])
-        r["floor_multiple"] = per_task(r) / report["flop_floor_ms"][r["config"]] if r["provider"] == "cpu" else None
+        on_floor_device = (r["provider"] == "cpu") == (provider == "cpu") and report["gemm_gflops"]
+        r["floor_multiple"] = per_task(r) / report["flop_floor_ms"][r["config"]] if on_floor_device else None
         r["flagged"] = bool(r["disagreements"]) and not r.get("settled_by_float64")
     return report

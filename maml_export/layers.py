@@ -292,7 +292,10 @@ def softmax_cross_entropy(logits, labels):
     the gradient of loss.sum() (each task's loss only depends on its own logits).
     """
     n = logits.shape[1]
-    onehot = F.one_hot(labels, logits.shape[2]).astype(logits.dtype)
+    # a comparison, not F.one_hot: onnxruntime's CUDA provider has no OneHot kernel for the exported
+    # types, and that one node on the CPU ruled out a CUDA graph (seen on an H100, onnxruntime-gpu 1.30)
+    classes = paddle.arange(logits.shape[2], dtype=labels.dtype)
+    onehot = (labels.unsqueeze(-1) == classes).astype(logits.dtype)
     log_p = F.log_softmax(logits, axis=-1)
     loss = -(onehot * log_p).sum(axis=-1).mean(axis=-1)
     # n may be dynamic (-1) in a static graph: divide by the count computed at run time

@@ -27,6 +27,16 @@ GPU = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 INSTALL = 'pip uninstall onnxruntime && pip install "maml-export[gpu]"'
 
 
+GPU_ROWS = ("onnxruntime", "pytorch-eager")  # the runtimes that compute on --provider's device
+
+
+def host(out) -> np.ndarray:
+    """A runtime's output as a numpy array: an ndarray, an OrtValue or a torch tensor (possibly on a GPU)."""
+    if isinstance(out, np.ndarray):
+        return out
+    return out.detach().cpu().numpy() if hasattr(out, "detach") else out.numpy()
+
+
 class ProviderError(MamlError):
     """The onnxruntime execution provider --provider asks for is missing, or fell back to the CPU."""
 
@@ -182,19 +192,40 @@ def open_session(exp: Exported, provider: str, threads: int, options: dict | Non
     return adapter
 
 
+def fixed_shapes(onnx_path: Path, feeds: dict, out: Path) -> Path:
+    """A copy of the graph with its inputs' dynamic dimensions set to those of `feeds`. onnxruntime then
+    folds the shape arithmetic into constants; left dynamic, those nodes run on the CPU provider (84 of them
+    in the 5-way graph, seen on an H100) and a CUDA graph cannot be captured."""
+    import onnx
+    model = onnx.load(str(onnx_path))
+    for value in model.graph.input:
+        for dim, n in zip(value.type.tensor_type.shape.dim, feeds[value.name].shape):
+            dim.dim_value = n  # clears dim_param (a oneof)
+    onnx.save(model, str(out))
+    return out
+
+
 def onnxruntime(exp: Exported, provider: str, threads: int):
-    """CPU: session.run. GPU: IO binding on device buffers, in a CUDA graph where onnxruntime can capture one."""
+    """CPU: session.run. GPU: IO binding on device buffers, in a CUDA graph where onnxruntime can capture one
+    (on a copy of the graph with this task's shapes fixed); TF32 off, as in the exactness checks."""
+    import dataclasses
+    import tempfile
     import onnxruntime as ort
     if provider == "cpu":
         session = open_session(exp, provider, threads).session
         return lambda xs, ys, xq: lambda: session.run(["logits"], {"x_spt": xs, "y_spt": ys, "x_qry": xq})[0]
+    workdir = tempfile.TemporaryDirectory(prefix="maml-bench-gpu-")
+    fp32 = {"use_tf32": "0"} if provider == "cuda" else {}  # onnxruntime's CUDA default is TF32: 3e-3 off
 
     def bind(xs, ys, xq):  # a session per shape: a CUDA graph or a TensorRT engine holds one
+        feeds = {"x_spt": xs, "y_spt": ys, "x_qry": xq}
+        fixed = fixed_shapes(exp.onnx, feeds, Path(workdir.name) / f"{xs.shape[0]}-{xq.shape[0]}.onnx")
         for graph in [True, False] if provider == "cuda" else [False]:
             try:
-                session = open_session(exp, provider, threads, {"enable_cuda_graph": "1"} if graph else None).session
-                binding, keep = session.io_binding(), [ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for a in (xs, ys, xq)]
-                for name, value in zip(("x_spt", "y_spt", "x_qry"), keep):
+                options = {**fp32, **({"enable_cuda_graph": "1"} if graph else {})}
+                session = open_session(dataclasses.replace(exp, onnx=fixed), provider, threads, options).session
+                binding, keep = session.io_binding(), [ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for a in feeds.values()]
+                for name, value in zip(feeds, keep):
                     binding.bind_ortvalue_input(name, value)
                 logits = list(xq.shape[:-3]) + [exp.config.ways]  # [Q, ways], or [T, Q, ways] for a batched graph
                 keep.append(ort.OrtValue.ortvalue_from_shape_and_type(logits, np.float32, "cuda", 0))
@@ -209,22 +240,29 @@ def onnxruntime(exp: Exported, provider: str, threads: int):
                 session.run_with_iobinding(binding)  # returns once the run's stream is synchronized
                 return keep[-1]
             call.detail = "IO binding" + (", CUDA graph" if graph else "")
+            call.workdir = workdir  # the fixed-shape copies live as long as a call needs them
             return call
     return bind
 
 
 def pytorch_eager(exp: Exported, provider="cpu", threads=None):
     """The peer a PyTorch user would write (learn2learn-style): functional conv-4, `torch.autograd.grad`
-    per step. Optional: `pip install "maml-export[torch]"`; without it the row says so."""
+    per step. On --provider cuda/tensorrt it runs on the GPU, inputs and logits on the device (as
+    onnxruntime's IO binding), TF32 off (onnxruntime's CUDA provider computes in full fp32). Optional:
+    `pip install "maml-export[torch]"`; without it (or without a CUDA device) the row says why."""
     try:
         import torch
         import torch.nn.functional as tf
     except ImportError:
         raise ImportError('PyTorch is not installed (optional peer: pip install "maml-export[torch]")') from None
+    device = "cuda" if provider in GPU else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ImportError(f"this PyTorch {torch.__version__} sees no CUDA device")
     if threads:
         torch.set_num_threads(threads)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     specs = exp.config.layers
-    meta = [torch.from_numpy(np.ascontiguousarray(v)) for v in exp.params.values()]  # layer order
+    meta = [torch.from_numpy(np.ascontiguousarray(v)).to(device) for v in exp.params.values()]  # layer order
 
     def forward(params, x):
         it = iter(params)
@@ -245,14 +283,60 @@ def pytorch_eager(exp: Exported, provider="cpu", threads=None):
         return x
 
     def call(xs, ys, xq):
-        xs_t, ys_t, xq_t = torch.from_numpy(xs), torch.from_numpy(ys).long(), torch.from_numpy(xq)
         params = [p.clone().requires_grad_() for p in meta]
         for _ in range(exp.steps):
-            grads = torch.autograd.grad(tf.cross_entropy(forward(params, xs_t), ys_t), params)
+            grads = torch.autograd.grad(tf.cross_entropy(forward(params, xs), ys), params)
             params = [(p - exp.inner_lr * g).detach().requires_grad_() for p, g in zip(params, grads)]
         with torch.no_grad():
-            return forward(params, xq_t).numpy()
-    return lambda xs, ys, xq: lambda: call(xs, ys, xq)
+            logits = forward(params, xq)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return logits
+
+    def bind(xs, ys, xq):
+        xs, ys, xq = (torch.from_numpy(a).to(device) for a in (xs, ys, xq))
+        return lambda: call(xs, ys.long(), xq)
+    return bind
+
+
+def gpu_name() -> str:
+    """The first GPU's name, by nvidia-smi (onnxruntime cannot say), else PyTorch; "unknown GPU" without either."""
+    import subprocess
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
+        if out:
+            name, driver = (s.strip() for s in out[0].split(","))
+            return f"{name} (driver {driver})"
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    try:
+        import torch
+        return torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - no PyTorch or no device
+        return "unknown GPU"
+
+
+def gpu_gemm_gflops(n: int = 4096) -> float | None:
+    """The GPU's fp32 (TF32 off) n^3 matmul rate by PyTorch, best of 10 after a warm-up; None without one."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a, b = (torch.randn(n, n, device="cuda") for _ in range(2))
+    a @ b
+    best = float("inf")
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return 2 * n ** 3 / best / 1e9
 
 
 RUNTIMES = {"paddle-eager": paddle_eager, "onnxruntime": onnxruntime, "paddlerec-loop": paddlerec_loop,

@@ -175,6 +175,53 @@ def test_cli_cuda_without_the_provider_is_one_line_and_no_cpu_numbers():
     assert result.stdout == ""  # no table, no CPU figures passed off as GPU ones
 
 
+NO_PADDLE = """import sys
+sys.modules["paddle"] = None  # importing Paddle now fails, as on a deployment machine without it
+from bench.__main__ import main
+main(sys.argv[1:])
+"""
+
+
+def test_kit_times_the_graph_without_paddle_against_eager_paddles_logits(exported, tmp_path):
+    kit = tmp_path / "kit"
+    result = bench("--write-kit", str(kit), "--model", str(exported), "--configs", "5w1s")
+    assert result.returncode == 0 and "wrote the kit" in result.stdout, result.stderr[-3000:]
+    with np.load(kit / "5w1s.npz") as z:
+        assert z["x_spt"].shape == (5, 1, 28, 28) and z["x_qry"].shape == (75, 1, 28, 28)
+        assert z["float32"].shape == z["float64"].shape == (75, 5)
+    run = subprocess.run([sys.executable, "-c", NO_PADDLE, "--kit", str(kit), "--configs", "5w1s", "--runs", "2",
+                          "--json", str(tmp_path / "kit.json")], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc = json.loads((tmp_path / "kit.json").read_text())
+    rows = {r["runtime"]: r for r in doc["results"]}
+    assert "onnxruntime" in rows and not {"paddle-eager", "paddlerec-loop", "paddle-inference"} & set(rows)
+    r = rows["onnxruntime"]  # checked against the kit's eager Paddle logits: the same function
+    assert r["queries"] == 75 and not r["flagged"] and r["max_rel_vs_eager"] < 1e-3, r
+    assert doc["flop_floor_ms"]["5w1s"] == pytest.approx(2.922028800e9 / doc["gemm_gflops"] / 1e6)
+    missing = bench("--kit", str(kit), "--configs", "20w5s")
+    assert missing.returncode != 0 and "the kit" in missing.stderr and "has no 20w5s" in missing.stderr
+    (kit / "kit.json").write_text("{")
+    corrupt = bench("--kit", str(kit))
+    assert corrupt.returncode != 0 and len(corrupt.stderr.strip().splitlines()) == 1
+    assert "not a readable benchmark kit" in corrupt.stderr and "--write-kit" in corrupt.stderr
+
+
+def test_fixed_shape_copy_computes_the_same_logits(exported, tmp_path):
+    import onnx
+    import onnxruntime
+    from maml_export.runtimes import fixed_shapes
+    rng = np.random.default_rng(0)
+    feeds = {"x_spt": (rng.random((5, 1, 28, 28)) < 0.2).astype(np.float32), "y_spt": np.arange(5),
+             "x_qry": (rng.random((10, 1, 28, 28)) < 0.2).astype(np.float32)}
+    fixed = fixed_shapes(exported, feeds, tmp_path / "fixed.onnx")
+    dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in onnx.load(str(fixed)).graph.input}
+    assert dims == {"x_spt": [5, 1, 28, 28], "y_spt": [5], "x_qry": [10, 1, 28, 28]}
+    a, b = (onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+            for p in (exported, fixed))
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(a).max())
+
+
 @pytest.mark.parametrize("args, message", [
     (["--configs", "7x1s"], "--configs: '7x1s' is not a config like 5w1s"),
     (["--model", "/nonexistent/model.onnx"], "--model /nonexistent/model.onnx does not exist"),
@@ -191,7 +238,7 @@ def test_cli_help_explains_the_options():
     result = bench("--help")
     assert result.returncode == 0
     for option in ("--provider", "--model", "--configs", "--steps", "--threads", "--warmup", "--runs", "--json",
-                   "--data", "--tasks", "--task-batch"):
+                   "--data", "--tasks", "--task-batch", "--write-kit", "--kit"):
         assert option in result.stdout
 
 
