@@ -14,6 +14,7 @@ Example:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -116,3 +117,44 @@ def check_params(model: Model, params: dict, where: str) -> None:
     for k, v in params.items():
         if not np.all(np.isfinite(v)):
             raise CheckpointError(f"checkpoint {where} holds non-finite values in {k}")
+
+
+def bundle_run(run: str | os.PathLike, out: str | os.PathLike) -> Checkpoint:
+    """Package a run's best checkpoint (chosen on validation) for shipping: `out` (.npz + .json) with the
+    weights and config but no optimizer or sampler state, the command that reproduces the run (resumes
+    and their changed options included) and the run's metrics log up to that iteration (`out` with
+    suffix .metrics.jsonl). The weights `maml-export` and `maml-bench` use by default are such a bundle.
+    """
+    import shlex
+    run, out = Path(run), Path(out)
+    best = load_checkpoint(run / "best.npz")
+    log = run / "metrics.jsonl"
+    try:
+        events = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"run {run}: cannot read {log.name} ({type(e).__name__}: {e})") from None
+    kept = [e for e in events if e.get("iteration", 0) <= best.iteration
+            and not (e.get("event") == "resume" and e["iteration"] == best.iteration)]
+    start = next((e for e in kept if e.get("event") == "start"), None)
+    if start:
+        config = MamlConfig.from_dict(start["config"])
+    else:  # a log from before start events: undo what later resumes changed, where they recorded it
+        config = dataclasses.replace(best.config)
+        for e in reversed([e for e in kept if e.get("event") == "resume"]):
+            for k, (before, _) in e.get("changed", {}).items():
+                setattr(config, k, before)
+    steps = [shlex.join(["python", "-m", "train", *config.cli_args(), "--out", str(run)])]
+    for e in (e for e in kept if e.get("event") == "resume"):  # how the run was continued
+        changed = [f"--{k.replace('_', '-')} {now}" for k, (_, now) in e.get("changed", {}).items()]
+        if "changed" not in e:  # older logs only recorded the meta-lr in effect after the resume
+            changed = [f"(meta-lr {e.get('meta_lr', '?')})"]
+        steps.append(f"at iteration {e['iteration']}: python -m train --out {run} --resume {' '.join(changed)}".rstrip()
+                     + f" [{e.get('ranks', 1)} rank(s)]")
+    command = "; ".join(steps)
+    state = {k: best.state[k] for k in ("best_val_accuracy", "best_iteration", "seconds") if k in best.state}
+    state["command"] = command
+    config = dataclasses.replace(best.config, iterations=best.iteration)
+    bundle = Checkpoint(config, best.params, best.iteration, {}, state)
+    save_checkpoint(out, bundle)
+    _atomic_write(out.with_suffix(".metrics.jsonl"), lambda f: f.write("".join(json.dumps(e) + "\n" for e in kept).encode()))
+    return bundle

@@ -59,6 +59,16 @@ class MamlConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def cli_args(self) -> list[str]:
+        """The `python -m train` options that rebuild this config (every CLI field, defaults included)."""
+        args = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not f.metadata.get("cli", True) or (f.type in ("bool", bool) and not value):
+                continue
+            args += ["--" + f.name.replace("_", "-")] + ([] if f.type in ("bool", bool) else [str(value)])
+        return args
+
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
 

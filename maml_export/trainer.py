@@ -98,11 +98,12 @@ RESUME_MAY_CHANGE = ("iterations", "val_every", "meta_lr")
 
 
 def _start(config: MamlConfig, run: Run, resume: bool, overrides: dict):
-    """(config, checkpoint or None): a new run, or the run in `run.out` with allowed overrides applied."""
+    """(config, checkpoint or None, {option: value before} of the overrides applied): a new run, or the run
+    in `run.out` with allowed overrides applied."""
     if not resume:
         if run.latest.exists():
             raise ConfigError(f"{run.out} already holds a run: pass --resume to continue it, or another --out")
-        return config, None
+        return config, None, {}
     if not run.latest.exists():
         raise ConfigError(f"--resume: no checkpoint {run.latest} to resume (train without --resume first)")
     ckpt = load_checkpoint(run.latest)
@@ -112,10 +113,10 @@ def _start(config: MamlConfig, run: Run, resume: bool, overrides: dict):
     if conflicts:
         raise ConfigError(f"--resume continues the run as it was configured; these options differ: "
                           f"{', '.join(conflicts)} (on resume only {', '.join(RESUME_MAY_CHANGE)} may change)")
-    for k in RESUME_MAY_CHANGE:
-        if k in overrides:
-            setattr(saved, k, overrides[k])
-    return saved, ckpt
+    before = {k: getattr(saved, k) for k in RESUME_MAY_CHANGE if k in overrides and overrides[k] != getattr(saved, k)}
+    for k in before:
+        setattr(saved, k, overrides[k])
+    return saved, ckpt, before
 
 
 def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.PathLike, resume: bool = False,
@@ -124,7 +125,7 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
     ranks = Ranks()
     set_threads(threads or max(1, (os.cpu_count() or 1) // ranks.world))
     run = Run(out)
-    config, ckpt = _start(config, run, resume, overrides or {})
+    config, ckpt, changed = _start(config, run, resume, overrides or {})
     ranks.check_meta_batch(config.meta_batch)
     images = load_omniglot(data_dir(data))
     splits = split_characters(len(images))
@@ -149,8 +150,11 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
         state.update({k: ckpt.state[k] for k in state if k in ckpt.state})
         start = ckpt.iteration
         if ranks.main:
-            run.log({"event": "resume", "iteration": start, "ranks": ranks.world, "meta_lr": config.meta_lr})
+            run.log({"event": "resume", "iteration": start, "ranks": ranks.world, "meta_lr": config.meta_lr,
+                     "changed": {k: [v, getattr(config, k)] for k, v in changed.items()}})  # option: [before, now]
     run.out.mkdir(parents=True, exist_ok=True)
+    if not ckpt and ranks.main:  # the config the run starts with, so a bundle can say how it was trained
+        run.log({"event": "start", "iteration": 0, "ranks": ranks.world, "config": config.to_dict()})
 
     def checkpoint(path: Path, iteration: int, sampler_state: dict):
         if not ranks.main:

@@ -88,6 +88,27 @@ def test_resume_may_lower_the_meta_lr_but_not_change_the_model(tmp_path):
     assert load_checkpoint(tmp_path / "latest.npz").config.meta_lr == 1e-4
     resumes = [e for e in map(json.loads, open(tmp_path / "metrics.jsonl")) if e.get("event") == "resume"]
     assert resumes[-1]["meta_lr"] == 1e-4
+    assert resumes[-1]["changed"] == {"iterations": [1, 2], "meta_lr": [1e-3, 1e-4]}
+
+
+def test_bundle_ships_the_best_checkpoint_with_the_command_that_reproduces_the_run(tmp_path):
+    run = tmp_path / "run"
+    train(MamlConfig(iterations=2, val_every=1, **SMALL), DATA, run, progress=False)
+    train(MamlConfig(**SMALL), DATA, run, resume=True, overrides={"iterations": 3, "meta_lr": 5e-4}, progress=False)
+    result = cli("bundle", str(run), "--out", str(tmp_path / "ship" / "model.npz"))
+    assert result.returncode == 0, result.stderr
+    best, shipped = load_checkpoint(run / "best.npz"), load_checkpoint(tmp_path / "ship" / "model.npz")
+    assert shipped.iteration == best.iteration and not shipped.optimizer and "sampler" not in shipped.state
+    assert all(np.array_equal(shipped.params[k], v) for k, v in best.params.items())
+    assert shipped.state["best_val_accuracy"] == best.state["best_val_accuracy"]
+    command = shipped.state["command"]  # the start options as given (meta-lr 1e-3), then the resume's change
+    assert command.startswith("python -m train ") and "--meta-lr 0.001 " in command and "--hidden 16" in command
+    resumed = f"at iteration 2: python -m train --out {run} --resume --iterations 3 --meta-lr 0.0005"
+    assert (resumed in command) == (best.iteration > 2), command  # a resume after the best is not part of it
+    log = [json.loads(line) for line in open(tmp_path / "ship" / "model.metrics.jsonl")]
+    assert log[0]["event"] == "start" and max(e["iteration"] for e in log) == best.iteration
+    missing = cli("bundle", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.npz"))
+    assert missing.returncode != 0 and missing.stderr.startswith("error: ") and "best.npz" in missing.stderr
 
 
 @needs_data

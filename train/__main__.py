@@ -81,5 +81,21 @@ def evaluate(checkpoint, data, tasks, split, steps, inner_lr, query, seed, threa
     click.echo(json.dumps(result))
 
 
+@main.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(dir_okay=False), required=True,
+              help="bundle to write (.npz; .json and .metrics.jsonl beside it), e.g. "
+                   "maml_export/pretrained/omniglot-5w1s.npz to make it the default weights")
+def bundle(run, out):
+    """Package RUN's best checkpoint (chosen on validation) for shipping: weights and config without
+    optimizer state, the command that reproduces the run, and its metrics log up to that iteration."""
+    from maml_export.checkpoint import bundle_run
+    try:
+        ckpt = bundle_run(run, out)
+    except MamlError as e:
+        fail(str(e))
+    click.echo(json.dumps({"out": out, "iteration": ckpt.iteration, **ckpt.state}))
+
+
 if __name__ == "__main__":
     main()
