@@ -181,14 +181,28 @@ def check_provider(provider: str) -> None:
 
 def open_session(exp: Exported, provider: str, threads: int, options: dict | None = None):
     """An Adapter on the provider; a GPU session that fell back to the CPU is a ProviderError, never a CPU row."""
+    import contextlib
+    import io
+    import onnxruntime as ort
     from .adapter import Adapter
     if provider == "cpu":
         return Adapter(exp.onnx, ["CPUExecutionProvider"], threads)
     wanted = [(GPU[provider], options or {})] + (["CUDAExecutionProvider"] if provider == "tensorrt" else [])
-    adapter = Adapter(exp.onnx, wanted + ["CPUExecutionProvider"], threads)
+    # onnxruntime reports a provider that cannot load by itself, in C++ error logs and a Python print of
+    # "EP Error ... Falling back" (seen with TensorRT absent on an H100 box): keep that out of the output
+    # and say it in the ProviderError's one line, naming the missing library when onnxruntime did.
+    ort.set_default_logger_severity(4)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as said:
+            adapter = Adapter(exp.onnx, wanted + ["CPUExecutionProvider"], threads)
+    finally:
+        ort.set_default_logger_severity(2)
     if adapter.providers[0] != GPU[provider]:
-        raise ProviderError(f"--provider {provider}: onnxruntime could not load {GPU[provider]} and fell back to "
-                            f"{adapter.providers[0]} (CUDA/cuDNN libraries missing or mismatched?); {INSTALL}")
+        missing = re.search(r"(lib[\w.+-]+\.so[\d.]*): cannot open shared object file", said.getvalue())
+        why = f"{missing[1]} not found" if missing else (
+            "TensorRT's libraries missing?" if provider == "tensorrt" else "CUDA/cuDNN libraries missing or mismatched?")
+        raise ProviderError(f"--provider {provider}: onnxruntime could not load {GPU[provider]} ({why}) and fell back "
+                            f"to {adapter.providers[0]}; {INSTALL}")
     return adapter
 
 
