@@ -119,11 +119,16 @@ def check_params(model: Model, params: dict, where: str) -> None:
             raise CheckpointError(f"checkpoint {where} holds non-finite values in {k}")
 
 
-def bundle_run(run: str | os.PathLike, out: str | os.PathLike) -> Checkpoint:
+def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float | None = None,
+               note: str | None = None) -> Checkpoint:
     """Package a run's best checkpoint (chosen on validation) for shipping: `out` (.npz + .json) with the
     weights and config but no optimizer or sampler state, the command that reproduces the run (resumes
     and their changed options included) and the run's metrics log up to that iteration (`out` with
     suffix .metrics.jsonl). The weights `maml-export` and `maml-bench` use by default are such a bundle.
+
+    `inner_lr`, if given, is the step size adaptation uses from then on (`maml-export`'s default), for
+    one chosen on the validation split; the step size of training stays in `state["inner_lr_trained"]`
+    and in the command, and `note` (e.g. the validation figures behind the choice) in `state["note"]`.
     """
     import shlex
     run, out = Path(run), Path(out)
@@ -153,7 +158,12 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike) -> Checkpoint:
     command = "; ".join(steps)
     state = {k: best.state[k] for k in ("best_val_accuracy", "best_iteration", "seconds") if k in best.state}
     state["command"] = command
-    config = dataclasses.replace(best.config, iterations=best.iteration)
+    if inner_lr is not None and inner_lr != best.config.inner_lr:
+        state["inner_lr_trained"] = best.config.inner_lr
+    if note:
+        state["note"] = note
+    config = dataclasses.replace(best.config, iterations=best.iteration,
+                                 inner_lr=best.config.inner_lr if inner_lr is None else inner_lr)
     bundle = Checkpoint(config, best.params, best.iteration, {}, state)
     save_checkpoint(out, bundle)
     _atomic_write(out.with_suffix(".metrics.jsonl"), lambda f: f.write("".join(json.dumps(e) + "\n" for e in kept).encode()))

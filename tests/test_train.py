@@ -95,12 +95,15 @@ def test_bundle_ships_the_best_checkpoint_with_the_command_that_reproduces_the_r
     run = tmp_path / "run"
     train(MamlConfig(iterations=2, val_every=1, **SMALL), DATA, run, progress=False)
     train(MamlConfig(**SMALL), DATA, run, resume=True, overrides={"iterations": 3, "meta_lr": 5e-4}, progress=False)
-    result = cli("bundle", str(run), "--out", str(tmp_path / "ship" / "model.npz"))
+    result = cli("bundle", str(run), "--out", str(tmp_path / "ship" / "model.npz"), "--inner-lr", "0.15",
+                 "--note", "chosen on validation")
     assert result.returncode == 0, result.stderr
     best, shipped = load_checkpoint(run / "best.npz"), load_checkpoint(tmp_path / "ship" / "model.npz")
     assert shipped.iteration == best.iteration and not shipped.optimizer and "sampler" not in shipped.state
     assert all(np.array_equal(shipped.params[k], v) for k, v in best.params.items())
     assert shipped.state["best_val_accuracy"] == best.state["best_val_accuracy"]
+    assert shipped.config.inner_lr == 0.15 and shipped.state["inner_lr_trained"] == 0.4  # adapts with 0.15 now
+    assert shipped.state["note"] == "chosen on validation" and "--inner-lr 0.4 " in shipped.state["command"]
     command = shipped.state["command"]  # the start options as given (meta-lr 1e-3), then the resume's change
     assert command.startswith("python -m train ") and "--meta-lr 0.001 " in command and "--hidden 16" in command
     resumed = f"at iteration 2: python -m train --out {run} --resume --iterations 3 --meta-lr 0.0005"

@@ -86,12 +86,18 @@ def evaluate(checkpoint, data, tasks, split, steps, inner_lr, query, seed, threa
 @click.option("--out", type=click.Path(dir_okay=False), required=True,
               help="bundle to write (.npz; .json and .metrics.jsonl beside it), e.g. "
                    "maml_export/pretrained/omniglot-5w1s.npz to make it the default weights")
-def bundle(run, out):
+@click.option("--inner-lr", type=float, default=None,
+              help="inner step size adaptation uses from now on (the exports' default), e.g. one chosen on the "
+                   "validation split with `evaluate --split val --inner-lr`; [default: the run's]")
+@click.option("--note", default=None, help="why, e.g. the validation figures behind --inner-lr (kept in the bundle)")
+def bundle(run, out, inner_lr, note):
     """Package RUN's best checkpoint (chosen on validation) for shipping: weights and config without
     optimizer state, the command that reproduces the run, and its metrics log up to that iteration."""
     from maml_export.checkpoint import bundle_run
     try:
-        ckpt = bundle_run(run, out)
+        if inner_lr is not None and inner_lr <= 0:
+            fail("--inner-lr must be positive")
+        ckpt = bundle_run(run, out, inner_lr, note)
     except MamlError as e:
         fail(str(e))
     click.echo(json.dumps({"out": out, "iteration": ckpt.iteration, **ckpt.state}))
