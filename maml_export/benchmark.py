@@ -105,7 +105,7 @@ def machine_info(threads: int) -> dict:
         cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), cpu)
     dists = [d.metadata["Name"] for d in metadata.distributions()]
     versions = {d: metadata.version(d) for d in ("maml-export", "paddlepaddle", "paddlepaddle-gpu", "onnxruntime",
-                                                 "onnxruntime-gpu", "onnx", "paddle2onnx", "numpy") if d in dists}
+                                                 "onnxruntime-gpu", "onnx", "paddle2onnx", "numpy", "torch") if d in dists}
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
             "platform": platform.platform(), "versions": versions}
 
