@@ -35,6 +35,12 @@ def check_layer(layer, x_shape, tasks, seed=0, x=None):
     return y
 
 
+def test_conv2d_backward_chunks_many_images_without_changing_the_gradient():
+    from maml_export.layers import IM2COL_CHUNK
+    layer = Conv2d(2, 3, kernel=3, stride=1, padding=1)
+    check_layer(layer, (2 * IM2COL_CHUNK + 3, 2 * 2, 6, 7), tasks=2)  # 2 full chunks and a partial one
+
+
 @pytest.mark.parametrize("tasks,cin,cout,size,stride,padding", [
     (1, 1, 4, 7, 1, 1), (3, 2, 5, 9, 1, 1), (2, 3, 4, 11, 2, 1), (2, 2, 3, 8, 2, 0), (1, 3, 2, 10, 3, 2),
 ])
