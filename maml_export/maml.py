@@ -84,6 +84,8 @@ class MAML:
         first_order: drop second-order terms of the meta-gradient (FOMAML).
     """
 
+    TASK_CHUNK = 4  # tasks per block in meta_step (see there)
+
     def __init__(self, model: Model, params: dict, inner_lr: float, steps: int, first_order: bool = False):
         self.model, self.params = model, params
         self.inner_lr, self.steps, self.first_order = inner_lr, steps, first_order
@@ -103,6 +105,24 @@ class MAML:
 
     def meta_step(self, x_spt, y_spt, x_qry, y_qry, steps: int | None = None) -> MetaStep:
         """Meta-gradient of the mean query loss over a batch of T tasks.
+
+        Tasks are independent (batch norm's statistics are per task), so the batch is worked through
+        TASK_CHUNK tasks at a time and the per-task gradients summed: Paddle's CPU kernels slow down
+        on the full batch's activations (e.g. (75, 32*64, 28, 28) floats, 480 MB a tensor). Measured,
+        first-order, 32 tasks x 75 queries, 1 thread: 15-16 s whole, 12 s in chunks of 4.
+        """
+        T, chunk = x_spt.shape[0], self.TASK_CHUNK
+        if T <= chunk:
+            return self._meta_step_block(x_spt, y_spt, x_qry, y_qry, steps)
+        blocks = [self._meta_step_block(x_spt[i:i + chunk], y_spt[i:i + chunk], x_qry[i:i + chunk],
+                                        y_qry[i:i + chunk], steps) for i in range(0, T, chunk)]
+        shares = [min(chunk, T - i) / T for i in range(0, T, chunk)]  # each block's fraction of the tasks
+        mean = lambda values: sum(w * v for w, v in zip(shares, values))  # noqa: E731
+        return MetaStep(mean(b.loss for b in blocks), mean(b.accuracy for b in blocks),
+                        {k: mean(b.grads[k] for b in blocks) for k in blocks[0].grads})
+
+    def _meta_step_block(self, x_spt, y_spt, x_qry, y_qry, steps: int | None = None) -> MetaStep:
+        """`meta_step` on one block of tasks: means over the block's tasks.
 
         First-order runs entirely without autograd: the meta-gradient is the query gradient at the
         fast weights, summed over tasks by hand. Second-order differentiates through the inner loop.

@@ -100,3 +100,23 @@ def test_tasks_in_a_batch_adapt_independently():
             alone = maml.adapt(x[t:t + 1], y[t:t + 1])
             for name in together:
                 np.testing.assert_allclose(together[name][t].numpy(), alone[name][0].numpy(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("first_order", [True, False])
+def test_meta_step_in_task_blocks_equals_the_whole_batch(first_order):
+    """meta_step works through TASK_CHUNK tasks at a time; uneven blocks weigh by their tasks (float64)."""
+    model = Model.from_specs(conv4_specs(ways=3, hidden=4, image_size=14, blocks=2))
+    rng = np.random.default_rng(3)
+    x_spt, x_qry = paddle.to_tensor(rng.random((5, 3, 1, 14, 14))), paddle.to_tensor(rng.random((5, 6, 1, 14, 14)))
+    y_spt = paddle.to_tensor(np.array([[0, 1, 2]] * 5))
+    y_qry = paddle.to_tensor(np.array([[0, 1, 2, 2, 1, 0]] * 5))
+    init = model.init_params(0)
+    steps = {}
+    for chunk in (2, 100):  # blocks of 2, 2, 1 tasks; one block
+        maml = MAML(model, to_tensors(init, "float64"), inner_lr=0.3, steps=2, first_order=first_order)
+        maml.TASK_CHUNK = chunk
+        steps[chunk] = maml.meta_step(x_spt, y_spt, x_qry, y_qry)
+    assert abs(steps[2].loss - steps[100].loss) <= 1e-12 and abs(steps[2].accuracy - steps[100].accuracy) <= 1e-6
+    for name, want in steps[100].grads.items():
+        got = steps[2].grads[name].numpy()
+        assert np.abs(got - want.numpy()).max() <= 1e-12 * max(1.0, np.abs(want.numpy()).max()), name
