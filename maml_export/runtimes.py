@@ -233,7 +233,8 @@ def onnxruntime(exp: Exported, provider: str, threads: int):
 
     def bind(xs, ys, xq):  # a session per shape: a CUDA graph or a TensorRT engine holds one
         feeds = {"x_spt": xs, "y_spt": ys, "x_qry": xq}
-        fixed = fixed_shapes(exp.onnx, feeds, Path(workdir.name) / f"{xs.shape[0]}-{xq.shape[0]}.onnx")
+        name = "x".join(map(str, xs.shape + xq.shape))  # one copy per shape
+        fixed = fixed_shapes(exp.onnx, feeds, Path(workdir.name) / f"{name}.onnx")
         for graph in [True, False] if provider == "cuda" else [False]:
             try:
                 options = {**fp32, **({"enable_cuda_graph": "1"} if graph else {})}
