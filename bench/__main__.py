@@ -134,6 +134,8 @@ def cli(provider, model, configs, steps, threads, warmup, runs, max_seconds, dat
 
     parsed = parse_configs(configs)
     data = data or os.environ.get("OMNIGLOT_DIR")
+    if write_kit and kit:
+        raise click.UsageError("--write-kit and --kit: write a kit here, time it (--kit) where it is to run")
     if write_kit:
         from maml_export.kit import write_kit as write
         index = write(Path(write_kit), parsed, model and Path(model), steps, data, echo=lambda m: click.echo(m, err=True))
