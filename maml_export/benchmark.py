@@ -342,10 +342,12 @@ def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str 
             batches[ways] = batched(exp, task_batch, Path(tmp), data)
         if provider == "cpu":
             echo(f"measuring the float32 GEMM rate (numpy 2048^3, {threads} threads) ...")
-            report["gemm_gflops"], report["gemm"] = gemm_gflops(threads), f"numpy float32 2048^3 GEMM on {threads} OpenBLAS threads"
+            report["gemm"] = f"numpy float32 2048^3 GEMM on {threads} OpenBLAS threads"
+            report["gemm_gflops"] = gemm_gflops(threads)
         else:
             echo("measuring the GPU's fp32 GEMM rate (PyTorch 4096^3, TF32 off) ...")
-            report["gemm_gflops"], report["gemm"] = gpu_gemm_gflops(), "PyTorch fp32 4096^3 GEMM on the GPU, TF32 off"
+            report["gemm"] = "PyTorch fp32 4096^3 GEMM on the GPU, TF32 off"
+            report["gemm_gflops"] = gpu_gemm_gflops()
             report["machine"]["gpu"] = gpu_name()
         for c in configs:
             echo(f"timing {c.name} ...")
