@@ -203,6 +203,14 @@ def meta_test_accuracy(exp: Exported, c: BenchConfig, provider: str, threads: in
             **{k: dict(zip(("accuracy", "ci95"), mean_ci95(v))) for k, v in acc.items()}}
 
 
+def model_path(model: str | Path | None) -> Path | None:
+    """--model as the model.onnx it names (a folder means its model.onnx); one ConfigError if it is missing."""
+    path = model and (Path(model) / "model.onnx" if Path(model).is_dir() else Path(model))
+    if path and not path.is_file():
+        raise ConfigError(f"--model {path} does not exist (write one with `maml-export --out DIR`, pass DIR/model.onnx)")
+    return path
+
+
 def prepare_models(model: Path | None, configs: list, steps: int | None, workdir: Path, data, echo) -> dict:
     """ways -> Exported: --model (or the bundled weights, exported now), and a graph for every other ways."""
     from .checkpoint import default_checkpoint
@@ -312,9 +320,7 @@ def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str 
         raise ConfigError("--tasks (meta-test accuracy) needs Omniglot: pass --data DIR or set OMNIGLOT_DIR")
     if kit and (tasks or task_batch or model or steps):
         raise ConfigError("--kit: the kit fixes the graphs and tasks; leave out --model, --steps, --tasks, --task-batch")
-    path = model and (Path(model) / "model.onnx" if Path(model).is_dir() else Path(model))
-    if path and not path.is_file():
-        raise ConfigError(f"--model {path} does not exist (write one with `maml-export --out DIR`, pass DIR/model.onnx)")
+    path = model_path(model)
     threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     if not kit:
         from .trainer import set_threads

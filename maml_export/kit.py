@@ -28,13 +28,10 @@ FORMAT = "maml-export-bench-kit-v1"
 def write_kit(out: Path, configs: list, model: Path | None, steps: int | None, data: str | None, echo=print) -> dict:
     """Export the graphs `configs` need into `out` (from `model`, else the bundled weights) and store each
     config's task (an Omniglot test task with `data`, else random images) with eager Paddle's logits."""
-    from .benchmark import count_flops, prepare_models, task_inputs
+    from .benchmark import count_flops, model_path, prepare_models, task_inputs
     from .data import load_omniglot
     from .runtimes import paddle_eager
-    if model and model.is_dir():
-        model = model / "model.onnx"
-    if model and not model.is_file():
-        raise ConfigError(f"--model {model} does not exist (write one with `maml-export --out DIR`)")
+    model = model_path(model)
     images = load_omniglot(data) if data else None
     out.mkdir(parents=True, exist_ok=True)
     index = {"format": FORMAT, "models": {}, "configs": {}}
