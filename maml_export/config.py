@@ -38,6 +38,8 @@ class MamlConfig:
                                   "(the zeroing trick of Kao et al., ICLR 2022)")
     iterations: int = _opt(10000, "meta-iterations to train for (in total, counting resumed ones)")
     seed: int = _opt(0, "seed of the initial weights and the task stream")
+    init: str = _opt(None, "start from this checkpoint's weights (.npz or run folder) instead of random ones, "
+                           "e.g. to fine-tune a first-order run second-order; Adam and the task stream start fresh")
     hidden: int = _opt(64, "filters per conv layer")
     val_every: int = _opt(250, "validate (and save the best checkpoint) every this many iterations")
     val_tasks: int = _opt(200, "validation tasks (always the same ones) per validation")
@@ -64,7 +66,7 @@ class MamlConfig:
         args = []
         for f in fields(self):
             value = getattr(self, f.name)
-            if not f.metadata.get("cli", True) or (f.type in ("bool", bool) and not value):
+            if not f.metadata.get("cli", True) or value is None or (f.type in ("bool", bool) and not value):
                 continue
             args += ["--" + f.name.replace("_", "-")] + ([] if f.type in ("bool", bool) else [str(value)])
         return args

@@ -119,6 +119,18 @@ def _start(config: MamlConfig, run: Run, resume: bool, overrides: dict):
     return saved, ckpt, before
 
 
+def initial_params(model: Model, config: MamlConfig) -> tuple[dict, dict]:
+    """A new run's weights and where they came from: `--init`'s checkpoint's (same architecture required),
+    else random from `--seed`."""
+    if config.init is None:
+        return model.init_params(config.seed), {"seed": config.seed}
+    source = load_checkpoint(config.init)
+    if source.config.layers != config.layers:
+        raise ConfigError(f"--init {config.init} is a {source.config.ways}-way model with {source.config.hidden} "
+                          f"filters; this run is {config.ways}-way with {config.hidden} (match --ways/--hidden)")
+    return source.params, {"init": str(config.init), "init_run": source.config.name, "init_iteration": source.iteration}
+
+
 def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.PathLike, resume: bool = False,
           overrides: dict | None = None, threads: int | None = None, progress: bool = True) -> dict:
     """Meta-train (or resume) a run; returns a summary. Ctrl-C saves `latest` before stopping."""
@@ -137,7 +149,11 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
 
     val_sampler()  # fail now, not at the first validation, if the validation split cannot give such tasks
     model = Model.from_specs(config.layers)
-    params = to_tensors(ckpt.params if ckpt else model.init_params(config.seed))
+    if ckpt:
+        params, origin = to_tensors(ckpt.params), None
+    else:
+        initial, origin = initial_params(model, config)
+        params = to_tensors(initial)
     maml = MAML(model, params, config.inner_lr, config.inner_steps, config.first_order)
     adam = Adam(params, config.meta_lr)
     if config.zero_head:
@@ -154,7 +170,7 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
                      "changed": {k: [v, getattr(config, k)] for k, v in changed.items()}})  # option: [before, now]
     run.out.mkdir(parents=True, exist_ok=True)
     if not ckpt and ranks.main:  # the config the run starts with, so a bundle can say how it was trained
-        run.log({"event": "start", "iteration": 0, "ranks": ranks.world, "config": config.to_dict()})
+        run.log({"event": "start", "iteration": 0, "ranks": ranks.world, "config": config.to_dict(), "weights": origin})
 
     def checkpoint(path: Path, iteration: int, sampler_state: dict):
         if not ranks.main:

@@ -93,6 +93,29 @@ def test_resume_may_lower_the_meta_lr_but_not_change_the_model(tmp_path):
     assert resumes[-1]["changed"] == {"iterations": [1, 2], "meta_lr": [1e-3, 1e-4]}
 
 
+@needs_data
+def test_init_starts_a_new_run_from_another_runs_weights(tmp_path):
+    """--init: the first-order run's weights, fine-tuned second-order in a run of its own (issue 5)."""
+    train(MamlConfig(iterations=2, val_every=2, **SMALL), DATA, tmp_path / "fo", progress=False)
+    source = load_checkpoint(tmp_path / "fo" / "latest.npz")
+    second_order = {**SMALL, "first_order": False}
+    train(MamlConfig(iterations=1, val_every=5, init=str(tmp_path / "fo" / "latest.npz"), **second_order),
+          DATA, tmp_path / "so", progress=False)
+    tuned = load_checkpoint(tmp_path / "so" / "latest.npz")
+    assert tuned.iteration == 1 and not tuned.config.first_order
+    # one Adam step of size meta_lr away from the source, nowhere near a fresh random initialisation
+    for name, value in source.params.items():
+        step = np.abs(tuned.params[name] - value).max()
+        assert 0 < step <= 1.01 * tuned.config.meta_lr, (name, step)
+    start = json.loads(open(tmp_path / "so" / "metrics.jsonl").readline())
+    assert start["weights"] == {"init": str(tmp_path / "fo" / "latest.npz"), "init_run": "omniglot-5w1s",
+                                "init_iteration": 2}
+    assert "--init " in " ".join(tuned.config.cli_args())
+    with pytest.raises(ConfigError, match="--ways/--hidden"):
+        train(MamlConfig(iterations=1, init=str(tmp_path / "fo" / "latest.npz"), **{**SMALL, "hidden": 8}),
+              DATA, tmp_path / "wrong", progress=False)
+
+
 def test_bundle_ships_the_best_checkpoint_with_the_command_that_reproduces_the_run(tmp_path):
     run = tmp_path / "run"
     train(MamlConfig(iterations=2, val_every=1, **SMALL), DATA, run, progress=False)
