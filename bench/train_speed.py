@@ -31,7 +31,7 @@ def main(data, ways, shots, query, steps, meta_batch, repeats, threads, skip_pad
     from maml_export.data import TaskSampler, load_omniglot, split_characters
     from maml_export.errors import MamlError
     from maml_export.maml import MAML
-    from maml_export.benchmark import count_flops, gemm_gflops
+    from maml_export.machine import count_flops, gemm_gflops
     from maml_export.model import Model, conv4_specs, to_tensors
     from maml_export.trainer import data_dir, as_tensors, set_threads
 

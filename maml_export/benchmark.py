@@ -15,30 +15,25 @@ burst of load on a shared machine then hits them alike, not one row's ratio). Ea
 reference: a runtime that predicts other classes (argmax) than eager float32 *and* eager float64 is a
 disagreement.
 
-The limit: `count_flops` counts 2 x multiply-adds of the convolutions and the linear head (per SGD step
-on the support set: forward, weight gradients, input gradients except the first layer's; then one
-forward on the query set); `gemm_gflops` measures numpy's float32 2048^3 matmul on --threads threads
-in the same run; flops / rate is the floor that CPU rows are reported as a multiple of.
+The limit (`machine`): the adaptation's FLOPs over the matrix-multiply rate measured in the same run (numpy
+on --threads threads for the CPU, PyTorch for a GPU) is the floor every row is reported as a multiple of.
 """
 from __future__ import annotations
 
 import os
-import platform
 import re
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ConfigError, MamlError
 from .kit import read_kit
-from .runtimes import (GPU_ROWS, RUNTIMES, Exported, batched, check_provider, export_checkpoint, gpu_gemm_gflops,
-                       gpu_name, host, load_exported, onnxruntime, open_session, paddle_eager, reheaded)
+from .machine import count_flops, gemm_gflops, gpu_gemm_gflops, gpu_name, machine_info
+from .runtimes import (GPU_ROWS, RUNTIMES, Exported, batched, check_provider, export_checkpoint, host, load_exported,
+                       onnxruntime, open_session, paddle_eager, reheaded)
 
 QUERY = 15  # query images per class, as the protocol reports accuracy
 NEAR_TIE = 1e-4  # a class difference where the reference's top-2 logits are closer (relative) is a tie
@@ -63,51 +58,6 @@ def parse_configs(text: str) -> list[BenchConfig]:
             raise ConfigError(f"--configs: {item!r} is not a config like 5w1s (N-way K-shot, N >= 2, K >= 1)")
         configs.append(BenchConfig(int(m[1]), int(m[2])))
     return list(dict.fromkeys(configs))
-
-
-def count_flops(specs: list[dict], support: int, query: int, steps: int, image_size: int = 28) -> int:
-    """FLOPs (2 x MACs of Conv2d and Linear layers) of `steps` SGD steps on `support` images, then one
-    forward on `query` images; the first layer's input gradient (the image's) is never computed."""
-    size, forward, first = image_size, 0, 0
-    for s in specs:
-        macs = 0
-        if s["type"] == "Conv2d":
-            size = (size + 2 * s["padding"] - s["kernel"]) // s["stride"] + 1
-            macs = s["out_channels"] * s["in_channels"] * s["kernel"] ** 2 * size * size
-        elif s["type"] == "Linear":
-            macs = s["in_features"] * s["out_features"]
-        elif s["type"] == "MaxPool2":
-            size //= 2
-        forward, first = forward + macs, first or macs
-    step = forward + forward + (forward - first)  # forward, weight gradients, input gradients
-    return 2 * (steps * support * step + query * forward)
-
-
-_GEMM = """import sys, time, numpy as np
-n = int(sys.argv[1]); a, b = (np.random.default_rng(i).standard_normal((n, n), dtype=np.float32) for i in (0, 1))
-a @ b; best = float("inf")
-for _ in range(5):
-    start = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - start)
-print(2 * n ** 3 / best / 1e9)"""
-
-
-def gemm_gflops(threads: int, n: int = 2048) -> float:
-    """numpy's float32 n^3 matmul rate, best of 5 after a warm-up, in a child process whose OpenBLAS
-    gets `threads` threads (OPENBLAS_NUM_THREADS only takes effect before numpy is imported)."""
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-    return float(subprocess.run([sys.executable, "-c", _GEMM, str(n)], env=env, capture_output=True, text=True,
-                                check=True).stdout)
-
-
-def machine_info(threads: int) -> dict:
-    cpu = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), cpu)
-    dists = [d.metadata["Name"] for d in metadata.distributions()]
-    versions = {d: metadata.version(d) for d in ("maml-export", "paddlepaddle", "paddlepaddle-gpu", "onnxruntime",
-                                                 "onnxruntime-gpu", "onnx", "paddle2onnx", "numpy", "torch") if d in dists}
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
-            "platform": platform.platform(), "versions": versions}
 
 
 def task_inputs(c: BenchConfig, channels: int, size: int, images=None, seed: int = 0) -> tuple:

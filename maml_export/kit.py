@@ -28,7 +28,8 @@ FORMAT = "maml-export-bench-kit-v1"
 def write_kit(out: Path, configs: list, model: Path | None, steps: int | None, data: str | None, echo=print) -> dict:
     """Export the graphs `configs` need into `out` (from `model`, else the bundled weights) and store each
     config's task (an Omniglot test task with `data`, else random images) with eager Paddle's logits."""
-    from .benchmark import count_flops, model_path, prepare_models, task_inputs
+    from .benchmark import model_path, prepare_models, task_inputs
+    from .machine import count_flops
     from .data import load_omniglot
     from .runtimes import paddle_eager
     model = model_path(model)

@@ -314,45 +314,5 @@ def pytorch_eager(exp: Exported, provider="cpu", threads=None):
     return bind
 
 
-def gpu_name() -> str:
-    """The first GPU's name, by nvidia-smi (onnxruntime cannot say), else PyTorch; "unknown GPU" without either."""
-    import subprocess
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
-        if out:
-            name, driver = (s.strip() for s in out[0].split(","))
-            return f"{name} (driver {driver})"
-    except (OSError, subprocess.SubprocessError, ValueError):
-        pass
-    try:
-        import torch
-        return torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001 - no PyTorch or no device
-        return "unknown GPU"
-
-
-def gpu_gemm_gflops(n: int = 4096) -> float | None:
-    """The GPU's fp32 (TF32 off) n^3 matmul rate by PyTorch, best of 10 after a warm-up; None without one."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    torch.backends.cuda.matmul.allow_tf32 = False
-    a, b = (torch.randn(n, n, device="cuda") for _ in range(2))
-    a @ b
-    best = float("inf")
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3)
-    return 2 * n ** 3 / best / 1e9
-
-
 RUNTIMES = {"paddle-eager": paddle_eager, "onnxruntime": onnxruntime, "paddlerec-loop": paddlerec_loop,
             "paddle-inference": paddle_inference, "pytorch-eager": pytorch_eager}  # eager first: the reference

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maml_export.benchmark import BenchConfig, agreement, count_flops, parse_configs, time_calls, time_interleaved
+from maml_export.benchmark import BenchConfig, agreement, parse_configs, time_calls, time_interleaved
+from maml_export.machine import count_flops
 from maml_export.errors import ConfigError
 from maml_export.model import conv4_specs
 

@@ -1,0 +1,104 @@
+"""The hardware's floor: the FLOPs of an adaptation, and the rate this machine multiplies matrices at.
+
+`count_flops(specs, support, query, steps)` counts 2 x multiply-adds of the convolutions and the linear
+head (per SGD step on the support set: forward, weight gradients, input gradients except the first
+layer's; then one forward on the query set). `gemm_gflops(threads)` is numpy's float32 2048^3 matmul on
+`threads` threads, `gpu_gemm_gflops()` PyTorch's fp32 4096^3 one on the GPU; FLOPs / rate is the floor
+`maml-bench` reports every row as a multiple of, measured in the same run as the rows.
+
+Example:
+    >>> from maml_export.model import conv4_specs
+    >>> count_flops(conv4_specs(5), support=5, query=75, steps=5) / 1e9  # 5-way 1-shot, 5 steps
+    2.9220288
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+
+
+def count_flops(specs: list[dict], support: int, query: int, steps: int, image_size: int = 28) -> int:
+    """FLOPs (2 x MACs of Conv2d and Linear layers) of `steps` SGD steps on `support` images, then one
+    forward on `query` images; the first layer's input gradient (the image's) is never computed."""
+    size, forward, first = image_size, 0, 0
+    for s in specs:
+        macs = 0
+        if s["type"] == "Conv2d":
+            size = (size + 2 * s["padding"] - s["kernel"]) // s["stride"] + 1
+            macs = s["out_channels"] * s["in_channels"] * s["kernel"] ** 2 * size * size
+        elif s["type"] == "Linear":
+            macs = s["in_features"] * s["out_features"]
+        elif s["type"] == "MaxPool2":
+            size //= 2
+        forward, first = forward + macs, first or macs
+    step = forward + forward + (forward - first)  # forward, weight gradients, input gradients
+    return 2 * (steps * support * step + query * forward)
+
+
+_GEMM = """import sys, time, numpy as np
+n = int(sys.argv[1]); a, b = (np.random.default_rng(i).standard_normal((n, n), dtype=np.float32) for i in (0, 1))
+a @ b; best = float("inf")
+for _ in range(5):
+    start = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - start)
+print(2 * n ** 3 / best / 1e9)"""
+
+
+def gemm_gflops(threads: int, n: int = 2048) -> float:
+    """numpy's float32 n^3 matmul rate, best of 5 after a warm-up, in a child process whose OpenBLAS
+    gets `threads` threads (OPENBLAS_NUM_THREADS only takes effect before numpy is imported)."""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    return float(subprocess.run([sys.executable, "-c", _GEMM, str(n)], env=env, capture_output=True, text=True,
+                                check=True).stdout)
+
+
+def machine_info(threads: int) -> dict:
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), cpu)
+    dists = [d.metadata["Name"] for d in metadata.distributions()]
+    versions = {d: metadata.version(d) for d in ("maml-export", "paddlepaddle", "paddlepaddle-gpu", "onnxruntime",
+                                                 "onnxruntime-gpu", "onnx", "paddle2onnx", "numpy", "torch") if d in dists}
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+            "platform": platform.platform(), "versions": versions}
+
+
+def gpu_name() -> str:
+    """The first GPU's name, by nvidia-smi (onnxruntime cannot say), else PyTorch; "unknown GPU" without either."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
+        if out:
+            name, driver = (s.strip() for s in out[0].split(","))
+            return f"{name} (driver {driver})"
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    try:
+        import torch
+        return torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - no PyTorch or no device
+        return "unknown GPU"
+
+
+def gpu_gemm_gflops(n: int = 4096) -> float | None:
+    """The GPU's fp32 (TF32 off) n^3 matmul rate by PyTorch, best of 10 after a warm-up; None without one."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a, b = (torch.randn(n, n, device="cuda") for _ in range(2))
+    a @ b
+    best = float("inf")
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return 2 * n ** 3 / best / 1e9
