@@ -9,23 +9,17 @@ graph (the task-stacked channel layout needs it statically), S and Q stay dynami
 `export_model` runs the stages below, each a function, and writes export.json:
 
   1. trace    `paddle.jit.to_static` + `paddle.jit.save` -> model.json + model.pdiparams (PIR program)
-  2. check    every op is in paddle2onnx's supported list (it aborts the process on any other one:
-              ../shared/NOTES.md point 6) and none would change the maths (`*_grad`, unpool, batch_norm,
-              pad3d whose constant paddle2onnx 2.1.0 mis-converts)
-  3. convert  paddle2onnx in a child process (an abort there is an ExportError here); clean the graph
-              (NOTES point 8), name output and dims, write the metadata
+  2. check    every op is one paddle2onnx can convert and none would change the maths (`onnx_convert.py`)
+  3. convert  paddle2onnx in a child process; the graph cleaned, named and stamped (`onnx_convert.py`)
   4. parity   eager Paddle vs the static program vs onnxruntime, on Omniglot test tasks or random ones
               (`parity.py`)
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import hashlib
 import json
 import os
-import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,32 +35,8 @@ from .checkpoint import default_checkpoint, load_checkpoint
 from .errors import CheckpointError, ExportError
 from .maml import MAML
 from .model import Model
-from .parity import OUTPUT, RTOL, parity, parity_line, parity_tasks
-
-INPUT_RANGE = "[0, 1], ink 1.0, paper 0.0"
-
-# paddle2onnx matches a PIR op by its name after this renaming (Paddle2ONNX exporter.h,
-# `convert_pir_op_name`; the same pairs are in the strings of the 2.1.0 binary).
-_PIR_TO_P2O = {
-    "matmul": "matmul_v2", "batch_norm_": "batch_norm", "topk": "top_k_v2", "expand": "expand_v2",
-    "repeat_interleave_with_tensor_index": "repeat_interleave", "assign_value_": "assign_value",
-    "flatten": "flatten_contiguous_range", "unsqueeze": "unsqueeze2", "arange": "range",
-    "argmax": "arg_max", "argmin": "arg_min", "floor_divide": "elementwise_floordiv",
-    "subtract": "elementwise_sub", "multiply": "elementwise_mul", "divide": "elementwise_div",
-    "remainder": "elementwise_mod", "minimum": "elementwise_min", "maximum": "elementwise_max",
-    "min": "reduce_min", "max": "reduce_max", "mean": "reduce_mean", "sum": "reduce_sum",
-    "prod": "reduce_prod", "any": "reduce_any", "all": "reduce_all", "numel": "size",
-    "hardswish": "hard_swish", "hardsigmoid": "hard_sigmoid", "add": "elementwise_add",
-    "add_n": "sum", "grid_sample": "grid_sampler", "nonzero": "where_index"}
-# Ops the converter skips (graph inputs/outputs, control flow shells) or that hold the weights.
-_P2O_SKIPPED = {"pd_op.data", "pd_op.feed", "pd_op.fetch", "pd_op.if", "pd_op.while", "cf.yield",
-                "pd_op.print", "builtin.parameter"}
-# Convertible, but wrong for this graph: NOTES points 1 and 4, and layers.MaxPool2's eager path.
-_FORBIDDEN = {"batch_norm": "jit.save turns it into inference mode (running statistics)",
-              "unpool": "the eager-only max-pool backward leaked into the static graph",
-              # paddle2onnx 2.1.0's Pad3DMapper reads the attribute "value", PIR calls it "pad_value": the
-              # ONNX Pad gets an uninitialised constant (seen: 4.9e+22). layers.py concatenates zeros instead.
-              "pad3d": "paddle2onnx 2.1.0 converts its constant as uninitialised memory"}
+from .onnx_convert import check_ops, convert, finish_onnx, inspect_program, metadata
+from .parity import RTOL, parity, parity_line, parity_tasks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,195 +92,7 @@ def trace(model: Model, params: dict, config, steps: int, inner_lr: float, prefi
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. check
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class Program:
-    """What the later stages need to know about a saved PIR program."""
-
-    ops: collections.Counter  # PIR op name -> count, every block
-
-
-def inspect_program(prefix: Path) -> Program:
-    """Load `prefix`.json (static mode, restored afterwards) and list its ops."""
-    was_dynamic = paddle.in_dynamic_mode()
-    paddle.enable_static()
-    try:
-        program, _, _ = paddle.static.load_inference_model(str(prefix), paddle.static.Executor(paddle.CPUPlace()))
-        ops: collections.Counter = collections.Counter()
-        stack = [program.global_block()]
-        while stack:
-            for op in stack.pop().ops:
-                ops[op.name()] += 1
-                stack.extend(op.blocks())  # if/while bodies
-        return Program(ops)
-    finally:
-        if was_dynamic:
-            paddle.disable_static()
-
-
-def p2o_name(pir_name: str) -> str:
-    """The name paddle2onnx looks a PIR op up by: 'pd_op.multiply' -> 'elementwise_mul'."""
-    if pir_name.startswith("pd_op."):
-        name = pir_name[len("pd_op."):]
-    elif pir_name.startswith("builtin."):
-        name = pir_name.replace(".", "_", 1)
-    else:
-        name = pir_name
-    return _PIR_TO_P2O.get(name, name)
-
-
-def check_ops(ops: collections.Counter) -> None:
-    """Raise one ExportError naming every op paddle2onnx lacks or that must not be in this graph."""
-    supported = set(paddle2onnx.paddle2onnx_cpp2py_export.get_all_supported_operators_pir())
-    problems = []
-    for op in sorted(ops):
-        if op in _P2O_SKIPPED:
-            continue
-        name = p2o_name(op)
-        bad = [why for key, why in _FORBIDDEN.items() if key in name]
-        if name.endswith("_grad"):
-            bad.append("a gradient op (NOTES point 1)")
-        if name not in supported:
-            bad.append(f"paddle2onnx {paddle2onnx.__version__} cannot convert it")
-        if bad:
-            problems.append(f"{op} x{ops[op]} ({'; '.join(bad)})")
-    if problems:
-        raise ExportError("the static graph holds ops that cannot be exported: " + ", ".join(problems))
-
-
-# ---------------------------------------------------------------------------------------------
-# 3. convert
-# ---------------------------------------------------------------------------------------------
-
-_CONVERT = """
-import sys, paddle2onnx
-model, params, out, opset = sys.argv[1:5]
-# optimize_tool='None': the default (polygraphy) pip-installs packages at run time (NOTES point 7)
-paddle2onnx.export(model, params, out, opset_version=int(opset), auto_upgrade_opset=False,
-                   enable_onnx_checker=True, optimize_tool='None')
-"""
-
-
-def convert(prefix: Path, onnx_path: Path, opset: int, timeout: float = 600) -> None:
-    """paddle2onnx in a child process: a C++ abort there is an ExportError here, not a dead caller."""
-    onnx_path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-c", _CONVERT, f"{prefix}.json", f"{prefix}.pdiparams", str(onnx_path), str(opset)]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise ExportError(f"paddle2onnx did not finish within {timeout:.0f} s") from None
-    if done.returncode != 0 or not onnx_path.is_file():
-        text = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout + "\n" + done.stderr)  # drop terminal colours
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        picked = [ln for ln in lines if any(k in ln for k in ("[ERROR]", "not supported", "Error:", "FatalError"))]
-        picked.sort(key=lambda ln: "[ERROR]" not in ln)  # paddle2onnx's own reason first
-        hint = "; ".join(dict.fromkeys(picked)) or (lines[-1] if lines else "no output")
-        how = f"exit status {done.returncode}" if done.returncode >= 0 else f"killed by signal {-done.returncode}"
-        raise ExportError(f"paddle2onnx failed ({how}): {hint}")
-
-
-def clean_graph(model: onnx.ModelProto, task_batch: int = 0) -> onnx.ModelProto:
-    """Constants -> initializers, Identity chains bypassed, dead nodes and unused initializers dropped,
-    the output named `logits`; the dims S (support) and Q (query) named for readers and onnxruntime
-    (after the fixed task axis T when `task_batch`)."""
-    g = model.graph
-    # Constant nodes -> initializers: the weights become inspectable, and no Constant is left dead.
-    # (Nodes are collected into lists and written back once: removing from a protobuf list one by
-    # one is quadratic, 10 s for a 10-step graph.)
-    nodes = []
-    for node in g.node:
-        if node.op_type == "Constant" and node.attribute[0].name == "value":
-            tensor = g.initializer.add()
-            tensor.CopyFrom(node.attribute[0].t)
-            tensor.name = node.output[0]
-        else:
-            nodes.append(node)
-    # Identity nodes: consumers read the Identity's input instead. The raw graph output is a name
-    # of its own: renamed to `logits` below, whatever produces it.
-    alias = {n.output[0]: n.input[0] for n in nodes if n.op_type == "Identity"}
-
-    def resolve(name):
-        while name in alias:
-            name = alias[name]
-        return name
-
-    old_out = g.output[0].name
-    final = resolve(old_out)
-    keep = [n for n in nodes if n.op_type != "Identity"]
-    rename = {final: OUTPUT}
-    for n in keep:
-        n.input[:] = [rename.get(resolve(i), resolve(i)) for i in n.input]
-        n.output[:] = [rename.get(o, o) for o in n.output]
-    for init in g.initializer:
-        init.name = rename.get(init.name, init.name)
-    g.output[0].name = OUTPUT
-    # Dead nodes: walk back from the output; a node is live when one of its outputs is needed.
-    needed, live = {OUTPUT}, []
-    for n in reversed(keep):
-        if any(o in needed for o in n.output):
-            live.append(n)
-            needed.update(i for i in n.input if i)
-    del g.node[:]
-    g.node.extend(reversed(live))
-    used = [t for t in g.initializer if t.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(used)
-    del g.value_info[:]  # intermediate shapes of the raw graph refer to removed names
-    axis = 1 if task_batch else 0  # S and Q follow the task axis
-    for vi, dim in [(g.input[0], "S"), (g.input[1], "S"), (g.input[2], "Q"), (g.output[0], "Q")]:
-        dims = vi.type.tensor_type.shape.dim
-        dims[axis].dim_param = dim
-        if task_batch:
-            dims[0].dim_value = task_batch
-    if not any(n.output[0] == OUTPUT for n in g.node) and OUTPUT not in {i.name for i in g.input}:
-        raise ExportError(f"graph cleaning lost the producer of {old_out!r}")
-    return model
-
-
-def weights_sha256(params: dict) -> str:
-    """sha256 over, for each parameter in name order: name, NUL, shape as JSON, NUL, float32 LE bytes."""
-    h = hashlib.sha256()
-    for name in sorted(params):
-        a = np.ascontiguousarray(params[name], dtype="<f4")
-        h.update(name.encode() + b"\0" + json.dumps(list(a.shape)).encode() + b"\0" + a.tobytes())
-    return h.hexdigest()
-
-
-def metadata(config, steps: int, inner_lr: float, params: dict, opset: int, task_batch: int = 0) -> dict[str, str]:
-    """The ONNX metadata_props: what a deployment must know to feed the graph and trust it. `task_batch`
-    is "0" for the single-task graph (no task axis; an export without the key is one too), else T."""
-    t = f"{task_batch}, " if task_batch else ""
-    return {"ways": str(config.ways), "steps": str(steps), "inner_lr": repr(float(inner_lr)),
-            "image_size": str(config.image_size), "channels": str(config.channels), "input_range": INPUT_RANGE,
-            "task_batch": str(task_batch),
-            "input_layout": f"x_spt [{t}S, C, H, W] float32, y_spt [{t}S] int64 in 0..ways-1, x_qry [{t}Q, C, H, W] "
-                            f"float32 -> logits [{t}Q, ways]",
-            "batch_norm": "statistics of the batch at hand (the support set in each step, then the query set)",
-            "config_name": config.name, "shots_trained": str(config.shots), "weights_sha256": weights_sha256(params),
-            "weights_sha256_scheme": weights_sha256.__doc__, "config": json.dumps(config.to_dict()),
-            "opset": str(opset), "maml_export_version": __version__, "paddle_version": paddle.__version__,
-            "paddle2onnx_version": paddle2onnx.__version__, "protocol": config.protocol}
-
-
-def finish_onnx(onnx_path: Path, program: Program, meta: dict[str, str]) -> collections.Counter:
-    """Fix, clean, stamp and check the converted model in place; returns its op-type histogram."""
-    model = onnx.load(str(onnx_path))
-    model = clean_graph(model, int(meta.get("task_batch") or 0))
-    onnx.helper.set_model_props(model, meta)
-    model.producer_name, model.producer_version = "maml-export", __version__
-    model.doc_string = "MAML adaptation: SGD on (x_spt, y_spt), then logits of x_qry under the fast weights"
-    try:
-        onnx.checker.check_model(model, full_check=True)
-    except Exception as e:  # noqa: BLE001 - checker raises ValidationError and InferenceError
-        raise ExportError(f"the cleaned ONNX graph fails onnx.checker: {str(e).splitlines()[0]}") from e
-    onnx.save(model, str(onnx_path))
-    return collections.Counter(n.op_type for n in model.graph.node)
-
-
-# ---------------------------------------------------------------------------------------------
-# everything
+# all stages (2 and 3 are in onnx_convert.py)
 # ---------------------------------------------------------------------------------------------
 
 @dataclass

@@ -58,7 +58,7 @@ def load_exported(onnx_path: Path) -> Exported:
     import paddle
     from .adapter import Adapter
     from .config import MamlConfig
-    from .export import weights_sha256
+    from .onnx_convert import weights_sha256
     from .model import Model
     meta, prefix = Adapter(onnx_path).metadata, onnx_path.with_name("model")
     if int(meta.get("task_batch") or 0):

@@ -23,7 +23,8 @@ from maml_export.adapter import Adapter
 from maml_export.checkpoint import Checkpoint, default_checkpoint, load_checkpoint, save_checkpoint
 from maml_export.config import MamlConfig
 from maml_export.errors import ExportError
-from maml_export.export import check_ops, convert, export_model, inspect_program
+from maml_export.export import export_model
+from maml_export.onnx_convert import check_ops, convert, inspect_program
 from maml_export.maml import MAML
 from maml_export.model import Model, to_tensors
 from maml_export.parity import RTOL, compare
