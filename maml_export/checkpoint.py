@@ -127,8 +127,9 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
     suffix .metrics.jsonl). The weights `maml-export` and `maml-bench` use by default are such a bundle.
 
     `inner_lr`, if given, is the step size adaptation uses from then on (`maml-export`'s default), for
-    one chosen on the validation split; the step size of training stays in `state["inner_lr_trained"]`
-    and in the command, and `note` (e.g. the validation figures behind the choice) in `state["note"]`.
+    one chosen on the validation split (default: the run's `val_inner_lr`, which chose the checkpoint, if
+    set); the step size of training stays in `state["inner_lr_trained"]` and in the command, and `note`
+    (e.g. the validation figures behind the choice) in `state["note"]`.
     """
     import shlex
     run, out = Path(run), Path(out)
@@ -156,6 +157,8 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
         steps.append(f"at iteration {e['iteration']}: python -m train --out {run} --resume {' '.join(changed)}".rstrip()
                      + f" [{e.get('ranks', 1)} rank(s)]")
     command = "; ".join(steps)
+    if inner_lr is None:
+        inner_lr = best.config.val_inner_lr
     state = {k: best.state[k] for k in ("best_val_accuracy", "best_iteration", "seconds") if k in best.state}
     state["command"] = command
     if inner_lr is not None and inner_lr != best.config.inner_lr:

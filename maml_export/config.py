@@ -43,6 +43,8 @@ class MamlConfig:
     hidden: int = _opt(64, "filters per conv layer")
     val_every: int = _opt(250, "validate (and save the best checkpoint) every this many iterations")
     val_tasks: int = _opt(200, "validation tasks (always the same ones) per validation")
+    val_inner_lr: float = _opt(None, "inner step size validation adapts with, i.e. the one the checkpoint will be "
+                                     "deployed with, which chooses the best checkpoint [default: --inner-lr]")
     channels: int = _opt(1, "image channels", cli=False)
     image_size: int = _opt(28, "image height and width", cli=False)
     protocol: str = _opt(PROTOCOL, "data protocol the weights were trained under", cli=False)
@@ -53,6 +55,9 @@ class MamlConfig:
                      "val_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("inner_lr", "meta_lr", "val_inner_lr"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.ways < 2:
             raise ConfigError(f"--ways must be at least 2, got {self.ways}")
         if not self.layers:

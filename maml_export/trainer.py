@@ -49,7 +49,7 @@ def as_tensors(tasks) -> list:
 
 
 def evaluate(maml: MAML, sampler: TaskSampler, num_tasks: int, batch: int = 16, steps: int | None = None,
-             progress: bool = False, ranks: Ranks | None = None) -> np.ndarray:
+             progress: bool = False, ranks: Ranks | None = None, inner_lr: float | None = None) -> np.ndarray:
     """Query accuracy of each of `num_tasks` tasks after adaptation (batch norm on the batch's statistics).
 
     With `ranks`, every rank draws the same batches and adapts only its block of each.
@@ -63,7 +63,7 @@ def evaluate(maml: MAML, sampler: TaskSampler, num_tasks: int, batch: int = 16, 
             block = ranks.block(len(tasks.x_spt)) if ranks else slice(None)
             x_spt, y_spt, x_qry, y_qry = as_tensors(a[block] for a in tasks)
             if x_spt.shape[0]:
-                logits = maml.predict(maml.adapt(x_spt, y_spt, steps=steps), x_qry)
+                logits = maml.predict(maml.adapt(x_spt, y_spt, steps=steps, inner_lr=inner_lr), x_qry)
                 hits = (logits.argmax(axis=-1) == y_qry).astype("float32").mean(axis=1).numpy()
                 accuracies[done:done + len(tasks.x_spt)][block] = hits
             done += len(tasks.x_spt)
@@ -92,9 +92,11 @@ class Run:
             f.write(json.dumps(record) + "\n")
 
 
-# What `--resume` may change: how long to train, how often to validate, and the meta step size (lowering
-# it for the tail of a long run is the usual last step; the resume event in metrics.jsonl records it).
-RESUME_MAY_CHANGE = ("iterations", "val_every", "meta_lr")
+# What `--resume` may change: how long to train, the meta step size (lowering it for the tail of a long
+# run is the usual last step), and how checkpoints are chosen; the resume event in metrics.jsonl records it.
+RESUME_MAY_CHANGE = ("iterations", "val_every", "meta_lr", "val_tasks", "val_inner_lr")
+# Changing these makes earlier validation figures incomparable: the best is chosen afresh from then on.
+VALIDATION = ("val_tasks", "val_inner_lr")
 
 
 def _start(config: MamlConfig, run: Run, resume: bool, overrides: dict):
@@ -165,9 +167,13 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
         sampler.load_state_dict(ckpt.state["sampler"])
         state.update({k: ckpt.state[k] for k in state if k in ckpt.state})
         start = ckpt.iteration
+        rechoose = any(k in changed for k in VALIDATION)
+        if rechoose:  # best.npz keeps the old best until a validation under the new settings replaces it
+            state.update(best_val_accuracy=None, best_iteration=None)
         if ranks.main:
             run.log({"event": "resume", "iteration": start, "ranks": ranks.world, "meta_lr": config.meta_lr,
-                     "changed": {k: [v, getattr(config, k)] for k, v in changed.items()}})  # option: [before, now]
+                     "changed": {k: [v, getattr(config, k)] for k, v in changed.items()},  # option: [before, now]
+                     **({"best": "chosen afresh: validation changed"} if rechoose else {})})
     run.out.mkdir(parents=True, exist_ok=True)
     if not ckpt and ranks.main:  # the config the run starts with, so a bundle can say how it was trained
         run.log({"event": "start", "iteration": 0, "ranks": ranks.world, "config": config.to_dict(), "weights": origin})
@@ -179,20 +185,37 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
                                          adam.state_arrays(), {**state, "sampler": sampler_state}))
 
     def validate(iteration: int) -> tuple[float, float]:
-        accuracy, ci = mean_ci95(evaluate(maml, val_sampler(), config.val_tasks, batch=config.meta_batch, ranks=ranks))
+        accuracy, ci = mean_ci95(evaluate(maml, val_sampler(), config.val_tasks, batch=config.meta_batch, ranks=ranks,
+                                          inner_lr=config.val_inner_lr))
         if ranks.main:
             run.log({"event": "validation", "iteration": iteration, "val_accuracy": accuracy, "val_ci95": ci,
-                     "tasks": config.val_tasks, "seconds": round(state["seconds"], 2)})
+                     "tasks": config.val_tasks, "inner_lr": config.val_inner_lr or config.inner_lr,
+                     "seconds": round(state["seconds"], 2)})
         return accuracy, ci
 
-    sampler_state = sampler.state_dict()
+    def validate_and_keep(iteration: int) -> dict:
+        """Validate; save `best` if it is, and `latest`; returns the sampler state they were saved with."""
+        accuracy, ci = validate(iteration)
+        sampler_state = sampler.state_dict()
+        if state["best_val_accuracy"] is None or accuracy > state["best_val_accuracy"]:
+            state.update(best_val_accuracy=accuracy, best_iteration=iteration)
+            checkpoint(run.best, iteration, sampler_state)
+        checkpoint(run.latest, iteration, sampler_state)
+        if ranks.main and progress:
+            bar.write(f"iteration {iteration}: validation accuracy {100 * accuracy:.2f} ± {100 * ci:.2f} % "
+                      f"(best {100 * state['best_val_accuracy']:.2f} % at {state['best_iteration']})")
+        return sampler_state
+
     iteration = start
     on_main_thread = threading.current_thread() is threading.main_thread()
     if on_main_thread:  # save `latest` before stopping, as on Ctrl-C; restored when training returns
         previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     bar = tqdm(total=config.iterations, initial=start, desc=config.name, unit="it",
                disable=not (progress and ranks.main), dynamic_ncols=True)
+    sampler_state = sampler.state_dict()
     try:
+        if ckpt and state["best_val_accuracy"] is None:  # validation changed on resume: the resumed weights compete
+            validate_and_keep(iteration)
         while iteration < config.iterations:
             sampler_state = sampler.state_dict()  # the state *before* this iteration's tasks: resume point
             began = time.perf_counter()
@@ -214,15 +237,7 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
                             val=f"{state['best_val_accuracy'] or 0:.3f}")
             bar.update(1)
             if iteration % config.val_every == 0 or iteration == config.iterations:
-                accuracy, ci = validate(iteration)
-                sampler_state = sampler.state_dict()
-                if state["best_val_accuracy"] is None or accuracy > state["best_val_accuracy"]:
-                    state.update(best_val_accuracy=accuracy, best_iteration=iteration)
-                    checkpoint(run.best, iteration, sampler_state)
-                checkpoint(run.latest, iteration, sampler_state)
-                if ranks.main and progress:
-                    bar.write(f"iteration {iteration}: validation accuracy {100 * accuracy:.2f} ± {100 * ci:.2f} % "
-                              f"(best {100 * state['best_val_accuracy']:.2f} % at {state['best_iteration']})")
+                sampler_state = validate_and_keep(iteration)
     except (KeyboardInterrupt, RankLostError, Terminated):
         # the interrupted iteration is redone on resume: save the weights and sampler state before it
         checkpoint(run.latest, iteration, sampler_state)

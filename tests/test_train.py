@@ -116,6 +116,27 @@ def test_init_starts_a_new_run_from_another_runs_weights(tmp_path):
               DATA, tmp_path / "wrong", progress=False)
 
 
+@needs_data
+def test_resume_may_change_how_checkpoints_are_chosen(tmp_path):
+    """Validating at the step size the weights will be deployed with chooses a new best (issue 5: at the
+    training step size 0.4 the run's best was 2800; at the deployed 0.15 a later checkpoint did better)."""
+    train(MamlConfig(iterations=2, val_every=1, **SMALL), DATA, tmp_path, progress=False)
+    train(MamlConfig(**SMALL), DATA, tmp_path, resume=True, overrides={"iterations": 3, "val_inner_lr": 0.1},
+          progress=False)
+    events = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    resume = next(e for e in events if e.get("event") == "resume")
+    assert resume["changed"] == {"iterations": [2, 3], "val_inner_lr": [None, 0.1]} and "afresh" in resume["best"]
+    validations = [e for e in events if e.get("event") == "validation"]
+    assert [(v["iteration"], v["inner_lr"]) for v in validations] == [(1, 0.4), (2, 0.4), (2, 0.1), (3, 0.1)]
+    best = load_checkpoint(tmp_path / "best.npz")  # the resumed weights compete under the new validation
+    chosen = max(validations[2:], key=lambda v: v["val_accuracy"])
+    assert best.iteration == chosen["iteration"] and best.state["best_val_accuracy"] == chosen["val_accuracy"]
+    result = cli("bundle", str(tmp_path), "--out", str(tmp_path / "ship.npz"))  # adapts as it was chosen
+    assert result.returncode == 0, result.stderr
+    shipped = load_checkpoint(tmp_path / "ship.npz")
+    assert shipped.config.inner_lr == 0.1 and shipped.state["inner_lr_trained"] == 0.4
+
+
 def test_bundle_ships_the_best_checkpoint_with_the_command_that_reproduces_the_run(tmp_path):
     run = tmp_path / "run"
     train(MamlConfig(iterations=2, val_every=1, **SMALL), DATA, run, progress=False)
@@ -174,6 +195,7 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     (["--shots", "10", "--query", "15"], "above the 20 drawings"),
     (["--resume"], "--resume"),
     (["--meta-batch", "0"], "--meta-batch must be at least 1"),
+    (["--val-inner-lr", "0"], "--val-inner-lr must be positive"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, args, message):
     if "/nonexistent/omniglot" not in args and not os.path.isdir(DATA):

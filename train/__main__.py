@@ -20,7 +20,8 @@ def fail(message: str, code: int = 2):
 @click.option("--out", type=click.Path(file_okay=False), default="runs/default", show_default=True,
               help="run folder: checkpoints latest/best (.npz + .json) and metrics.jsonl")
 @click.option("--resume", is_flag=True, help="continue the run in --out (weights, Adam and task stream); "
-              "only --iterations, --val-every and --meta-lr may differ from the run's")
+              "only --iterations, --meta-lr and the validation options (--val-every, --val-tasks, --val-inner-lr) may "
+              "differ from the run's")
 @click.option("--threads", type=int, default=None, help="CPU threads for Paddle [default: all cores]")
 @click_options(MamlConfig)
 @click.pass_context
