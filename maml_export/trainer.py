@@ -161,7 +161,7 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
     if config.zero_head:
         zero_head(model, params)
     state = {"best_val_accuracy": None, "best_iteration": None, "seconds": 0.0}
-    start = 0
+    start, rechoose = 0, False
     if ckpt:
         adam.load_state_arrays(ckpt.optimizer)
         sampler.load_state_dict(ckpt.state["sampler"])
@@ -214,7 +214,7 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
                disable=not (progress and ranks.main), dynamic_ncols=True)
     sampler_state = sampler.state_dict()
     try:
-        if ckpt and state["best_val_accuracy"] is None:  # validation changed on resume: the resumed weights compete
+        if rechoose:  # validation changed on resume: the resumed weights compete first
             validate_and_keep(iteration)
         while iteration < config.iterations:
             sampler_state = sampler.state_dict()  # the state *before* this iteration's tasks: resume point
