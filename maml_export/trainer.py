@@ -151,11 +151,8 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
 
     val_sampler()  # fail now, not at the first validation, if the validation split cannot give such tasks
     model = Model.from_specs(config.layers)
-    if ckpt:
-        params, origin = to_tensors(ckpt.params), None
-    else:
-        initial, origin = initial_params(model, config)
-        params = to_tensors(initial)
+    initial, origin = (ckpt.params, None) if ckpt else initial_params(model, config)
+    params = to_tensors(initial)
     maml = MAML(model, params, config.inner_lr, config.inner_steps, config.first_order)
     adam = Adam(params, config.meta_lr)
     if config.zero_head:
@@ -185,12 +182,12 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
                                          adam.state_arrays(), {**state, "sampler": sampler_state}))
 
     def validate(iteration: int) -> tuple[float, float]:
+        inner_lr = config.val_inner_lr or config.inner_lr
         accuracy, ci = mean_ci95(evaluate(maml, val_sampler(), config.val_tasks, batch=config.meta_batch, ranks=ranks,
-                                          inner_lr=config.val_inner_lr))
+                                          inner_lr=inner_lr))
         if ranks.main:
             run.log({"event": "validation", "iteration": iteration, "val_accuracy": accuracy, "val_ci95": ci,
-                     "tasks": config.val_tasks, "inner_lr": config.val_inner_lr or config.inner_lr,
-                     "seconds": round(state["seconds"], 2)})
+                     "tasks": config.val_tasks, "inner_lr": inner_lr, "seconds": round(state["seconds"], 2)})
         return accuracy, ci
 
     def validate_and_keep(iteration: int) -> dict:
