@@ -211,7 +211,9 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
                disable=not (progress and ranks.main), dynamic_ncols=True)
     sampler_state = sampler.state_dict()
     try:
-        if rechoose:  # validation changed on resume: the resumed weights compete first
+        # the weights a run starts from compete first when they are not this run's own: after a change of
+        # validation on resume, or --init's (a fine-tune's baseline, on the same tasks; best never below it)
+        if rechoose or (not ckpt and config.init is not None):
             validate_and_keep(iteration)
         while iteration < config.iterations:
             sampler_state = sampler.state_dict()  # the state *before* this iteration's tasks: resume point

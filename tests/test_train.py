@@ -107,7 +107,10 @@ def test_init_starts_a_new_run_from_another_runs_weights(tmp_path):
     for name, value in source.params.items():
         step = np.abs(tuned.params[name] - value).max()
         assert 0 < step <= 1.01 * tuned.config.meta_lr, (name, step)
-    start = json.loads(open(tmp_path / "so" / "metrics.jsonl").readline())
+    events = [json.loads(line) for line in open(tmp_path / "so" / "metrics.jsonl")]
+    start, baseline = events[0], events[1]  # the initial weights are validated before the first step
+    assert baseline["event"] == "validation" and baseline["iteration"] == 0
+    assert load_checkpoint(tmp_path / "so" / "best.npz").iteration in (0, 1)
     assert start["weights"] == {"init": str(tmp_path / "fo" / "latest.npz"), "init_run": "omniglot-5w1s",
                                 "init_iteration": 2}
     assert "--init " in " ".join(tuned.config.cli_args())
