@@ -39,7 +39,8 @@ class MamlConfig:
     iterations: int = _opt(10000, "meta-iterations to train for (in total, counting resumed ones)")
     seed: int = _opt(0, "seed of the initial weights and the task stream")
     init: str = _opt(None, "start from this checkpoint's weights (.npz or run folder) instead of random ones, "
-                           "e.g. to fine-tune a first-order run second-order; Adam and the task stream start fresh")
+                           "e.g. to fine-tune a first-order run second-order, or (with --zero-head) a 5-way backbone "
+                           "on 20-way tasks; Adam and the task stream start fresh")
     hidden: int = _opt(64, "filters per conv layer")
     val_every: int = _opt(250, "validate (and save the best checkpoint) every this many iterations")
     val_tasks: int = _opt(200, "validation tasks (always the same ones) per validation")

@@ -113,8 +113,7 @@ def reheaded(base: Exported, ways: int, workdir: Path, data) -> Exported:
         if load_checkpoint(path).config.layers == specs:
             return export_checkpoint(path, workdir / f"{ways}way", base.steps, None, data, f"bundled {path.name}")
     c, model = base.config, Model.from_specs(specs)
-    params = {k: base.params[k] if v.shape == base.params[k].shape else np.zeros_like(v)
-              for k, v in model.init_params(0).items()}
+    params = model.with_zero_head(base.params)
     config = MamlConfig(name=f"{c.name}-backbone-{ways}w", ways=ways, inner_lr=base.inner_lr, hidden=c.hidden,
                         channels=c.channels, image_size=c.image_size, layers=specs)
     path = save_checkpoint(workdir / f"{ways}way.npz", Checkpoint(config, params))

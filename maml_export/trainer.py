@@ -122,15 +122,19 @@ def _start(config: MamlConfig, run: Run, resume: bool, overrides: dict):
 
 
 def initial_params(model: Model, config: MamlConfig) -> tuple[dict, dict]:
-    """A new run's weights and where they came from: `--init`'s checkpoint's (same architecture required),
-    else random from `--seed`."""
+    """A new run's weights and where they came from: `--init`'s checkpoint's (same architecture required;
+    with `--zero-head` only the same backbone: its head is zeroed anyway), else random from `--seed`."""
     if config.init is None:
         return model.init_params(config.seed), {"seed": config.seed}
     source = load_checkpoint(config.init)
-    if source.config.layers != config.layers:
-        raise ConfigError(f"--init {config.init} is a {source.config.ways}-way model with {source.config.hidden} "
-                          f"filters; this run is {config.ways}-way with {config.hidden} (match --ways/--hidden)")
-    return source.params, {"init": str(config.init), "init_run": source.config.name, "init_iteration": source.iteration}
+    origin = {"init": str(config.init), "init_run": source.config.name, "init_iteration": source.iteration}
+    if source.config.layers == config.layers:
+        return source.params, origin
+    if config.zero_head and source.config.layers[:-1] == config.layers[:-1]:  # another number of ways
+        return model.with_zero_head(source.params), {**origin, "head": f"zero {config.ways}-way"}
+    raise ConfigError(f"--init {config.init} is a {source.config.ways}-way model with {source.config.hidden} filters; "
+                      f"this run is {config.ways}-way with {config.hidden} (match --hidden, and --ways unless "
+                      f"--zero-head)")
 
 
 def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.PathLike, resume: bool = False,

@@ -12,7 +12,8 @@ from maml_export.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from maml_export.config import MamlConfig
 from maml_export.errors import CheckpointError, ConfigError
 from maml_export.optim import Adam
-from maml_export.trainer import train
+from maml_export.model import Model
+from maml_export.trainer import initial_params, train
 
 DATA = os.environ.get("OMNIGLOT_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "omniglot"))
 needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason=f"shared Omniglot not found at {DATA}")
@@ -114,9 +115,31 @@ def test_init_starts_a_new_run_from_another_runs_weights(tmp_path):
     assert start["weights"] == {"init": str(tmp_path / "fo" / "latest.npz"), "init_run": "omniglot-5w1s",
                                 "init_iteration": 2}
     assert "--init " in " ".join(tuned.config.cli_args())
-    with pytest.raises(ConfigError, match="--ways/--hidden"):
+    with pytest.raises(ConfigError, match="match --hidden"):
         train(MamlConfig(iterations=1, init=str(tmp_path / "fo" / "latest.npz"), **{**SMALL, "hidden": 8}),
               DATA, tmp_path / "wrong", progress=False)
+    with pytest.raises(ConfigError, match="--ways unless --zero-head"):
+        train(MamlConfig(iterations=1, init=str(tmp_path / "fo" / "latest.npz"), **{**SMALL, "ways": 3}),
+              DATA, tmp_path / "wrong", progress=False)
+
+
+@needs_data
+def test_init_with_zero_head_takes_a_backbone_to_another_number_of_ways(tmp_path):
+    """--init --zero-head --ways 3 from a 5-way run: its backbone, a zero 3-way head (issue 5's 20-way)."""
+    train(MamlConfig(iterations=1, val_every=5, **SMALL), DATA, tmp_path / "5way", progress=False)
+    source = load_checkpoint(tmp_path / "5way" / "latest.npz")
+    config = MamlConfig(iterations=1, val_every=5, ways=3, zero_head=True,
+                        init=str(tmp_path / "5way" / "latest.npz"), **SMALL)
+    params, origin = initial_params(Model.from_specs(config.layers), config)
+    assert origin["head"] == "zero 3-way" and params.keys() == source.params.keys()
+    for name, value in params.items():
+        if name.startswith("fc"):
+            assert value.shape[-1] == 3 and not value.any(), name
+        else:
+            np.testing.assert_array_equal(value, source.params[name], err_msg=name)
+    train(config, DATA, tmp_path / "3way", progress=False)  # and it trains
+    assert load_checkpoint(tmp_path / "3way" / "latest.npz").config.ways == 3
+    assert json.loads(open(tmp_path / "3way" / "metrics.jsonl").readline())["weights"]["head"] == "zero 3-way"
 
 
 @needs_data
