@@ -105,8 +105,10 @@ def click_options(cls, only_cli: bool = True):
                                     help=f"{f.metadata['help']}")(func)
             else:
                 kind = {"int": int, "float": float, "str": str}.get(f.type, str)
+                # a None default means "none" or a default the help text names itself
+                shown = "" if default is None else f" [default: {default}]"
                 func = click.option(flag, f.name, type=kind, default=None, show_default=False,
-                                    help=f"{f.metadata['help']} [default: {default}]")(func)
+                                    help=f"{f.metadata['help']}{shown}")(func)
         return func
     return decorate
 
