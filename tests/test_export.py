@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from maml_export.adapter import Adapter
-from maml_export.checkpoint import Checkpoint, default_checkpoint, load_checkpoint, save_checkpoint
+from maml_export.checkpoint import PRETRAINED_DIR, Checkpoint, default_checkpoint, load_checkpoint, save_checkpoint
 from maml_export.config import MamlConfig
 from maml_export.errors import ExportError
 from maml_export.export import export_model
@@ -206,6 +206,21 @@ def test_accuracy_on_20_test_tasks_equals_eager(exported, omniglot, checkpoint):
     assert np.mean(acc_onnx) == np.mean(acc_eager)
     if default_checkpoint().is_file():
         assert np.mean(acc_onnx) > 0.8  # trained 5-way 1-shot weights
+
+
+@pytest.mark.parametrize("bundled", sorted(PRETRAINED_DIR.glob("*.npz")), ids=lambda p: p.stem)
+def test_bundled_weights_are_trained_for_their_ways(bundled, omniglot):
+    """Every shipped checkpoint (issue 5) says how it was made and chosen, and adapts well on real test tasks
+    of its own number of ways (chance: 1/ways)."""
+    from maml_export.data import TaskSampler
+    ckpt = load_checkpoint(bundled)
+    assert ckpt.state["command"].startswith("python -m train") and ckpt.state["best_val_accuracy"] > 0.9
+    assert bundled.with_suffix(".metrics.jsonl").is_file() and bundled.stem.endswith(f"-{ckpt.config.ways}w1s")
+    images, test = omniglot
+    t = TaskSampler(images, test, ways=ckpt.config.ways, shots=1, query=15, seed=5).sample(4)
+    accuracy = np.mean([(eager_logits(ckpt, t.x_spt[i], t.y_spt[i], t.x_qry[i]).argmax(1) == t.y_qry[i]).mean()
+                        for i in range(4)])
+    assert accuracy > 0.8, accuracy
 
 
 @pytest.mark.parametrize("shots,queries", [(1, [1, 7, 75]), (5, [3, 75])])
