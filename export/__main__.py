@@ -14,8 +14,8 @@ from maml_export.cli import run
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--checkpoint", type=str, default=None,
-              help="Checkpoint (.npz written by `python -m train`, or a run folder: its latest.npz). "
-                   "[default: the bundled maml_export/pretrained/omniglot-5w1s.npz]")
+              help="Checkpoint (.npz written by `python -m train`, a run folder: its latest.npz, or a bundled "
+                   "one by name: omniglot-5w1s, omniglot-20w1s). [default: the bundled omniglot-5w1s]")
 @click.option("--steps", type=int, default=5, show_default=True,
               help="Inner SGD steps on the support set, unrolled into the graph.")
 @click.option("--inner-lr", type=float, default=None,

@@ -36,6 +36,22 @@ def default_checkpoint() -> Path:
     return PRETRAINED_DIR / "omniglot-5w1s.npz"
 
 
+def bundled_names() -> list[str]:
+    """Names of the bundled checkpoints (`omniglot-5w1s`, `omniglot-20w1s`): usable wherever a path is."""
+    return sorted(p.stem for p in PRETRAINED_DIR.glob("*.npz"))
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The .npz a checkpoint argument means: a file as it is, a run folder's `latest.npz`, or a bundled
+    checkpoint by name (so an installed package needs no path into site-packages)."""
+    path = Path(path)
+    if path.is_dir():
+        return path / "latest.npz"
+    if not path.exists() and str(path) in bundled_names():
+        return PRETRAINED_DIR / f"{path}.npz"
+    return path
+
+
 @dataclass
 class Checkpoint:
     config: MamlConfig
@@ -81,11 +97,10 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read and validate a checkpoint; every problem is one `CheckpointError` line naming the file."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "latest.npz"
+    path = resolve_checkpoint(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist (pass a .npz written by `python -m train`)")
+        raise CheckpointError(f"checkpoint {path} does not exist (pass a .npz written by `python -m train`, a run "
+                              f"folder, or a bundled name: {', '.join(bundled_names())})")
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}

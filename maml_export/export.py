@@ -31,7 +31,7 @@ import paddle
 import paddle2onnx
 
 from . import __version__
-from .checkpoint import default_checkpoint, load_checkpoint
+from .checkpoint import default_checkpoint, load_checkpoint, resolve_checkpoint
 from .errors import CheckpointError, ExportError
 from .maml import MAML
 from .model import Model
@@ -146,8 +146,7 @@ def export_model(checkpoint: str | os.PathLike | None = None, out: str | os.Path
     if task_batch < 0:
         raise ExportError(f"--task-batch must be at least 1, got {task_batch}")
     tasks = -(-tasks // task_batch) * task_batch if task_batch else tasks  # whole calls of T tasks
-    ckpt_path = Path(checkpoint) if checkpoint is not None else default_checkpoint()
-    ckpt_path = ckpt_path / "latest.npz" if ckpt_path.is_dir() else ckpt_path  # a training run folder
+    ckpt_path = resolve_checkpoint(checkpoint) if checkpoint is not None else default_checkpoint()
     try:
         ckpt = load_checkpoint(ckpt_path)
     except CheckpointError as e:

@@ -22,7 +22,7 @@ from PIL import Image
 from maml_export.adapter import Adapter
 from maml_export.checkpoint import PRETRAINED_DIR, Checkpoint, default_checkpoint, load_checkpoint, save_checkpoint
 from maml_export.config import MamlConfig
-from maml_export.errors import ExportError
+from maml_export.errors import CheckpointError, ExportError
 from maml_export.export import export_model
 from maml_export.onnx_convert import check_ops, convert, inspect_program
 from maml_export.maml import MAML
@@ -213,7 +213,7 @@ def test_bundled_weights_are_trained_for_their_ways(bundled, omniglot):
     """Every shipped checkpoint (issue 5) says how it was made and chosen, and adapts well on real test tasks
     of its own number of ways (chance: 1/ways)."""
     from maml_export.data import TaskSampler
-    ckpt = load_checkpoint(bundled)
+    ckpt = load_checkpoint(bundled.stem)  # by name, as `--checkpoint omniglot-20w1s` takes it
     assert ckpt.state["command"].startswith("python -m train") and ckpt.state["best_val_accuracy"] > 0.9
     assert bundled.with_suffix(".metrics.jsonl").is_file() and bundled.stem.endswith(f"-{ckpt.config.ways}w1s")
     images, test = omniglot
@@ -221,6 +221,11 @@ def test_bundled_weights_are_trained_for_their_ways(bundled, omniglot):
     accuracy = np.mean([(eager_logits(ckpt, t.x_spt[i], t.y_spt[i], t.x_qry[i]).argmax(1) == t.y_qry[i]).mean()
                         for i in range(4)])
     assert accuracy > 0.8, accuracy
+
+
+def test_an_unknown_checkpoint_name_lists_the_bundled_ones():
+    with pytest.raises(CheckpointError, match="does not exist .*bundled name: .*omniglot-5w1s"):
+        load_checkpoint("omniglot-7w1s")
 
 
 @pytest.mark.parametrize("shots,queries", [(1, [1, 7, 75]), (5, [3, 75])])

@@ -54,7 +54,8 @@ def main(ctx, data, out, resume, threads, **options):
 
 @main.command()
 @click.option("--checkpoint", type=click.Path(), default=None,
-              help="checkpoint .npz (or a run folder) [default: the bundled pretrained weights]")
+              help="checkpoint .npz, a run folder, or a bundled one by name (omniglot-20w1s) "
+                   "[default: the bundled omniglot-5w1s]")
 @click.option("--data", type=click.Path(), default=None, help="Omniglot folder [default: $OMNIGLOT_DIR]")
 @click.option("--tasks", type=int, default=600, show_default=True, help="test tasks to average over")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
