@@ -76,11 +76,11 @@ class Model:
                 for k, v in layer.init_params(rng).items()}
 
     def with_zero_head(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """This model's parameters from another model's of the same backbone: the backbone's arrays as they
-        are, the head's zero. A model meta-trained with the zeroing trick (`--zero-head`) has a
-        task-agnostic zero head, so its backbone serves any number of ways (issue 5)."""
-        return {k: params[k] if k in params and params[k].shape == v.shape and not k.startswith(self.names[-1] + ".")
-                else np.zeros_like(v) for k, v in self.init_params(0).items()}
+        """This model's parameters from another model's with the same backbone (the caller checks that): the
+        backbone's arrays as they are, the head's zero. A model meta-trained with the zeroing trick
+        (`--zero-head`) has a task-agnostic zero head, so its backbone serves any number of ways (issue 5)."""
+        head = self.names[-1] + "."
+        return {k: np.zeros_like(v) if k.startswith(head) else params[k] for k, v in self.init_params(0).items()}
 
     def _local(self, params: dict, prefix: str | None) -> dict:
         if prefix is None:
