@@ -80,7 +80,8 @@ class Model:
         backbone's arrays as they are, the head's zero. A model meta-trained with the zeroing trick
         (`--zero-head`) has a task-agnostic zero head, so its backbone serves any number of ways (issue 5)."""
         head = self.names[-1] + "."
-        return {k: np.zeros_like(v) if k.startswith(head) else params[k] for k, v in self.init_params(0).items()}
+        return {k: np.zeros(shape, "float32") if k.startswith(head) else params[k]
+                for k, shape in self.param_shapes().items()}
 
     def _local(self, params: dict, prefix: str | None) -> dict:
         if prefix is None:
