@@ -39,7 +39,9 @@ def table(report: dict) -> str:
     lines = [f"adapt-then-predict: one task per call (support + 15 queries per class), all SGD steps, provider "
              f"{s['provider']}, {s['threads']} threads; inputs: {s['inputs']}",
              f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}; {versions}",
-             (f"floor = counted FLOPs / {report['gemm_gflops']:.1f} GFLOP/s ({report['gemm']}, measured now)"
+             (f"floor = counted FLOPs / the p50 rate of a {report['gemm']}, timed round-robin with each config's rows"
+              if report.get("gemm_round_robin") else
+              f"floor = counted FLOPs / {report['gemm_gflops']:.1f} GFLOP/s ({report['gemm']}, measured now)"
               if report["gemm_gflops"] else f"no floor: no GEMM rate measured ({report['gemm']})")
              + "; rel diff and same class: against eager Paddle" + (" (the kit's logits)" if s.get("kit") else "")]
     if m.get("gpu"):
@@ -47,6 +49,9 @@ def table(report: dict) -> str:
     for config, floor in report["flop_floor_ms"].items():
         model = report["models"][config]
         floor_text = "no floor" if floor is None else f"floor {floor:.1f} ms"
+        gemm = report.get("gemm_round_robin", {}).get(config)
+        if gemm:
+            floor_text += f" (GEMM p50 {gemm['p50_gflops']:.0f} GFLOP/s, best {gemm['best_gflops']:.0f}, {gemm['runs']} runs)"
         lines += ["", f"{config}: {model['flops'] / 1e9:.2f} GFLOP ({model['steps']} steps), {floor_text}; "
                       f"weights: {model['weights']}", line("runtime", COLUMNS)]
         lines += [line(names[id(r)], _cells(r)) for r in sorted(results, key=lambda r: r["ratio_to_fastest"])

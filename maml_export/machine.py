@@ -3,8 +3,9 @@
 `count_flops(specs, support, query, steps)` counts 2 x multiply-adds of the convolutions and the linear
 head (per SGD step on the support set: forward, weight gradients, input gradients except the first
 layer's; then one forward on the query set). `gemm_gflops(threads)` is numpy's float32 2048^3 matmul on
-`threads` threads, `gpu_gemm_gflops()` PyTorch's fp32 4096^3 one on the GPU; FLOPs / rate is the floor
-`maml-bench` reports every row as a multiple of, measured in the same run as the rows.
+`threads` threads (`GemmWorker`, one matmul per call, lets `maml-bench` time it round-robin with the rows),
+`gpu_gemm_gflops()` PyTorch's fp32 4096^3 one on the GPU; FLOPs / rate is the floor `maml-bench` reports
+every row as a multiple of, measured in the same run as the rows.
 
 Example:
     >>> from maml_export.model import conv4_specs
@@ -17,6 +18,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from importlib import metadata
 
 
@@ -38,20 +40,57 @@ def count_flops(specs: list[dict], support: int, query: int, steps: int, image_s
     return 2 * (steps * support * step + query * forward)
 
 
-_GEMM = """import sys, time, numpy as np
+_GEMM_WORKER = """import sys, numpy as np
 n = int(sys.argv[1]); a, b = (np.random.default_rng(i).standard_normal((n, n), dtype=np.float32) for i in (0, 1))
-a @ b; best = float("inf")
-for _ in range(5):
-    start = time.perf_counter(); a @ b; best = min(best, time.perf_counter() - start)
-print(2 * n ** 3 / best / 1e9)"""
+out = np.empty((n, n), np.float32)
+for _ in sys.stdin:  # one line in, one matmul, one line out
+    np.matmul(a, b, out=out); print(flush=True)"""
 
 
-def gemm_gflops(threads: int, n: int = 2048) -> float:
-    """numpy's float32 n^3 matmul rate, best of 5 after a warm-up, in a child process whose OpenBLAS
-    gets `threads` threads (OPENBLAS_NUM_THREADS only takes effect before numpy is imported)."""
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
-    return float(subprocess.run([sys.executable, "-c", _GEMM, str(n)], env=env, capture_output=True, text=True,
-                                check=True).stdout)
+class GemmWorker:
+    """numpy's float32 n^3 matmul in a child process whose OpenBLAS has `threads` threads
+    (OPENBLAS_NUM_THREADS only takes effect before numpy is imported); each call multiplies once.
+
+    A callable like the runtimes' calls, so `maml-bench` times the floor's GEMM round-robin with the
+    rows it is the floor of: a burst of load on a shared machine then slows both alike. (Measured once
+    before the rows, the rate read 89-142 GFLOP/s across one day's runs on this 2-core machine, and every
+    row's "x floor" moved with it.) The pipe's round trip, ~0.1 ms, is timed with the ~100 ms product.
+    """
+
+    def __init__(self, threads: int, n: int = 2048):
+        self.flops = 2 * n ** 3
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+        self.process = subprocess.Popen([sys.executable, "-c", _GEMM_WORKER, str(n)], env=env, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def __call__(self) -> None:
+        self.process.stdin.write("\n")
+        self.process.stdin.flush()
+        if not self.process.stdout.readline():
+            raise RuntimeError(f"the GEMM worker (numpy, pid {self.process.pid}) exited with {self.process.wait()}")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait(timeout=30)
+
+    def __enter__(self) -> "GemmWorker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def gemm_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """numpy's float32 n^3 matmul rate on `threads` threads, best of `repeats` after a warm-up."""
+    with GemmWorker(threads, n) as gemm:
+        gemm()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            gemm()
+            best = min(best, time.perf_counter() - start)
+    return gemm.flops / best / 1e9
 
 
 def machine_info(threads: int) -> dict:

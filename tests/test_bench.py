@@ -120,10 +120,11 @@ def test_cli_end_to_end_writes_the_json_schema_and_all_peers_agree(exported, tmp
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     doc = json.loads((tmp_path / "bench.json").read_text())
-    assert {"machine", "results", "flop_floor_ms", "gemm_gflops"} <= set(doc)
+    assert {"machine", "results", "flop_floor_ms", "gemm_round_robin"} <= set(doc)
     assert {"cpu", "cores", "threads", "python", "versions"} <= set(doc["machine"])
-    assert doc["gemm_gflops"] > 1
-    assert doc["flop_floor_ms"]["5w1s"] == pytest.approx(2.922028800e9 / doc["gemm_gflops"] / 1e6)
+    gemm = doc["gemm_round_robin"]["5w1s"]  # the floor's GEMM, timed round-robin with the rows
+    assert gemm["runs"] == 3 and 1 < gemm["p50_gflops"] <= gemm["best_gflops"] < 1e5
+    assert doc["flop_floor_ms"]["5w1s"] == pytest.approx(2.922028800e9 / gemm["p50_gflops"] / 1e6)
     rows = {r["runtime"]: r for r in doc["results"]}
     skipped = {s["runtime"]: s["reason"] for s in doc["skipped"]}
     assert set(rows) | set(skipped) == RUNTIMES and {"onnxruntime", "paddle-eager", "paddlerec-loop"} <= set(rows)
@@ -199,7 +200,9 @@ def test_kit_times_the_graph_without_paddle_against_eager_paddles_logits(exporte
     assert "onnxruntime" in rows and not {"paddle-eager", "paddlerec-loop", "paddle-inference"} & set(rows)
     r = rows["onnxruntime"]  # checked against the kit's eager Paddle logits: the same function
     assert r["queries"] == 75 and not r["flagged"] and r["max_rel_vs_eager"] < 1e-3, r
-    assert doc["flop_floor_ms"]["5w1s"] == pytest.approx(2.922028800e9 / doc["gemm_gflops"] / 1e6)
+    gemm = doc["gemm_round_robin"]["5w1s"]
+    assert gemm["runs"] == 2 and doc["flop_floor_ms"]["5w1s"] == pytest.approx(2.922028800e9 / gemm["p50_gflops"] / 1e6)
+    assert r["floor_multiple"] == pytest.approx(r["p50_ms"] / doc["flop_floor_ms"]["5w1s"])
     missing = bench("--kit", str(kit), "--configs", "20w5s")
     assert missing.returncode != 0 and "the kit" in missing.stderr and "has no 20w5s" in missing.stderr
     (kit / "kit.json").write_text("{")
