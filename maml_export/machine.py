@@ -21,6 +21,8 @@ import sys
 import time
 from importlib import metadata
 
+from .errors import MamlError
+
 
 def count_flops(specs: list[dict], support: int, query: int, steps: int, image_size: int = 28) -> int:
     """FLOPs (2 x MACs of Conv2d and Linear layers) of `steps` SGD steps on `support` images, then one
@@ -64,14 +66,19 @@ class GemmWorker:
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     def __call__(self) -> None:
-        self.process.stdin.write("\n")
-        self.process.stdin.flush()
-        if not self.process.stdout.readline():
-            raise RuntimeError(f"the GEMM worker (numpy, pid {self.process.pid}) exited with {self.process.wait()}")
+        try:
+            self.process.stdin.write("\n")
+            self.process.stdin.flush()
+            done = self.process.stdout.readline()
+        except BrokenPipeError:
+            done = ""
+        if not done:
+            raise MamlError(f"the floor's GEMM worker (numpy, pid {self.process.pid}) exited with status "
+                            f"{self.process.wait()}")
 
     def close(self) -> None:
         if self.process.poll() is None:
-            self.process.stdin.close()
+            self.process.stdin.close()  # the worker's loop ends at end of input
             self.process.wait(timeout=30)
 
     def __enter__(self) -> "GemmWorker":

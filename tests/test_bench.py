@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from maml_export.benchmark import BenchConfig, agreement, parse_configs, time_calls, time_interleaved
-from maml_export.machine import count_flops
-from maml_export.errors import ConfigError
+from maml_export.machine import GemmWorker, count_flops, gemm_gflops
+from maml_export.errors import ConfigError, MamlError
 from maml_export.model import conv4_specs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +48,19 @@ def test_flop_counter_by_hand():
     # one step on one image: forward + weight gradients + input gradients, except the first conv's
     assert count_flops(specs, support=1, query=0, steps=1) == 2 * (3 * forward - convs[0])
     assert count_flops(specs, support=5, query=75, steps=5) == 2_922_028_800
+
+
+def test_gemm_worker_multiplies_on_each_call_and_a_dead_worker_is_one_error():
+    with GemmWorker(threads=1, n=256) as gemm:
+        assert gemm.flops == 2 * 256 ** 3
+        for _ in range(3):
+            gemm()  # one line in, one product, one line back
+        assert gemm.process.poll() is None  # the child stays up between calls
+        assert 1 < gemm_gflops(threads=1, n=256) < 1e5  # the one-shot rate uses the same worker
+        gemm.process.kill()
+        gemm.process.wait()
+        with pytest.raises(MamlError, match="GEMM worker .* exited with status"):
+            gemm()
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
