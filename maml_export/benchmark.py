@@ -18,7 +18,8 @@ disagreement.
 The limit (`machine`): the adaptation's FLOPs over the matrix-multiply rate measured in the same run (numpy
 on --threads threads for the CPU, PyTorch for a GPU) is the floor every row is reported as a multiple of.
 On the CPU the GEMM is timed round-robin with each config's rows and its p50 rate sets that config's floor,
-so that load from other work slows the floor and the rows alike (`gemm_round_robin` in the report).
+so that load from other work falls on the floor and the rows in the same rounds (`gemm_round_robin` in
+the report; a graph of many small kernels still suffers more from it than one large product).
 """
 from __future__ import annotations
 

@@ -54,9 +54,10 @@ class GemmWorker:
     (OPENBLAS_NUM_THREADS only takes effect before numpy is imported); each call multiplies once.
 
     A callable like the runtimes' calls, so `maml-bench` times the floor's GEMM round-robin with the
-    rows it is the floor of: a burst of load on a shared machine then slows both alike. (Measured once
-    before the rows, the rate read 89-142 GFLOP/s across one day's runs on this 2-core machine, and every
-    row's "x floor" moved with it.) The pipe's round trip, ~0.1 ms, is timed with the ~100 ms product.
+    rows it is the floor of: a burst of load on a shared machine then falls on both in the same rounds.
+    (Measured once before the rows, the rate read 89-142 GFLOP/s across one day's runs on this 2-core
+    machine, and every row's "x floor" moved with it.) The pipe's round trip, ~0.1 ms, is timed with the
+    ~100 ms product.
     """
 
     def __init__(self, threads: int, n: int = 2048):
