@@ -116,7 +116,8 @@ def table(report: dict) -> str:
 @click.option("--task-batch", type=click.IntRange(min=1), default=None,
               help="Also time onnxruntime's throughput on T tasks: one call of a graph exported with --task-batch T "
                    "(same weights, exported now) against T single-task calls, on the same tasks; rows "
-                   "onnxruntime-batch and onnxruntime-loop, tasks/s per task. --provider cpu only.")
+                   "onnxruntime-batch and onnxruntime-loop, tasks/s per task. With --write-kit: the kit holds the "
+                   "batched graphs and T tasks; with --kit: the kit's T.")
 @click.option("--write-kit", type=click.Path(file_okay=False), default=None,
               help="Write a benchmark kit to this folder and exit: the graphs --configs need, one task per config "
                    "and eager Paddle's logits for it. `maml-bench --kit DIR` then times them where Paddle is "
@@ -143,7 +144,7 @@ def cli(provider, model, configs, steps, threads, warmup, runs, max_seconds, dat
         raise click.UsageError("--write-kit and --kit: write a kit here, time it (--kit) where it is to run")
     if write_kit:
         from maml_export.kit import write_kit as write
-        index = write(Path(write_kit), parsed, model and Path(model), steps, data, echo=lambda m: click.echo(m, err=True))
+        index = write(Path(write_kit), parsed, model and Path(model), steps, data, task_batch, echo=lambda m: click.echo(m, err=True))
         click.echo(f"wrote the kit {write_kit}: {', '.join(index['configs'])}; time it with maml-bench --kit {write_kit}")
         return 0
     report = run_benchmark(parsed, provider, model, steps, threads, warmup, runs, max_seconds, data, tasks, task_batch,

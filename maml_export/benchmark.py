@@ -238,31 +238,63 @@ def bench_config(c: BenchConfig, exp: Exported, binders: dict, report: dict, ima
             r["settled_by_float64"] = agreement(outs[r["runtime"]], f64)["disagreements"] == 0
 
 
-def bench_task_batch(c: BenchConfig, exp: Exported, batch: Exported, task_batch: int, binders: dict, report: dict,
-                     images, warmup, runs, max_seconds):
-    """Throughput on T = `task_batch` tasks of config `c`: one call of the batched graph `batch` against T calls
-    of the single-task graph, on the same tasks; adds rows onnxruntime-batch and onnxruntime-loop to `report`."""
-    provider, threads = report["settings"]["provider"], report["settings"]["threads"]
+def batch_tasks(c: BenchConfig, exp: Exported, task_batch: int, images, float64: bool = True) -> dict:
+    """T = `task_batch` tasks of config `c` (seeds 0..T-1) stacked: x_spt [T, S, ...], y_spt [T, S], x_qry
+    [T, Q, ...], and eager Paddle's logits [T, Q, ways] in float32 (and float64), one task at a time."""
     tasks = [task_inputs(c, exp.config.channels, exp.config.image_size, images, seed=i)[:3] for i in range(task_batch)]
-    eager, single = binders["paddle-eager", c.ways], binders["onnxruntime", c.ways]
-    ref = np.stack([eager(*t)() for t in tasks])  # eager Paddle, one task at a time: (T, Q, ways)
-    singles = [single(*t) for t in tasks]
-    calls = {"onnxruntime-batch": (onnxruntime(batch, provider, threads)(*map(np.stack, zip(*tasks))),
-                                   f"{task_batch} tasks in one call"),
-             "onnxruntime-loop": (lambda: np.stack([np.asarray(call()) for call in singles]),
-                                  f"{task_batch} single-task calls")}
+    out = dict(zip(("x_spt", "y_spt", "x_qry"), map(np.stack, zip(*tasks))))
+    for dtype in ("float32", "float64")[:1 + float64]:
+        eager = paddle_eager(exp, dtype=dtype)
+        out[dtype] = np.stack([eager(*t)() for t in tasks])
+    return out
+
+
+def bench_task_batch(c: BenchConfig, exp: Exported, batch: Exported, tasks: dict, binders: dict, report: dict,
+                     warmup, runs, max_seconds):
+    """Throughput on the T tasks of `tasks` (`batch_tasks`' layout) of config `c`: one call of the batched graph
+    `batch` against T calls of the single-task graph; adds rows onnxruntime-batch and onnxruntime-loop to
+    `report`. On a GPU both rows copy their tasks in and the logits out on every call, as a server would
+    (a CUDA graph replays on fixed device buffers: `feed` refills them)."""
+    provider, threads = report["settings"]["provider"], report["settings"]["threads"]
+    T = len(tasks["x_spt"])
+    each = [(tasks["x_spt"][i], tasks["y_spt"][i], tasks["x_qry"][i]) for i in range(T)]
+    stacked = (tasks["x_spt"], tasks["y_spt"], tasks["x_qry"])
+    batch_call = onnxruntime(batch, provider, threads)(*stacked)
+    if provider == "cpu":
+        singles = [binders["onnxruntime", c.ways](*t) for t in each]
+        calls = {"onnxruntime-batch": (batch_call, f"{T} tasks in one call"),
+                 "onnxruntime-loop": (lambda: np.stack([np.asarray(call()) for call in singles]),
+                                      f"{T} single-task calls")}
+    else:
+        single = binders["onnxruntime", c.ways](*each[0])  # one session: a CUDA graph per bound shape
+
+        def loop():
+            outs = []
+            for t in each:
+                single.feed(*t)
+                outs.append(host(single()))
+            return np.stack(outs)
+
+        def one_call():
+            batch_call.feed(*stacked)
+            return host(batch_call())
+        copies = "inputs copied in and logits out each call"
+        calls = {"onnxruntime-batch": (one_call, f"{T} tasks in one call, {batch_call.detail}, {copies}"),
+                 "onnxruntime-loop": (loop, f"{T} single-task calls, {single.detail}, {copies}")}
     rows = {}
     timed = time_interleaved({name: call for name, (call, _) in calls.items()}, warmup, runs, max_seconds)
     for name, (call, detail) in calls.items():
         stats, out = timed[name]
         out = host(out)
-        stats["tasks_per_s"] *= task_batch  # per task: a call adapts T tasks
+        stats["tasks_per_s"] *= T  # per task: a call adapts T tasks
         rows[name] = {"runtime": name, "provider": provider, "config": c.name, "steps": exp.steps, **stats,
-                      "detail": detail, "task_batch": task_batch, **agreement_per_task(out, ref)}
+                      "detail": detail, "task_batch": T, **agreement_per_task(out, tasks["float32"])}
         if rows[name]["disagreements"]:  # float64 decides, as in bench_config
-            f64 = paddle_eager(exp, dtype="float64")
-            rows[name]["settled_by_float64"] = agreement_per_task(out, np.stack([f64(*t)() for t in tasks]))[
-                "disagreements"] == 0
+            f64 = tasks.get("float64")
+            if f64 is None:  # not computed up front (batch_tasks(float64=False)): eager Paddle is here
+                eager64 = paddle_eager(exp, dtype="float64")
+                f64 = np.stack([eager64(*t)() for t in each])
+            rows[name]["settled_by_float64"] = agreement_per_task(out, f64)["disagreements"] == 0
     rows["onnxruntime-batch"]["speedup_vs_loop"] = (rows["onnxruntime-batch"]["tasks_per_s"]
                                                     / rows["onnxruntime-loop"]["tasks_per_s"])
     report["results"] += rows.values()
@@ -276,18 +308,20 @@ def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str 
     per call); returns the report `maml-bench --json` writes. With `kit` (maml_export.kit), the graphs, tasks and
     reference logits come from that folder and Paddle is not needed."""
     check_provider(provider)  # the cheap checks first: no export, no Paddle import before a usage error
-    if task_batch and provider != "cpu":
-        raise ConfigError(f"--task-batch: measured with --provider cpu only (not {provider}) for now")
     if tasks and not data:
         raise ConfigError("--tasks (meta-test accuracy) needs Omniglot: pass --data DIR or set OMNIGLOT_DIR")
-    if kit and (tasks or task_batch or model or steps):
-        raise ConfigError("--kit: the kit fixes the graphs and tasks; leave out --model, --steps, --tasks, --task-batch")
+    if kit and (tasks or model or steps):
+        raise ConfigError("--kit: the kit fixes the graphs and tasks; leave out --model, --steps, --tasks")
     path = model_path(model)
     threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     if not kit:
         from .trainer import set_threads
         set_threads(threads)
-    kit_models, kit_tasks = read_kit(Path(kit)) if kit else ({}, {})
+    kit_models, kit_tasks, kit_batch = read_kit(Path(kit)) if kit else ({}, {}, None)
+    if kit and task_batch and task_batch != kit_batch:
+        raise ConfigError(f"--task-batch {task_batch}: the kit {kit} holds " + (
+            f"{kit_batch} tasks a call" if kit_batch else "no batched graphs") +
+            f"; write one with maml-bench --write-kit DIR --task-batch {task_batch}")
     missing = [c.name for c in configs if kit and c.name not in kit_tasks]
     if missing:
         raise ConfigError(f"--configs: the kit {kit} has no {', '.join(missing)} (it has {', '.join(kit_tasks)})")
@@ -306,7 +340,7 @@ def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str 
     with tempfile.TemporaryDirectory(prefix="maml-bench-") as tmp, contextlib.ExitStack() as stack:
         models = kit_models or prepare_models(path, configs, steps, Path(tmp), data, echo)
         binders, batches = {}, {}
-        for ways, exp in models.items() if task_batch else ():
+        for ways, exp in models.items() if task_batch and not kit else ():
             echo(f"exporting the {ways}-way graph for {task_batch} tasks per call ...")
             batches[ways] = batched(exp, task_batch, Path(tmp), data)
         if provider == "cpu":  # the floor's GEMM is timed round-robin with each config's rows (bench_config)
@@ -321,9 +355,10 @@ def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str 
             echo(f"timing {c.name} ...")
             bench_config(c, models[c.ways], binders, report, images, warmup, runs, max_seconds, kit_tasks.get(c.name))
             if task_batch:
+                batch = kit_tasks[c.name]["batch"] if kit else batch_tasks(c, models[c.ways], task_batch, images, False)
+                graph = batch["graph"] if kit else batches[c.ways]
                 echo(f"timing {c.name}, {task_batch} tasks: one batched call against {task_batch} single calls ...")
-                bench_task_batch(c, models[c.ways], batches[c.ways], task_batch, binders, report, images, warmup, runs,
-                                 max_seconds)
+                bench_task_batch(c, models[c.ways], graph, batch, binders, report, warmup, runs, max_seconds)
             if tasks:
                 echo(f"{c.name}: meta-test accuracy on {tasks} tasks ...")
                 report["accuracy"].append(meta_test_accuracy(models[c.ways], c, provider, threads, images, tasks))

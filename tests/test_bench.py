@@ -199,20 +199,27 @@ main(sys.argv[1:])
 
 def test_kit_times_the_graph_without_paddle_against_eager_paddles_logits(exported, tmp_path):
     kit = tmp_path / "kit"
-    result = bench("--write-kit", str(kit), "--model", str(exported), "--configs", "5w1s")
+    result = bench("--write-kit", str(kit), "--model", str(exported), "--configs", "5w1s", "--task-batch", "2")
     assert result.returncode == 0 and "wrote the kit" in result.stdout, result.stderr[-3000:]
     with np.load(kit / "5w1s.npz") as z:
         assert z["x_spt"].shape == (5, 1, 28, 28) and z["x_qry"].shape == (75, 1, 28, 28)
         assert z["float32"].shape == z["float64"].shape == (75, 5)
+        # the batched rows' 2 tasks, the first of them the single rows' task
+        assert z["batch_x_spt"].shape == (2, 5, 1, 28, 28) and z["batch_float64"].shape == (2, 75, 5)
+        assert (z["batch_x_qry"][0] == z["x_qry"]).all() and not (z["batch_x_qry"][1] == z["x_qry"]).all()
     run = subprocess.run([sys.executable, "-c", NO_PADDLE, "--kit", str(kit), "--configs", "5w1s", "--runs", "2",
-                          "--json", str(tmp_path / "kit.json")], capture_output=True, text=True, env=ENV, cwd=ROOT,
-                         timeout=300)
+                          "--task-batch", "2", "--json", str(tmp_path / "kit.json")], capture_output=True, text=True,
+                         env=ENV, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     doc = json.loads((tmp_path / "kit.json").read_text())
     rows = {r["runtime"]: r for r in doc["results"]}
     assert "onnxruntime" in rows and not {"paddle-eager", "paddlerec-loop", "paddle-inference"} & set(rows)
     r = rows["onnxruntime"]  # checked against the kit's eager Paddle logits: the same function
     assert r["queries"] == 75 and not r["flagged"] and r["max_rel_vs_eager"] < 1e-3, r
+    for name in ("onnxruntime-batch", "onnxruntime-loop"):  # both tasks checked against their own logits
+        assert rows[name]["queries"] == 150 and not rows[name]["flagged"] and rows[name]["task_batch"] == 2, rows[name]
+    other = bench("--kit", str(kit), "--configs", "5w1s", "--task-batch", "3")
+    assert other.returncode != 0 and "holds 2 tasks a call" in other.stderr and "--task-batch 3" in other.stderr
     gemm = doc["gemm_round_robin"]["5w1s"]
     assert gemm["runs"] == 2 and doc["flop_floor_ms"]["5w1s"] == pytest.approx(2.922028800e9 / gemm["p50_gflops"] / 1e6)
     assert r["floor_multiple"] == pytest.approx(r["p50_ms"] / doc["flop_floor_ms"]["5w1s"])
