@@ -20,26 +20,59 @@ import subprocess
 import sys
 import time
 from importlib import metadata
+from typing import NamedTuple
 
 from .errors import MamlError
+
+
+class Product(NamedTuple):
+    """One matrix product of an adaptation, (m, k) x (k, n), done `count` times. A convolution's spans
+    `images` images along `axis`: n for a forward or input gradient, k for a weight gradient (a sum over
+    the images); a linear layer's has images 1 and no axis (one column per image, nothing to split)."""
+    what: str
+    m: int
+    k: int
+    n: int
+    count: int
+    images: int = 1
+    axis: str = ""
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.m * self.k * self.n * self.count
+
+
+def matrix_products(specs: list[dict], support: int, query: int, steps: int, image_size: int = 28) -> list[Product]:
+    """The matrix products of `steps` SGD steps on `support` images, then one forward on `query` images,
+    as im2col sees them (a convolution is (out, in*k*k) x (in*k*k, images*h*w)); per SGD step each layer's
+    forward, weight gradient and input gradient, except the first layer's input gradient (the image's)."""
+    size, layers = image_size, []  # (name, out, in, per image spatial size)
+    for s in specs:
+        if s["type"] == "Conv2d":
+            size = (size + 2 * s["padding"] - s["kernel"]) // s["stride"] + 1
+            layers.append((f"conv{len(layers) + 1}", s["out_channels"], s["in_channels"] * s["kernel"] ** 2, size * size))
+        elif s["type"] == "Linear":
+            layers.append((f"linear{len(layers) + 1}", s["out_features"], s["in_features"], 1))
+        elif s["type"] == "MaxPool2":
+            size //= 2
+    products = []
+    for j, (name, out, fan_in, hw) in enumerate(layers):
+        for images, count, gradients in ((support, steps, True), (query, 1, False)):
+            if not (images and count):
+                continue
+            n, split = images * hw, (images, "n") if hw > 1 else ()
+            products.append(Product(f"{name} forward", out, fan_in, n, count, *split))
+            if gradients:
+                products.append(Product(f"{name} weight gradient", out, n, fan_in, count, *(split and (images, "k"))))
+                if j:
+                    products.append(Product(f"{name} input gradient", fan_in, out, n, count, *split))
+    return products
 
 
 def count_flops(specs: list[dict], support: int, query: int, steps: int, image_size: int = 28) -> int:
     """FLOPs (2 x MACs of Conv2d and Linear layers) of `steps` SGD steps on `support` images, then one
     forward on `query` images; the first layer's input gradient (the image's) is never computed."""
-    size, forward, first = image_size, 0, 0
-    for s in specs:
-        macs = 0
-        if s["type"] == "Conv2d":
-            size = (size + 2 * s["padding"] - s["kernel"]) // s["stride"] + 1
-            macs = s["out_channels"] * s["in_channels"] * s["kernel"] ** 2 * size * size
-        elif s["type"] == "Linear":
-            macs = s["in_features"] * s["out_features"]
-        elif s["type"] == "MaxPool2":
-            size //= 2
-        forward, first = forward + macs, first or macs
-    step = forward + forward + (forward - first)  # forward, weight gradients, input gradients
-    return 2 * (steps * support * step + query * forward)
+    return sum(p.flops for p in matrix_products(specs, support, query, steps, image_size))
 
 
 _GEMM_WORKER = """import sys, numpy as np

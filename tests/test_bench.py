@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from maml_export.benchmark import BenchConfig, agreement, parse_configs, time_calls, time_interleaved
-from maml_export.machine import GemmWorker, count_flops, gemm_gflops
+from maml_export.machine import GemmWorker, count_flops, gemm_gflops, matrix_products
 from maml_export.errors import ConfigError, MamlError
 from maml_export.model import conv4_specs
 
@@ -48,6 +48,34 @@ def test_flop_counter_by_hand():
     # one step on one image: forward + weight gradients + input gradients, except the first conv's
     assert count_flops(specs, support=1, query=0, steps=1) == 2 * (3 * forward - convs[0])
     assert count_flops(specs, support=5, query=75, steps=5) == 2_922_028_800
+
+
+def test_matrix_products_are_the_counted_flops_with_im2col_shapes():
+    for ways, shots in ((5, 1), (20, 5)):
+        specs = conv4_specs(ways)
+        products = matrix_products(specs, support=ways * shots, query=ways * 15, steps=5)
+        assert sum(p.flops for p in products) == count_flops(specs, ways * shots, ways * 15, 5)
+    by_what = {(p.what, p.count): p for p in matrix_products(conv4_specs(5), support=5, query=75, steps=5)}
+    # the second conv (14x14 out) on 75 query images, once: (64, 64*9) x (64*9, 75*196), split along n
+    assert by_what["conv2 forward", 1][1:] == (64, 576, 75 * 196, 1, 75, "n")
+    assert by_what["conv2 weight gradient", 5][1:] == (64, 5 * 196, 576, 5, 5, "k")  # a sum over the images
+    assert ("conv1 input gradient", 5) not in by_what and ("conv2 input gradient", 5) in by_what
+    assert by_what["linear5 forward", 5][1:] == (5, 64, 5, 5, 1, "")
+
+
+def test_product_bound_times_each_product_in_its_fastest_form():
+    from maml_export.bound import FORMS, product_bound
+    specs = conv4_specs(5, hidden=8)
+    r = product_bound(specs, support=5, query=10, steps=1, threads=1, rounds=3)
+    assert r["flops"] == count_flops(specs, 5, 10, 1) and len(r["products"]) == len(matrix_products(specs, 5, 10, 1))
+    assert r["products_ms"] == pytest.approx(sum(p["ms"] for p in r["products"]))
+    assert r["floor_ms"] == pytest.approx(r["flops"] / r["gemm_p50_gflops"] / 1e6)
+    block = r["query_first_block_ms"]  # the queries' (10, 8, 28, 28) map: statistics, the faster pool
+    assert set(block["pool_forms"]) == {"MaxPool", "reshape + ReduceMax"} and block["pool"] == min(block["pool_forms"].values())
+    assert r["bound_ms"] == pytest.approx(r["products_ms"] + block["statistics"] + block["pool"])
+    assert r["floor_multiple"] == pytest.approx(r["bound_ms"] / r["floor_ms"])
+    for p in r["products"]:
+        assert p["form"] in FORMS and 0 < p["ms_each"] <= p["whole_ms_each"] and p["ms"] == p["ms_each"] * p["count"]
 
 
 def test_gemm_worker_multiplies_on_each_call_and_a_dead_worker_is_one_error():
