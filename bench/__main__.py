@@ -62,7 +62,8 @@ def table(report: dict) -> str:
     if s["provider"] != "cpu":
         notes.append("Paddle peers not timed: this paddlepaddle computes on the CPU only (time them with --provider "
                      "cpu); eager Paddle still gives the reference logits. GPU rows: inputs and logits stay on the "
-                     "device (onnxruntime: IO binding); the floor is the GPU's fp32 GEMM rate.")
+                     "device (onnxruntime: IO binding), except that the --task-batch rows copy them in and out on "
+                     "every call; the floor is the GPU's fp32 GEMM rate.")
     if any(r["runs"] < s["runs"] for r in results):
         notes.append(f"rows with fewer than --runs {s['runs']} runs stopped after --max-seconds {s['max_seconds']:g} "
                      "(at least 3 runs); the p99 of few runs is about their maximum")
@@ -144,7 +145,8 @@ def cli(provider, model, configs, steps, threads, warmup, runs, max_seconds, dat
         raise click.UsageError("--write-kit and --kit: write a kit here, time it (--kit) where it is to run")
     if write_kit:
         from maml_export.kit import write_kit as write
-        index = write(Path(write_kit), parsed, model and Path(model), steps, data, task_batch, echo=lambda m: click.echo(m, err=True))
+        index = write(Path(write_kit), parsed, model and Path(model), steps, data, task_batch,
+                      echo=lambda m: click.echo(m, err=True))
         click.echo(f"wrote the kit {write_kit}: {', '.join(index['configs'])}; time it with maml-bench --kit {write_kit}")
         return 0
     report = run_benchmark(parsed, provider, model, steps, threads, warmup, runs, max_seconds, data, tasks, task_batch,

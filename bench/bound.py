@@ -37,24 +37,24 @@ def cli(configs, steps, hidden, threads, rounds, json_file):
     from maml_export.bound import product_bound
     from maml_export.model import conv4_specs
 
-    threads = threads or len(os.sched_getaffinity(0))
+    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     reports = {}
     for c in parse_configs(configs):
         click.echo(f"timing the products of {c.name} ...", err=True)
         r = reports[c.name] = product_bound(conv4_specs(c.ways, hidden=hidden), c.ways * c.shots, c.ways * c.query,
                                             steps, threads, rounds)
         click.echo(f"{c.name}: {r['flops'] / 1e9:.2f} GFLOP in {sum(p['count'] for p in r['products'])} products; "
-                   f"floor {r['floor_ms']:.1f} ms (2048^3 GEMM p50: numpy {r['gemm_p50_gflops']:.0f} GFLOP/s, onnxruntime "
-                   f"{r['onnxruntime_gemm_p50_gflops']:.0f}; {threads} threads)")
+                   f"floor {r['floor_ms']:.1f} ms (2048^3 GEMM p50: numpy {r['gemm_p50_gflops']:.0f} GFLOP/s, "
+                   f"onnxruntime {r['onnxruntime_gemm_p50_gflops']:.0f}; {threads} threads)")
         for p in sorted(r["products"], key=lambda p: -p["ms"]):
-            click.echo(f"  {p['ms']:7.2f} ms  {p['what']:<24s} ({p['m']}, {p['k']}) x ({p['k']}, {p['n']}) x{p['count']:<2d} "
-                       f"{p['gflops']:6.1f} GFLOP/s  {p['form']}")
+            shape = f"({p['m']}, {p['k']}) x ({p['k']}, {p['n']}) x{p['count']:<2d}"
+            click.echo(f"  {p['ms']:7.2f} ms  {p['what']:<24s} {shape} {p['gflops']:6.1f} GFLOP/s  {p['form']}")
         click.echo(f"  products alone: {r['products_ms']:.1f} ms = {r['products_floor_multiple']:.2f}x the floor")
         b = r["query_first_block_ms"]
         if b:
             forms = ", ".join(f"{k} {v:.2f}" for k, v in b["pool_forms"].items())
-            click.echo(f"  + the queries' first block: batch statistics {b['statistics']:.2f} ms, max-pool {b['pool']:.2f} ms "
-                       f"({forms})")
+            click.echo(f"  + the queries' first block: batch statistics {b['statistics']:.2f} ms, "
+                       f"max-pool {b['pool']:.2f} ms ({forms})")
         click.echo(f"  lower bound: {r['bound_ms']:.1f} ms = {r['floor_multiple']:.2f}x the floor\n")
     if json_file:
         Path(json_file).write_text(json.dumps(reports, indent=1))

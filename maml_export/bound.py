@@ -66,10 +66,10 @@ def _first_block(shape: tuple, threads: int) -> dict:
                                         threads),
             "MaxPool": _session_call([helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[2, 2], strides=[2, 2])],
                                      x, {}, threads),
-            "reshape + ReduceMax": _session_call([helper.make_node("Reshape", ["x", "windows"], ["x6"]),
-                                                  helper.make_node("ReduceMax", ["x6", "window_axes"], ["p"], keepdims=0)],
-                                                 x, {"windows": [n, c, h // 2, 2, w // 2, 2], "window_axes": [3, 5]},
-                                                 threads)}
+            "reshape + ReduceMax": _session_call(
+                [helper.make_node("Reshape", ["x", "windows"], ["x6"]),
+                 helper.make_node("ReduceMax", ["x6", "window_axes"], ["p"], keepdims=0)],
+                x, {"windows": [n, c, h // 2, 2, w // 2, 2], "window_axes": [3, 5]}, threads)}
 
 
 def _forms(p) -> list[tuple | None]:

@@ -93,7 +93,8 @@ def read_kit(kit: Path) -> tuple[dict, dict, int | None]:
                 arrays = {k: z[k] for k in z.files}
             tasks[name] = {**{k: v for k, v in arrays.items() if not k.startswith("batch_")}, **c}
             if index.get("task_batch"):
-                tasks[name]["batch"] = {k.removeprefix("batch_"): v for k, v in arrays.items() if k.startswith("batch_")}
+                tasks[name]["batch"] = {k.removeprefix("batch_"): v for k, v in arrays.items()
+                                        if k.startswith("batch_")}
                 tasks[name]["batch"]["graph"] = batches[c["ways"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"--kit {kit}: not a readable benchmark kit ({type(e).__name__}: {' '.join(str(e).split())[:160]}); "

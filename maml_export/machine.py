@@ -51,7 +51,8 @@ def matrix_products(specs: list[dict], support: int, query: int, steps: int, ima
     for s in specs:
         if s["type"] == "Conv2d":
             size = (size + 2 * s["padding"] - s["kernel"]) // s["stride"] + 1
-            layers.append((f"conv{len(layers) + 1}", s["out_channels"], s["in_channels"] * s["kernel"] ** 2, size * size))
+            fan_in = s["in_channels"] * s["kernel"] ** 2
+            layers.append((f"conv{len(layers) + 1}", s["out_channels"], fan_in, size * size))
         elif s["type"] == "Linear":
             layers.append((f"linear{len(layers) + 1}", s["out_features"], s["in_features"], 1))
         elif s["type"] == "MaxPool2":
