@@ -61,7 +61,7 @@ def write_kit(out: Path, configs: list, model: Path | None, steps: int | None, d
         arrays = {k: tasks[k][0] for k in ("x_spt", "y_spt", "x_qry", "float32", "float64")}
         if task_batch:
             arrays.update({f"batch_{k}": v for k, v in tasks.items()})
-        np.savez_compressed(out / f"{c.name}.npz", **arrays)  # binary images: compressed ~10x
+        np.savez_compressed(out / f"{c.name}.npz", **arrays)  # mostly-blank images: ~15x smaller
         xs, xq = arrays["x_spt"], arrays["x_qry"]
         index["configs"][c.name] = {"ways": c.ways, "shots": c.shots, "query": c.query,
                                     "flops": count_flops(exp.config.layers, len(xs), len(xq), exp.steps,

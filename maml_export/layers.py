@@ -128,9 +128,9 @@ def im2col(x, k: int, stride: int, padding: int, Ho: int, Wo: int):
     if paddle.in_dynamic_mode():
         return F.unfold(x, [k, k], strides=stride, paddings=padding)
     C = x.shape[1]
-    # The kernel is tiled in the graph, not stored: stored, each call's copy took C*k*k*k*k floats in the
-    # file (0.3 MB per model, 10 MB with --task-batch 32, where C = 32*64). onnxruntime folds the Tile at
-    # load, so the convolution still gets a constant, prepacked kernel.
+    # The kernel is expanded in the graph from one identity, not stored: stored, each call's copy took
+    # C*k*k*k*k floats in the file (0.3 MB per model, 10 MB with --task-batch 32, where C = 32*64).
+    # onnxruntime folds the Expand at load, so the convolution still gets a constant, prepacked kernel.
     eye = paddle.to_tensor(np.eye(k * k, dtype="float32").reshape(1, k * k, 1, k, k), dtype=x.dtype)
     onehot = eye.expand([C, k * k, 1, k, k]).reshape([C * k * k, 1, k, k])
     patches = F.conv2d(x, onehot, stride=stride, padding=padding, groups=C)
