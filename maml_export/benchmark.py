@@ -238,28 +238,33 @@ def bench_config(c: BenchConfig, exp: Exported, binders: dict, report: dict, ima
             r["settled_by_float64"] = agreement(outs[r["runtime"]], f64)["disagreements"] == 0
 
 
+def _eager_logits(exp: Exported, tasks: list, dtype: str) -> np.ndarray:
+    """Eager Paddle's logits [T, Q, ways] for (x_spt, y_spt, x_qry) `tasks`, one task at a time."""
+    eager = paddle_eager(exp, dtype=dtype)
+    return np.stack([eager(*t)() for t in tasks])
+
+
 def batch_tasks(c: BenchConfig, exp: Exported, task_batch: int, images, float64: bool = True) -> dict:
     """T = `task_batch` tasks of config `c` (seeds 0..T-1) stacked: x_spt [T, S, ...], y_spt [T, S], x_qry
-    [T, Q, ...], and eager Paddle's logits [T, Q, ways] in float32 (and float64), one task at a time."""
+    [T, Q, ...], and eager Paddle's logits [T, Q, ways] in float32 (and float64)."""
     tasks = [task_inputs(c, exp.config.channels, exp.config.image_size, images, seed=i)[:3] for i in range(task_batch)]
     out = dict(zip(("x_spt", "y_spt", "x_qry"), map(np.stack, zip(*tasks))))
     for dtype in ("float32", "float64")[:1 + float64]:
-        eager = paddle_eager(exp, dtype=dtype)
-        out[dtype] = np.stack([eager(*t)() for t in tasks])
+        out[dtype] = _eager_logits(exp, tasks, dtype)
     return out
 
 
-def bench_task_batch(c: BenchConfig, exp: Exported, batch: Exported, tasks: dict, binders: dict, report: dict,
-                     warmup, runs, max_seconds):
-    """Throughput on the T tasks of `tasks` (`batch_tasks`' layout) of config `c`: one call of the batched graph
-    `batch` against T calls of the single-task graph; adds rows onnxruntime-batch and onnxruntime-loop to
-    `report`. On a GPU both rows copy their tasks in and the logits out on every call, as a server would
-    (a CUDA graph replays on fixed device buffers: `feed` refills them)."""
+def bench_task_batch(c: BenchConfig, exp: Exported, tasks: dict, binders: dict, report: dict, warmup, runs,
+                     max_seconds):
+    """Throughput on the T tasks of `tasks` (`batch_tasks`' layout, with the batched graph's Exported under
+    "graph") of config `c`: one call of the batched graph against T calls of the single-task graph; adds rows
+    onnxruntime-batch and onnxruntime-loop to `report`. On a GPU both rows copy their tasks in and the logits
+    out on every call, as a server would (a CUDA graph replays on fixed device buffers: `feed` refills them)."""
     provider, threads = report["settings"]["provider"], report["settings"]["threads"]
     T = len(tasks["x_spt"])
     each = [(tasks["x_spt"][i], tasks["y_spt"][i], tasks["x_qry"][i]) for i in range(T)]
     stacked = (tasks["x_spt"], tasks["y_spt"], tasks["x_qry"])
-    batch_call = onnxruntime(batch, provider, threads)(*stacked)
+    batch_call = onnxruntime(tasks["graph"], provider, threads)(*stacked)
     if provider == "cpu":
         singles = [binders["onnxruntime", c.ways](*t) for t in each]
         calls = {"onnxruntime-batch": (batch_call, f"{T} tasks in one call"),
@@ -292,8 +297,7 @@ def bench_task_batch(c: BenchConfig, exp: Exported, batch: Exported, tasks: dict
         if rows[name]["disagreements"]:  # float64 decides, as in bench_config
             f64 = tasks.get("float64")
             if f64 is None:  # not computed up front (batch_tasks(float64=False)): eager Paddle is here
-                eager64 = paddle_eager(exp, dtype="float64")
-                f64 = np.stack([eager64(*t)() for t in each])
+                f64 = _eager_logits(exp, each, "float64")
             rows[name]["settled_by_float64"] = agreement_per_task(out, f64)["disagreements"] == 0
     rows["onnxruntime-batch"]["speedup_vs_loop"] = (rows["onnxruntime-batch"]["tasks_per_s"]
                                                     / rows["onnxruntime-loop"]["tasks_per_s"])
@@ -355,10 +359,10 @@ def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str 
             echo(f"timing {c.name} ...")
             bench_config(c, models[c.ways], binders, report, images, warmup, runs, max_seconds, kit_tasks.get(c.name))
             if task_batch:
-                batch = kit_tasks[c.name]["batch"] if kit else batch_tasks(c, models[c.ways], task_batch, images, False)
-                graph = batch["graph"] if kit else batches[c.ways]
+                batch = kit_tasks[c.name]["batch"] if kit else {
+                    **batch_tasks(c, models[c.ways], task_batch, images, float64=False), "graph": batches[c.ways]}
                 echo(f"timing {c.name}, {task_batch} tasks: one batched call against {task_batch} single calls ...")
-                bench_task_batch(c, models[c.ways], graph, batch, binders, report, warmup, runs, max_seconds)
+                bench_task_batch(c, models[c.ways], batch, binders, report, warmup, runs, max_seconds)
             if tasks:
                 echo(f"{c.name}: meta-test accuracy on {tasks} tasks ...")
                 report["accuracy"].append(meta_test_accuracy(models[c.ways], c, provider, threads, images, tasks))

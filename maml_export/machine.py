@@ -3,10 +3,10 @@
 `count_flops(specs, support, query, steps)` counts 2 x multiply-adds of the convolutions and the linear
 head (per SGD step on the support set: forward, weight gradients, input gradients except the first
 layer's; then one forward on the query set), summed over `matrix_products`, the same work as im2col
-matrix products (which `bound.product_bound` times alone). `gemm_gflops(threads)` is numpy's float32 2048^3 matmul on
-`threads` threads (`GemmWorker`, one matmul per call, lets `maml-bench` time it round-robin with the rows),
-`gpu_gemm_gflops()` PyTorch's fp32 4096^3 one on the GPU; FLOPs / rate is the floor `maml-bench` reports
-every row as a multiple of, measured in the same run as the rows.
+matrix products (which `bound.product_bound` times alone). `gemm_gflops(threads)` is numpy's float32
+2048^3 matmul on `threads` threads (`GemmWorker`, one matmul per call, lets `maml-bench` time it
+round-robin with the rows), `gpu_gemm_gflops()` PyTorch's fp32 4096^3 one on the GPU; FLOPs / rate is
+the floor `maml-bench` reports every row as a multiple of, measured in the same run as the rows.
 
 Example:
     >>> from maml_export.model import conv4_specs
