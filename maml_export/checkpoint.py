@@ -26,7 +26,7 @@ import numpy as np
 
 from .config import MamlConfig
 from .errors import CheckpointError, MamlError
-from .model import Model
+from .model import Model, with_ways
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 
@@ -144,7 +144,9 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
     `inner_lr`, if given, is the step size adaptation uses from then on (`maml-export`'s default), for
     one chosen on the validation split (default: the run's `val_inner_lr`, which chose the checkpoint, if
     set); the step size of training stays in `state["inner_lr_trained"]` and in the command, and `note`
-    (e.g. the validation figures behind the choice) in `state["note"]`.
+    (e.g. the validation figures behind the choice) in `state["note"]`. A run validated on another number
+    of ways than it trained on (`--val-ways`, with `--zero-head`) ships for those ways: its backbone with
+    a zero head of that size (the trained ways in `state["ways_trained"]`).
     """
     import shlex
     run, out = Path(run), Path(out)
@@ -182,7 +184,12 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
         state["note"] = note
     config = dataclasses.replace(best.config, iterations=best.iteration,
                                  inner_lr=best.config.inner_lr if inner_lr is None else inner_lr)
-    bundle = Checkpoint(config, best.params, best.iteration, {}, state)
+    params = best.params
+    if config.val_ways not in (None, config.ways):  # chosen for other ways (--val-ways): ship that head, zero
+        state["ways_trained"] = config.ways
+        config = dataclasses.replace(config, ways=config.val_ways, layers=with_ways(config.layers, config.val_ways))
+        params = Model.from_specs(config.layers).with_zero_head(params)
+    bundle = Checkpoint(config, params, best.iteration, {}, state)
     save_checkpoint(out, bundle)
     _atomic_write(out.with_suffix(".metrics.jsonl"), lambda f: f.write("".join(json.dumps(e) + "\n" for e in kept).encode()))
     return bundle

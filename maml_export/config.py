@@ -46,6 +46,10 @@ class MamlConfig:
     val_tasks: int = _opt(200, "validation tasks (always the same ones) per validation")
     val_inner_lr: float = _opt(None, "inner step size validation adapts with, i.e. the one the checkpoint will be "
                                      "deployed with, which chooses the best checkpoint [default: --inner-lr]")
+    val_ways: int = _opt(None, "classes per validation task, i.e. the ways the checkpoint will be deployed for; "
+                               "another number than --ways needs --zero-head (the backbone is validated with a "
+                               "zero head of that many ways), e.g. train 20-way, choose for 5-way [default: --ways]")
+    val_query: int = _opt(None, "query images per class of a validation task [default: --query]")
     channels: int = _opt(1, "image channels", cli=False)
     image_size: int = _opt(28, "image height and width", cli=False)
     protocol: str = _opt(PROTOCOL, "data protocol the weights were trained under", cli=False)
@@ -56,11 +60,17 @@ class MamlConfig:
                      "val_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("val_ways", "val_query"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("inner_lr", "meta_lr", "val_inner_lr"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.ways < 2:
-            raise ConfigError(f"--ways must be at least 2, got {self.ways}")
+        if self.ways < 2 or (self.val_ways or 2) < 2:
+            raise ConfigError(f"--ways and --val-ways must be at least 2, got {self.ways} and {self.val_ways}")
+        if self.val_ways not in (None, self.ways) and not self.zero_head:
+            raise ConfigError(f"--val-ways {self.val_ways} differs from --ways {self.ways}: pass --zero-head, so that "
+                              f"the backbone adapts from a zero head of any number of ways")
         if not self.layers:
             self.layers = conv4_specs(self.ways, self.channels, self.image_size, self.hidden)
 

@@ -39,6 +39,13 @@ def conv4_specs(ways: int, channels: int = 1, image_size: int = 28, hidden: int 
     return [layer.spec() for layer in layers]
 
 
+def with_ways(specs: list[dict], ways: int) -> list[dict]:
+    """The same layer specs with a head of `ways` classes (for a backbone trained with `--zero-head`)."""
+    if specs[-1]["type"] != "Linear":
+        raise ValueError(f"cannot give a {ways}-way head to a model whose last layer is a {specs[-1]['type']}")
+    return [dict(s) for s in specs[:-1]] + [{**specs[-1], "out_features": ways}]
+
+
 class Model:
     """Runs layers forward and backward on task-stacked parameters (leading task axis T)."""
 

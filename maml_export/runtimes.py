@@ -104,11 +104,11 @@ def reheaded(base: Exported, ways: int, workdir: Path, data) -> Exported:
     keeps adaptation well-conditioned (on random weights float32 runtimes can take other paths)."""
     from .checkpoint import PRETRAINED_DIR, Checkpoint, load_checkpoint, save_checkpoint
     from .config import MamlConfig
-    from .model import Model
-    specs = [dict(s) for s in base.config.layers]
-    if specs[-1]["type"] != "Linear":
-        raise ConfigError(f"--configs: cannot make a {ways}-way model from one without a Linear head")
-    specs[-1]["out_features"] = ways
+    from .model import Model, with_ways
+    try:
+        specs = with_ways(base.config.layers, ways)
+    except ValueError as e:
+        raise ConfigError(f"--configs: {e}") from None
     for path in sorted(PRETRAINED_DIR.glob(f"*-{ways}w*s.npz")):
         if load_checkpoint(path).config.layers == specs:
             return export_checkpoint(path, workdir / f"{ways}way", base.steps, None, data, f"bundled {path.name}")

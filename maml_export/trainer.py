@@ -24,7 +24,7 @@ from .data import TaskSampler, load_omniglot, split_characters
 from .distributed import RankLostError, Ranks
 from .errors import ConfigError, DataError, MamlError
 from .maml import MAML, zero_head
-from .model import Model, to_tensors
+from .model import Model, to_tensors, with_ways
 from .optim import Adam
 
 VAL_SEED = 1_000_003  # the validation tasks are the same at every validation, and across runs
@@ -94,9 +94,9 @@ class Run:
 
 # What `--resume` may change: how long to train, the meta step size (lowering it for the tail of a long
 # run is the usual last step), and how checkpoints are chosen; the resume event in metrics.jsonl records it.
-RESUME_MAY_CHANGE = ("iterations", "val_every", "meta_lr", "val_tasks", "val_inner_lr")
+RESUME_MAY_CHANGE = ("iterations", "val_every", "meta_lr", "val_tasks", "val_inner_lr", "val_ways", "val_query")
 # Changing these makes earlier validation figures incomparable: the best is chosen afresh from then on.
-VALIDATION = ("val_tasks", "val_inner_lr")
+VALIDATION = ("val_tasks", "val_inner_lr", "val_ways", "val_query")
 
 
 def _start(config: MamlConfig, run: Run, resume: bool, overrides: dict):
@@ -151,7 +151,8 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
                           split_name="train")
 
     def val_sampler() -> TaskSampler:  # a fresh one each time: every validation sees the same tasks
-        return TaskSampler(images, splits["val"], config.ways, config.shots, config.query, VAL_SEED, split_name="val")
+        return TaskSampler(images, splits["val"], config.val_ways or config.ways, config.shots,
+                           config.query if config.val_query is None else config.val_query, VAL_SEED, split_name="val")
 
     val_sampler()  # fail now, not at the first validation, if the validation split cannot give such tasks
     model = Model.from_specs(config.layers)
@@ -187,11 +188,19 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
 
     def validate(iteration: int) -> tuple[float, float]:
         inner_lr = config.val_inner_lr or config.inner_lr
-        accuracy, ci = mean_ci95(evaluate(maml, val_sampler(), config.val_tasks, batch=config.meta_batch, ranks=ranks,
+        sampler = val_sampler()
+        deployed = maml
+        if sampler.ways != config.ways:  # --val-ways: the backbone with a zero head of the deployed ways
+            val_model = Model.from_specs(with_ways(config.layers, sampler.ways))
+            head = val_model.names[-1] + "."
+            deployed = MAML(val_model, {k: paddle.zeros(shape) if k.startswith(head) else params[k]
+                                        for k, shape in val_model.param_shapes().items()}, inner_lr, config.inner_steps)
+        accuracy, ci = mean_ci95(evaluate(deployed, sampler, config.val_tasks, batch=config.meta_batch, ranks=ranks,
                                           inner_lr=inner_lr))
         if ranks.main:
             run.log({"event": "validation", "iteration": iteration, "val_accuracy": accuracy, "val_ci95": ci,
-                     "tasks": config.val_tasks, "inner_lr": inner_lr, "seconds": round(state["seconds"], 2)})
+                     "tasks": config.val_tasks, "inner_lr": inner_lr, "ways": sampler.ways, "query": sampler.query,
+                     "seconds": round(state["seconds"], 2)})
         return accuracy, ci
 
     def validate_and_keep(iteration: int) -> dict:

@@ -13,7 +13,7 @@ from maml_export.config import MamlConfig
 from maml_export.errors import CheckpointError, ConfigError
 from maml_export.optim import Adam
 from maml_export.model import Model
-from maml_export.trainer import initial_params, train
+from maml_export.trainer import VAL_SEED, initial_params, train
 
 DATA = os.environ.get("OMNIGLOT_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "omniglot"))
 needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason=f"shared Omniglot not found at {DATA}")
@@ -163,6 +163,40 @@ def test_resume_may_change_how_checkpoints_are_chosen(tmp_path):
     assert shipped.config.inner_lr == 0.1 and shipped.state["inner_lr_trained"] == 0.4
 
 
+@needs_data
+def test_val_ways_chooses_and_ships_the_checkpoint_for_the_ways_it_will_be_deployed_with(tmp_path):
+    """Train 3-way, validate and ship 2-way (issue 5: 20-way training for a 5-way deployment): validation
+    adapts the backbone from a zero 2-way head on 2-way tasks, and the bundle is a 2-way model."""
+    from maml_export.data import TaskSampler, load_omniglot, split_characters
+    from maml_export.maml import MAML
+    from maml_export.model import to_tensors
+    from maml_export.trainer import evaluate
+    run = tmp_path / "run"
+    train(MamlConfig(iterations=2, val_every=1, ways=3, zero_head=True, val_ways=2, val_query=4, **SMALL), DATA, run,
+          progress=False)
+    validations = [e for e in map(json.loads, open(run / "metrics.jsonl")) if e.get("event") == "validation"]
+    assert [(v["ways"], v["query"]) for v in validations] == [(2, 4), (2, 4)]
+    best = load_checkpoint(run / "best.npz")
+    assert best.config.ways == 3 and best.params["fc1.weight"].shape[-1] == 3
+    result = cli("bundle", str(run), "--out", str(tmp_path / "ship.npz"))
+    assert result.returncode == 0, result.stderr
+    shipped = load_checkpoint(tmp_path / "ship.npz")
+    assert shipped.config.ways == 2 and shipped.state["ways_trained"] == 3 and "--val-ways 2" in shipped.state["command"]
+    assert shipped.params.keys() == Model.from_specs(shipped.config.layers).param_shapes().keys()
+    assert shipped.params["fc1.weight"].shape[-1] == 2 and not shipped.params["fc1.weight"].any()
+    np.testing.assert_array_equal(shipped.params["conv1.weight"], best.params["conv1.weight"])
+    # the shipped model scores on the run's 2-way validation tasks what the run's validation measured for it
+    images = load_omniglot(DATA)
+    sampler = TaskSampler(images, split_characters(len(images))["val"], 2, 1, 4, VAL_SEED)
+    maml = MAML(Model.from_specs(shipped.config.layers), to_tensors(shipped.params), shipped.config.inner_lr,
+                shipped.config.inner_steps)
+    again = evaluate(maml, sampler, SMALL["val_tasks"], batch=SMALL["meta_batch"]).mean()
+    chosen = next(v for v in validations if v["iteration"] == best.iteration)
+    assert abs(again - chosen["val_accuracy"]) < 1e-6
+    with pytest.raises(ConfigError, match="--zero-head"):
+        MamlConfig(ways=3, val_ways=2)
+
+
 def test_bundle_ships_the_best_checkpoint_with_the_command_that_reproduces_the_run(tmp_path):
     run = tmp_path / "run"
     train(MamlConfig(iterations=2, val_every=1, **SMALL), DATA, run, progress=False)
@@ -222,6 +256,8 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     (["--resume"], "--resume"),
     (["--meta-batch", "0"], "--meta-batch must be at least 1"),
     (["--val-inner-lr", "0"], "--val-inner-lr must be positive"),
+    (["--ways", "3", "--val-ways", "2"], "pass --zero-head"),
+    (["--val-query", "0"], "--val-query must be at least 1"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, args, message):
     if "/nonexistent/omniglot" not in args and not os.path.isdir(DATA):
