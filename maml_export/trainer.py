@@ -7,6 +7,7 @@ split; the test split is only used by `evaluate`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -116,9 +117,8 @@ def _start(config: MamlConfig, run: Run, resume: bool, overrides: dict):
         raise ConfigError(f"--resume continues the run as it was configured; these options differ: "
                           f"{', '.join(conflicts)} (on resume only {', '.join(RESUME_MAY_CHANGE)} may change)")
     before = {k: getattr(saved, k) for k in RESUME_MAY_CHANGE if k in overrides and overrides[k] != getattr(saved, k)}
-    for k in before:
-        setattr(saved, k, overrides[k])
-    return saved, ckpt, before
+    # a new config, so that the changed options are checked with the others (--val-ways needs --zero-head)
+    return dataclasses.replace(saved, **{k: overrides[k] for k in before}), ckpt, before
 
 
 def initial_params(model: Model, config: MamlConfig) -> tuple[dict, dict]:

@@ -195,6 +195,11 @@ def test_val_ways_chooses_and_ships_the_checkpoint_for_the_ways_it_will_be_deplo
     assert abs(again - chosen["val_accuracy"]) < 1e-6
     with pytest.raises(ConfigError, match="--zero-head"):
         MamlConfig(ways=3, val_ways=2)
+    plain = MamlConfig(ways=3, **SMALL)  # nor may a resume validate another number of ways without it
+    save_checkpoint(tmp_path / "plain" / "latest.npz",
+                    Checkpoint(plain, Model.from_specs(plain.layers).init_params(0), 1))
+    with pytest.raises(ConfigError, match="--zero-head"):
+        train(plain, DATA, tmp_path / "plain", resume=True, overrides={"val_ways": 2}, progress=False)
 
 
 def test_bundle_ships_the_best_checkpoint_with_the_command_that_reproduces_the_run(tmp_path):
