@@ -57,17 +57,15 @@ class MamlConfig:
 
     def __post_init__(self):
         for name in ("ways", "shots", "query", "inner_steps", "meta_batch", "iterations", "hidden", "val_tasks",
-                     "val_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("val_ways", "val_query"):
+                     "val_every", "val_query"):  # None: an optional one not given
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         for name in ("inner_lr", "meta_lr", "val_inner_lr"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.ways < 2 or (self.val_ways or 2) < 2:
-            raise ConfigError(f"--ways and --val-ways must be at least 2, got {self.ways} and {self.val_ways}")
+        for name in ("ways", "val_ways"):
+            if getattr(self, name) is not None and getattr(self, name) < 2:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 2, got {getattr(self, name)}")
         if self.val_ways not in (None, self.ways) and not self.zero_head:
             raise ConfigError(f"--val-ways {self.val_ways} differs from --ways {self.ways}: pass --zero-head, so that "
                               f"the backbone adapts from a zero head of any number of ways")

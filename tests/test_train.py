@@ -263,6 +263,7 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     (["--val-inner-lr", "0"], "--val-inner-lr must be positive"),
     (["--ways", "3", "--val-ways", "2"], "pass --zero-head"),
     (["--val-query", "0"], "--val-query must be at least 1"),
+    (["--val-ways", "1", "--zero-head"], "--val-ways must be at least 2"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, args, message):
     if "/nonexistent/omniglot" not in args and not os.path.isdir(DATA):
