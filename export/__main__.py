@@ -27,7 +27,7 @@ from maml_export.cli import run
               help="Tasks for the parity check (eager Paddle vs static program vs onnxruntime).")
 @click.option("--data", type=str, default=None,
               help="Omniglot folder (images_*.npz, the official zips or folders): parity runs on real "
-                   "test tasks. [default: $OMNIGLOT_DIR, else random images]")
+                   "test tasks. [default: $OMNIGLOT_DIR, else made-up characters]")
 @click.option("--task-batch", type=click.IntRange(min=1), default=None,
               help="Export a graph for T tasks per call (inputs [T, S, C, H, W], [T, S], [T, Q, C, H, W] -> "
                    "logits [T, Q, ways]; T fixed, S and Q dynamic), for throughput. Parity then runs on --tasks "

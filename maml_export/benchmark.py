@@ -65,15 +65,13 @@ def parse_configs(text: str) -> list[BenchConfig]:
 
 
 def task_inputs(c: BenchConfig, channels: int, size: int, images=None, seed: int = 0) -> tuple:
-    """(x_spt, y_spt, x_qry, y_qry) of one task: an Omniglot test task when `images` are given, else
-    random sparse binary images (as the export's parity check). Labels sorted, every class present."""
+    """(x_spt, y_spt, x_qry, y_qry) of one task: an Omniglot test task when `images` are given, else one
+    of made-up characters (`data.synthetic_tasks`, as the export's parity check). Labels sorted."""
+    from .data import TaskSampler, split_characters, synthetic_tasks
     if images is not None:
-        from .data import TaskSampler, split_characters
         test = split_characters(len(images))["test"]
         return tuple(a[0] for a in TaskSampler(images, test, c.ways, c.shots, c.query, seed).sample(1))
-    rng, s = np.random.default_rng(seed), c.ways * c.shots
-    x = (rng.random((c.ways * (c.shots + c.query), channels, size, size)) < 0.2).astype(np.float32)
-    return x[:s], np.repeat(np.arange(c.ways), c.shots), x[s:], np.repeat(np.arange(c.ways), c.query)
+    return tuple(a[0] for a in synthetic_tasks(1, c.ways, c.shots, c.query, seed, size, channels))
 
 
 # Untimed pause when a round-robin switches runtime: OpenMP pools (Paddle's, PyTorch's) keep their threads
@@ -330,7 +328,7 @@ def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str 
     if missing:
         raise ConfigError(f"--configs: the kit {kit} has no {', '.join(missing)} (it has {', '.join(kit_tasks)})")
     inputs = (f"the tasks of kit {kit}" if kit else f"Omniglot test tasks from {data}" if data
-              else "random sparse binary images")
+              else "synthetic drawings (no Omniglot)")
     report = {"machine": machine_info(threads), "results": [], "flop_floor_ms": {}, "gemm_gflops": None,
               "gemm_round_robin": {}, "skipped": [],
               "models": {}, "accuracy": [], "settings": {"provider": provider, "threads": threads, "warmup": warmup,

@@ -33,7 +33,7 @@ FORMAT = "maml-export-bench-kit-v1"
 def write_kit(out: Path, configs: list, model: Path | None, steps: int | None, data: str | None,
               task_batch: int | None = None, echo=print) -> dict:
     """Export the graphs `configs` need into `out` (from `model`, else the bundled weights) and store each
-    config's task (an Omniglot test task with `data`, else random images) with eager Paddle's logits; with
+    config's task (an Omniglot test task with `data`, else made-up characters) with eager Paddle's logits; with
     `task_batch` T, also the graphs for T tasks a call and T tasks per config (`batch_*` arrays)."""
     from .benchmark import batch_tasks, model_path, prepare_models
     from .machine import count_flops

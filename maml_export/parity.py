@@ -24,20 +24,19 @@ RTOL = 1e-4
 
 def parity_tasks(config, tasks: int, data: str | os.PathLike | None, seed: int = 0):
     """[(x_spt, y_spt, x_qry)] * tasks and where they came from: Omniglot test tasks when `data` (or
-    $OMNIGLOT_DIR) is given, else random sparse binary images (max-pool ties, as on blank paper)."""
+    $OMNIGLOT_DIR) is given, else tasks of made-up characters (`data.synthetic_tasks`)."""
+    from .data import synthetic_tasks
     data = data or os.environ.get("OMNIGLOT_DIR")
     if data:
         from .data import TaskSampler, load_omniglot, split_characters
         images = load_omniglot(data)
         sampler = TaskSampler(images, split_characters(len(images))["test"], config.ways, config.shots, 15, seed,
                               split_name="test")
-        t = sampler.sample(tasks)
-        return [(t.x_spt[i], t.y_spt[i], t.x_qry[i]) for i in range(tasks)], f"Omniglot test tasks from {data}"
-    rng = np.random.default_rng(seed)
-    c, n, s = config.channels, config.image_size, config.ways * config.shots
-    out = [((rng.random((s, c, n, n)) < 0.2).astype("float32"), rng.permutation(np.arange(s) % config.ways),
-            (rng.random((15 * config.ways, c, n, n)) < 0.2).astype("float32")) for _ in range(tasks)]
-    return out, "random sparse binary images (no Omniglot: pass --data or set OMNIGLOT_DIR)"
+        t, source = sampler.sample(tasks), f"Omniglot test tasks from {data}"
+    else:
+        t = synthetic_tasks(tasks, config.ways, config.shots, 15, seed, config.image_size, config.channels)
+        source = "synthetic drawings (no Omniglot: pass --data or set OMNIGLOT_DIR)"
+    return [(t.x_spt[i], t.y_spt[i], t.x_qry[i]) for i in range(tasks)], source
 
 
 def compare(got: np.ndarray, ref: np.ndarray) -> dict:

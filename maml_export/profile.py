@@ -22,8 +22,8 @@ import numpy as np
 
 
 def graph_inputs(session, shots: int, query: int) -> dict:
-    """The graph's inputs for one `shots`-shot task with `query` queries per class (random sparse binary
-    images: `benchmark.task_inputs`), its ways read from the metadata; a task-batch graph gets T copies."""
+    """The graph's inputs for one `shots`-shot task with `query` queries per class (made-up characters:
+    `benchmark.task_inputs`), its ways read from the metadata; a task-batch graph gets T copies."""
     from .benchmark import BenchConfig, task_inputs
     meta = session.get_modelmeta().custom_metadata_map
     c = BenchConfig(int(meta["ways"]), shots, query)

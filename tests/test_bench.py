@@ -2,7 +2,7 @@
 to end (real export, real runtimes, small --runs) plus its one-line errors.
 
 The end-to-end run uses the bundled weights when they exist, else freshly initialised ones; it runs on
-Omniglot test tasks when $OMNIGLOT_DIR is set (CI sets it), else on random images.
+Omniglot test tasks when $OMNIGLOT_DIR is set (CI sets it), else on made-up characters (`data.synthetic_tasks`).
 """
 import importlib.util
 import json
