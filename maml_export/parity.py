@@ -25,10 +25,9 @@ RTOL = 1e-4
 def parity_tasks(config, tasks: int, data: str | os.PathLike | None, seed: int = 0):
     """[(x_spt, y_spt, x_qry)] * tasks and where they came from: Omniglot test tasks when `data` (or
     $OMNIGLOT_DIR) is given, else tasks of made-up characters (`data.synthetic_tasks`)."""
-    from .data import synthetic_tasks
+    from .data import TaskSampler, load_omniglot, split_characters, synthetic_tasks
     data = data or os.environ.get("OMNIGLOT_DIR")
     if data:
-        from .data import TaskSampler, load_omniglot, split_characters
         images = load_omniglot(data)
         sampler = TaskSampler(images, split_characters(len(images))["test"], config.ways, config.shots, 15, seed,
                               split_name="test")
