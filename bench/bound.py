@@ -11,7 +11,6 @@ onnxruntime's own kernels. The work is `maml_export.bound.product_bound`.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import click
@@ -35,9 +34,10 @@ def cli(configs, steps, hidden, threads, rounds, json_file):
     same rounds)."""
     from maml_export.benchmark import parse_configs
     from maml_export.bound import product_bound
+    from maml_export.machine import available_cores
     from maml_export.model import conv4_specs
 
-    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    threads = threads or available_cores()
     reports = {}
     for c in parse_configs(configs):
         click.echo(f"timing the products of {c.name} ...", err=True)

@@ -35,7 +35,7 @@ import numpy as np
 
 from .errors import ConfigError, MamlError
 from .kit import read_kit
-from .machine import GemmWorker, count_flops, gpu_gemm_gflops, gpu_name, machine_info
+from .machine import GemmWorker, available_cores, count_flops, gpu_gemm_gflops, gpu_name, machine_info
 from .runtimes import (GPU_ROWS, RUNTIMES, Exported, batched, check_provider, export_checkpoint, host, load_exported,
                        onnxruntime, open_session, paddle_eager, reheaded)
 
@@ -315,7 +315,7 @@ def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str 
     if kit and (tasks or model or steps):
         raise ConfigError("--kit: the kit fixes the graphs and tasks; leave out --model, --steps, --tasks")
     path = model_path(model)
-    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    threads = threads or available_cores()
     if not kit:
         from .trainer import set_threads
         set_threads(threads)

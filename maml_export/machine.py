@@ -26,6 +26,12 @@ from typing import NamedTuple
 from .errors import MamlError
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one): the default thread count
+    of `maml-bench` and `python -m bench.bound`."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class Product(NamedTuple):
     """One matrix product of an adaptation, (m, k) x (k, n), done `count` times. A convolution's spans
     `images` images along `axis`: n for a forward or input gradient, k for a weight gradient (a sum over
