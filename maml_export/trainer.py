@@ -150,8 +150,12 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
     sampler = TaskSampler(images, splits["train"], config.ways, config.shots, config.query, config.seed,
                           split_name="train")
 
+    val_ways = config.val_ways or config.ways
+    # --val-ways: validation adapts the backbone from a zero head of the deployed ways (needs --zero-head)
+    val_model = Model.from_specs(with_ways(config.layers, val_ways)) if val_ways != config.ways else None
+
     def val_sampler() -> TaskSampler:  # a fresh one each time: every validation sees the same tasks
-        return TaskSampler(images, splits["val"], config.val_ways or config.ways, config.shots,
+        return TaskSampler(images, splits["val"], val_ways, config.shots,
                            config.query if config.val_query is None else config.val_query, VAL_SEED, split_name="val")
 
     val_sampler()  # fail now, not at the first validation, if the validation split cannot give such tasks
@@ -188,10 +192,8 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
 
     def validate(iteration: int) -> tuple[float, float]:
         inner_lr = config.val_inner_lr or config.inner_lr
-        sampler = val_sampler()
-        deployed = maml
-        if sampler.ways != config.ways:  # --val-ways: the backbone with a zero head of the deployed ways
-            val_model = Model.from_specs(with_ways(config.layers, sampler.ways))
+        sampler, deployed = val_sampler(), maml
+        if val_model:  # the current backbone with a zero head
             head = val_model.names[-1] + "."
             deployed = MAML(val_model, {k: paddle.zeros(shape) if k.startswith(head) else params[k]
                                         for k, shape in val_model.param_shapes().items()}, inner_lr, config.inner_steps)
