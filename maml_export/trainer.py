@@ -194,9 +194,8 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
         inner_lr = config.val_inner_lr or config.inner_lr
         sampler, deployed = val_sampler(), maml
         if val_model:  # the current backbone with a zero head
-            head = val_model.names[-1] + "."
-            deployed = MAML(val_model, {k: paddle.zeros(shape) if k.startswith(head) else params[k]
-                                        for k, shape in val_model.param_shapes().items()}, inner_lr, config.inner_steps)
+            backbone = {k: v.numpy() for k, v in params.items()}
+            deployed = MAML(val_model, to_tensors(val_model.with_zero_head(backbone)), inner_lr, config.inner_steps)
         accuracy, ci = mean_ci95(evaluate(deployed, sampler, config.val_tasks, batch=config.meta_batch, ranks=ranks,
                                           inner_lr=inner_lr))
         if ranks.main:
