@@ -135,7 +135,7 @@ def check_params(model: Model, params: dict, where: str) -> None:
 
 
 def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float | None = None,
-               note: str | None = None) -> Checkpoint:
+               note: str | None = None, ways: int | None = None) -> Checkpoint:
     """Package a run's best checkpoint (chosen on validation) for shipping: `out` (.npz + .json) with the
     weights and config but no optimizer or sampler state, the command that reproduces the run (resumes
     and their changed options included) and the run's metrics log up to that iteration (`out` with
@@ -146,7 +146,9 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
     set); the step size of training stays in `state["inner_lr_trained"]` and in the command, and `note`
     (e.g. the validation figures behind the choice) in `state["note"]`. A run validated on another number
     of ways than it trained on (`--val-ways`, with `--zero-head`) ships for those ways: its backbone with
-    a zero head of that size (the trained ways in `state["ways_trained"]`).
+    a zero head of that size (the trained ways in `state["ways_trained"]`); `ways`, if given, ships a
+    `--zero-head` run for that many ways instead (e.g. a run trained on 20-way tasks and chosen on 5-way
+    ones, shipped for 20 ways too).
     """
     import shlex
     run, out = Path(run), Path(out)
@@ -185,9 +187,13 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
     config = dataclasses.replace(best.config, iterations=best.iteration,
                                  inner_lr=best.config.inner_lr if inner_lr is None else inner_lr)
     params = best.params
-    if config.val_ways not in (None, config.ways):  # chosen for other ways (--val-ways): ship that head, zero
+    ways = ways or config.val_ways or config.ways
+    if ways != config.ways:  # shipped for other ways: the backbone with a zero head of that size
+        if not config.zero_head:
+            raise CheckpointError(f"run {run} was trained without --zero-head: its head is meta-learned for "
+                                  f"{config.ways} ways and cannot be shipped for {ways} (leave out --ways)")
         state["ways_trained"] = config.ways
-        config = dataclasses.replace(config, ways=config.val_ways, layers=with_ways(config.layers, config.val_ways))
+        config = dataclasses.replace(config, ways=ways, layers=with_ways(config.layers, ways))
         params = Model.from_specs(config.layers).with_zero_head(params)
     bundle = Checkpoint(config, params, best.iteration, {}, state)
     save_checkpoint(out, bundle)

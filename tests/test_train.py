@@ -193,6 +193,15 @@ def test_val_ways_chooses_and_ships_the_checkpoint_for_the_ways_it_will_be_deplo
     again = evaluate(maml, sampler, SMALL["val_tasks"], batch=SMALL["meta_batch"]).mean()
     chosen = next(v for v in validations if v["iteration"] == best.iteration)
     assert abs(again - chosen["val_accuracy"]) < 1e-6
+    # --ways ships the same checkpoint for other ways (the trained 3 here): backbone as chosen, zero 3-way head
+    result = cli("bundle", str(run), "--out", str(tmp_path / "ship3.npz"), "--ways", "3")
+    assert result.returncode == 0, result.stderr
+    shipped3 = load_checkpoint(tmp_path / "ship3.npz")
+    assert shipped3.config.ways == 3 and shipped3.iteration == best.iteration
+    assert shipped3.params["fc1.weight"].shape[-1] == 3 and not shipped3.params["fc1.weight"].any()
+    np.testing.assert_array_equal(shipped3.params["conv4.weight"], best.params["conv4.weight"])
+    bad = cli("bundle", str(run), "--out", str(tmp_path / "x.npz"), "--ways", "1")
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == ["error: --ways must be at least 2, got 1"]
     with pytest.raises(ConfigError, match="--zero-head"):
         MamlConfig(ways=3, val_ways=2)
     plain = MamlConfig(ways=3, **SMALL)  # nor may a resume validate another number of ways without it
@@ -223,6 +232,9 @@ def test_bundle_ships_the_best_checkpoint_with_the_command_that_reproduces_the_r
     assert log[0]["event"] == "start" and max(e["iteration"] for e in log) == best.iteration
     missing = cli("bundle", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.npz"))
     assert missing.returncode != 0 and missing.stderr.startswith("error: ") and "best.npz" in missing.stderr
+    other_ways = cli("bundle", str(run), "--out", str(tmp_path / "x.npz"), "--ways", "3")  # a meta-learned head
+    assert other_ways.returncode != 0 and len(other_ways.stderr.strip().splitlines()) == 1
+    assert "--zero-head" in other_ways.stderr and not (tmp_path / "x.npz").exists()
 
 
 @needs_data

@@ -92,14 +92,20 @@ def evaluate(checkpoint, data, tasks, split, steps, inner_lr, query, seed, threa
               help="inner step size adaptation uses from now on (the exports' default), e.g. one chosen on the "
                    "validation split with `evaluate --split val --inner-lr`; [default: the run's]")
 @click.option("--note", default=None, help="why, e.g. the validation figures behind --inner-lr (kept in the bundle)")
-def bundle(run, out, inner_lr, note):
+@click.option("--ways", type=int, default=None,
+              help="ship for this many ways: the backbone of a --zero-head run with a zero head of that size, e.g. "
+                   "a run trained on 20-way tasks and chosen on 5-way ones, shipped for 20 ways [default: the "
+                   "run's --val-ways, else its --ways]")
+def bundle(run, out, inner_lr, note, ways):
     """Package RUN's best checkpoint (chosen on validation) for shipping: weights and config without
     optimizer state, the command that reproduces the run, and its metrics log up to that iteration."""
     from maml_export.checkpoint import bundle_run
     try:
         if inner_lr is not None and inner_lr <= 0:
             fail("--inner-lr must be positive")
-        ckpt = bundle_run(run, out, inner_lr, note)
+        if ways is not None and ways < 2:
+            fail(f"--ways must be at least 2, got {ways}")
+        ckpt = bundle_run(run, out, inner_lr, note, ways)
     except MamlError as e:
         fail(str(e))
     click.echo(json.dumps({"out": out, "iteration": ckpt.iteration, **ckpt.state}))
