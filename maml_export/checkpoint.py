@@ -187,7 +187,7 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
     config = dataclasses.replace(best.config, iterations=best.iteration,
                                  inner_lr=best.config.inner_lr if inner_lr is None else inner_lr)
     params = best.params
-    ways = ways or config.val_ways or config.ways
+    ways = config.val_ways or config.ways if ways is None else ways
     if ways != config.ways:  # shipped for other ways: the backbone with a zero head of that size
         if not config.zero_head:
             raise CheckpointError(f"run {run} was trained without --zero-head: its head is meta-learned for "

@@ -235,6 +235,9 @@ def test_bundle_ships_the_best_checkpoint_with_the_command_that_reproduces_the_r
     other_ways = cli("bundle", str(run), "--out", str(tmp_path / "x.npz"), "--ways", "3")  # a meta-learned head
     assert other_ways.returncode != 0 and len(other_ways.stderr.strip().splitlines()) == 1
     assert "--zero-head" in other_ways.stderr and not (tmp_path / "x.npz").exists()
+    no_step = cli("bundle", str(run), "--out", str(tmp_path / "x.npz"), "--inner-lr", "0")  # the config's own check
+    assert no_step.returncode != 0 and no_step.stderr.strip().splitlines() == ["error: --inner-lr must be positive, got 0.0"]
+    assert not (tmp_path / "x.npz").exists()
 
 
 @needs_data

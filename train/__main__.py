@@ -100,11 +100,7 @@ def bundle(run, out, inner_lr, note, ways):
     """Package RUN's best checkpoint (chosen on validation) for shipping: weights and config without
     optimizer state, the command that reproduces the run, and its metrics log up to that iteration."""
     from maml_export.checkpoint import bundle_run
-    try:
-        if inner_lr is not None and inner_lr <= 0:
-            fail("--inner-lr must be positive")
-        if ways is not None and ways < 2:
-            fail(f"--ways must be at least 2, got {ways}")
+    try:  # --inner-lr and --ways are checked by the shipped config (MamlConfig), as for training
         ckpt = bundle_run(run, out, inner_lr, note, ways)
     except MamlError as e:
         fail(str(e))
