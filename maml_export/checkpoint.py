@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import MamlConfig
+from .config import MamlConfig, flag
 from .errors import CheckpointError, MamlError
 from .model import Model, with_ways
 
@@ -143,7 +143,8 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
 
     `inner_lr`, if given, is the step size adaptation uses from then on (`maml-export`'s default), for
     one chosen on the validation split (default: the run's `val_inner_lr`, which chose the checkpoint, if
-    set); the step size of training stays in `state["inner_lr_trained"]` and in the command, and `note`
+    set); the step size of training stays in `state["inner_lr_trained"]` and in the command; likewise the
+    number of steps: the run's `val_steps` if set (training's in `state["inner_steps_trained"]`); and `note`
     (e.g. the validation figures behind the choice) in `state["note"]`. A run validated on another number
     of ways than it trained on (`--val-ways`, with `--zero-head`) ships for those ways: its backbone with
     a zero head of that size (the trained ways in `state["ways_trained"]`); `ways`, if given, ships a
@@ -170,24 +171,26 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
                 setattr(config, k, before)
     steps = [shlex.join(["python", "-m", "train", *config.cli_args(), "--out", str(run)])]
     for e in (e for e in kept if e.get("event") == "resume"):  # how the run was continued
-        changed = [f"--{k.replace('_', '-')} {now}" for k, (_, now) in e.get("changed", {}).items()]
+        changed = [f"{flag(k)} {now}" for k, (_, now) in e.get("changed", {}).items()]
         if "changed" not in e:  # older logs only recorded the meta-lr in effect after the resume
             changed = [f"(meta-lr {e.get('meta_lr', '?')})"]
         steps.append(f"at iteration {e['iteration']}: python -m train --out {run} --resume {' '.join(changed)}".rstrip()
                      + f" [{e.get('ranks', 1)} rank(s)]")
     command = "; ".join(steps)
-    if inner_lr is None:
-        inner_lr = best.config.val_inner_lr
+    trained = best.config
+    inner_lr = trained.deployed_inner_lr if inner_lr is None else inner_lr
     state = {k: best.state[k] for k in ("best_val_accuracy", "best_iteration", "seconds") if k in best.state}
     state["command"] = command
-    if inner_lr is not None and inner_lr != best.config.inner_lr:
-        state["inner_lr_trained"] = best.config.inner_lr
+    if inner_lr != trained.inner_lr:
+        state["inner_lr_trained"] = trained.inner_lr
+    if trained.deployed_steps != trained.inner_steps:
+        state["inner_steps_trained"] = trained.inner_steps
     if note:
         state["note"] = note
-    config = dataclasses.replace(best.config, iterations=best.iteration,
-                                 inner_lr=best.config.inner_lr if inner_lr is None else inner_lr)
+    config = dataclasses.replace(trained, iterations=best.iteration, inner_lr=inner_lr,
+                                 inner_steps=trained.deployed_steps)
     params = best.params
-    ways = config.val_ways or config.ways if ways is None else ways
+    ways = config.deployed_ways if ways is None else ways
     if ways != config.ways:  # shipped for other ways: the backbone with a zero head of that size
         if not config.zero_head:
             raise CheckpointError(f"run {run} was trained without --zero-head: its head is meta-learned for "

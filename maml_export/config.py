@@ -16,6 +16,18 @@ from .model import conv4_specs
 
 PROTOCOL = "omniglot/README.md protocol: RandomState(1) split 1100/100/423, (character, rotation) classes, 28x28 LANCZOS, ink=1"
 
+# What `--resume` may change: how long to train, the meta step size (lowering it for the tail of a long
+# run is the usual last step), and how checkpoints are chosen; the resume event in metrics.jsonl records it.
+RESUME_MAY_CHANGE = ("iterations", "val_every", "meta_lr", "val_tasks", "val_inner_lr", "val_ways", "val_query",
+                     "val_steps")
+# Changing these makes earlier validation figures incomparable: the best is chosen afresh from then on.
+VALIDATION = ("val_tasks", "val_inner_lr", "val_ways", "val_query", "val_steps")
+
+
+def flag(name: str) -> str:
+    """The CLI option of a config field: `inner_lr` -> `--inner-lr`."""
+    return "--" + name.replace("_", "-")
+
 
 def _opt(default, help: str, cli: bool = True):
     return field(default=default, metadata={"help": help, "cli": cli})
@@ -50,6 +62,9 @@ class MamlConfig:
                                "another number than --ways needs --zero-head (the backbone is validated with a "
                                "zero head of that many ways), e.g. train 20-way, choose for 5-way [default: --ways]")
     val_query: int = _opt(None, "query images per class of a validation task [default: --query]")
+    val_steps: int = _opt(None, "inner SGD steps validation adapts with, i.e. the number the checkpoint will be "
+                                "deployed with (maml-export --steps), e.g. train with 1, choose for 5 "
+                                "[default: --inner-steps]")
     channels: int = _opt(1, "image channels", cli=False)
     image_size: int = _opt(28, "image height and width", cli=False)
     protocol: str = _opt(PROTOCOL, "data protocol the weights were trained under", cli=False)
@@ -57,20 +72,34 @@ class MamlConfig:
 
     def __post_init__(self):
         for name in ("ways", "shots", "query", "inner_steps", "meta_batch", "iterations", "hidden", "val_tasks",
-                     "val_every", "val_query"):  # None: an optional one not given
+                     "val_every", "val_query", "val_steps"):  # None: an optional one not given
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
         for name in ("inner_lr", "meta_lr", "val_inner_lr"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{flag(name)} must be positive, got {getattr(self, name)}")
         for name in ("ways", "val_ways"):
             if getattr(self, name) is not None and getattr(self, name) < 2:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 2, got {getattr(self, name)}")
+                raise ConfigError(f"{flag(name)} must be at least 2, got {getattr(self, name)}")
         if self.val_ways not in (None, self.ways) and not self.zero_head:
             raise ConfigError(f"--val-ways {self.val_ways} differs from --ways {self.ways}: pass --zero-head, so that "
                               f"the backbone adapts from a zero head of any number of ways")
         if not self.layers:
             self.layers = conv4_specs(self.ways, self.channels, self.image_size, self.hidden)
+
+    # How validation adapts, i.e. the deployment a checkpoint is chosen for (and `train bundle` ships it for):
+    # each val_* option where given, else the training one.
+    @property
+    def deployed_ways(self) -> int:
+        return self.ways if self.val_ways is None else self.val_ways
+
+    @property
+    def deployed_inner_lr(self) -> float:
+        return self.inner_lr if self.val_inner_lr is None else self.val_inner_lr
+
+    @property
+    def deployed_steps(self) -> int:
+        return self.inner_steps if self.val_steps is None else self.val_steps
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -82,7 +111,7 @@ class MamlConfig:
             value = getattr(self, f.name)
             if not f.metadata.get("cli", True) or value is None or (f.type in ("bool", bool) and not value):
                 continue
-            args += ["--" + f.name.replace("_", "-")] + ([] if f.type in ("bool", bool) else [str(value)])
+            args += [flag(f.name)] + ([] if f.type in ("bool", bool) else [str(value)])
         return args
 
     def to_json(self) -> str:
@@ -106,16 +135,16 @@ def click_options(cls, only_cli: bool = True):
         for f in reversed(fields(cls)):
             if only_cli and not f.metadata.get("cli", True):
                 continue
-            flag = "--" + f.name.replace("_", "-")
+            option = flag(f.name)
             default = f.default
             if f.type in ("bool", bool):
-                func = click.option(flag, f.name, is_flag=True, default=None,
+                func = click.option(option, f.name, is_flag=True, default=None,
                                     help=f"{f.metadata['help']}")(func)
             else:
                 kind = {"int": int, "float": float, "str": str}.get(f.type, str)
                 # a None default means "none" or a default the help text names itself
                 shown = "" if default is None else f" [default: {default}]"
-                func = click.option(flag, f.name, type=kind, default=None, show_default=False,
+                func = click.option(option, f.name, type=kind, default=None, show_default=False,
                                     help=f"{f.metadata['help']}{shown}")(func)
         return func
     return decorate

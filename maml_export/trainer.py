@@ -20,7 +20,7 @@ import paddle
 from tqdm import tqdm
 
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .config import MamlConfig
+from .config import RESUME_MAY_CHANGE, VALIDATION, MamlConfig, flag
 from .data import TaskSampler, load_omniglot, split_characters
 from .distributed import RankLostError, Ranks
 from .errors import ConfigError, DataError, MamlError
@@ -93,11 +93,6 @@ class Run:
             f.write(json.dumps(record) + "\n")
 
 
-# What `--resume` may change: how long to train, the meta step size (lowering it for the tail of a long
-# run is the usual last step), and how checkpoints are chosen; the resume event in metrics.jsonl records it.
-RESUME_MAY_CHANGE = ("iterations", "val_every", "meta_lr", "val_tasks", "val_inner_lr", "val_ways", "val_query")
-# Changing these makes earlier validation figures incomparable: the best is chosen afresh from then on.
-VALIDATION = ("val_tasks", "val_inner_lr", "val_ways", "val_query")
 
 
 def _start(config: MamlConfig, run: Run, resume: bool, overrides: dict):
@@ -111,11 +106,11 @@ def _start(config: MamlConfig, run: Run, resume: bool, overrides: dict):
         raise ConfigError(f"--resume: no checkpoint {run.latest} to resume (train without --resume first)")
     ckpt = load_checkpoint(run.latest)
     saved = ckpt.config
-    conflicts = [f"--{k.replace('_', '-')} {v} (run has {getattr(saved, k)})" for k, v in overrides.items()
+    conflicts = [f"{flag(k)} {v} (run has {getattr(saved, k)})" for k, v in overrides.items()
                  if k not in RESUME_MAY_CHANGE and getattr(saved, k) != v]
     if conflicts:
         raise ConfigError(f"--resume continues the run as it was configured; these options differ: "
-                          f"{', '.join(conflicts)} (on resume only {', '.join(RESUME_MAY_CHANGE)} may change)")
+                          f"{', '.join(conflicts)} (on resume only {', '.join(map(flag, RESUME_MAY_CHANGE))} may change)")
     before = {k: getattr(saved, k) for k in RESUME_MAY_CHANGE if k in overrides and overrides[k] != getattr(saved, k)}
     # a new config, so that the changed options are checked with the others (--val-ways needs --zero-head)
     return dataclasses.replace(saved, **{k: overrides[k] for k in before}), ckpt, before
@@ -150,7 +145,7 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
     sampler = TaskSampler(images, splits["train"], config.ways, config.shots, config.query, config.seed,
                           split_name="train")
 
-    val_ways = config.val_ways or config.ways
+    val_ways = config.deployed_ways
     # --val-ways: validation adapts the backbone from a zero head of the deployed ways (needs --zero-head)
     val_model = Model.from_specs(with_ways(config.layers, val_ways)) if val_ways != config.ways else None
 
@@ -191,16 +186,17 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
                                          adam.state_arrays(), {**state, "sampler": sampler_state}))
 
     def validate(iteration: int) -> tuple[float, float]:
-        inner_lr = config.val_inner_lr or config.inner_lr
+        inner_lr, steps = config.deployed_inner_lr, config.deployed_steps
         sampler, deployed = val_sampler(), maml
         if val_model:  # the current backbone with a zero head
             backbone = {k: v.numpy() for k, v in params.items()}
-            deployed = MAML(val_model, to_tensors(val_model.with_zero_head(backbone)), inner_lr, config.inner_steps)
+            deployed = MAML(val_model, to_tensors(val_model.with_zero_head(backbone)), inner_lr, steps)
         accuracy, ci = mean_ci95(evaluate(deployed, sampler, config.val_tasks, batch=config.meta_batch, ranks=ranks,
-                                          inner_lr=inner_lr))
+                                          steps=steps, inner_lr=inner_lr))
         if ranks.main:
             run.log({"event": "validation", "iteration": iteration, "val_accuracy": accuracy, "val_ci95": ci,
-                     "tasks": config.val_tasks, "inner_lr": inner_lr, "ways": sampler.ways, "query": sampler.query,
+                     "tasks": config.val_tasks, "inner_lr": inner_lr, "steps": steps, "ways": sampler.ways,
+                     "query": sampler.query,
                      "seconds": round(state["seconds"], 2)})
         return accuracy, ci
 

@@ -166,22 +166,24 @@ def test_resume_may_change_how_checkpoints_are_chosen(tmp_path):
 @needs_data
 def test_val_ways_chooses_and_ships_the_checkpoint_for_the_ways_it_will_be_deployed_with(tmp_path):
     """Train 3-way, validate and ship 2-way (issue 5: 20-way training for a 5-way deployment): validation
-    adapts the backbone from a zero 2-way head on 2-way tasks, and the bundle is a 2-way model."""
+    adapts the backbone from a zero 2-way head on 2-way tasks, and the bundle is a 2-way model. Likewise the
+    number of steps: trained with 2, validated and shipped with 3 (`--val-steps`)."""
     from maml_export.data import TaskSampler, load_omniglot, split_characters
     from maml_export.maml import MAML
     from maml_export.model import to_tensors
     from maml_export.trainer import evaluate
     run = tmp_path / "run"
-    train(MamlConfig(iterations=2, val_every=1, ways=3, zero_head=True, val_ways=2, val_query=4, **SMALL), DATA, run,
-          progress=False)
+    train(MamlConfig(iterations=2, val_every=1, ways=3, zero_head=True, val_ways=2, val_query=4, val_steps=3, **SMALL),
+          DATA, run, progress=False)
     validations = [e for e in map(json.loads, open(run / "metrics.jsonl")) if e.get("event") == "validation"]
-    assert [(v["ways"], v["query"]) for v in validations] == [(2, 4), (2, 4)]
+    assert [(v["ways"], v["query"], v["steps"]) for v in validations] == [(2, 4, 3), (2, 4, 3)]
     best = load_checkpoint(run / "best.npz")
     assert best.config.ways == 3 and best.params["fc1.weight"].shape[-1] == 3
     result = cli("bundle", str(run), "--out", str(tmp_path / "ship.npz"))
     assert result.returncode == 0, result.stderr
     shipped = load_checkpoint(tmp_path / "ship.npz")
     assert shipped.config.ways == 2 and shipped.state["ways_trained"] == 3 and "--val-ways 2" in shipped.state["command"]
+    assert shipped.config.inner_steps == 3 and shipped.state["inner_steps_trained"] == 2
     assert shipped.params.keys() == Model.from_specs(shipped.config.layers).param_shapes().keys()
     assert shipped.params["fc1.weight"].shape[-1] == 2 and not shipped.params["fc1.weight"].any()
     np.testing.assert_array_equal(shipped.params["conv1.weight"], best.params["conv1.weight"])

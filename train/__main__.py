@@ -4,7 +4,7 @@ import sys
 
 import click
 
-from maml_export.config import MamlConfig, click_options, given
+from maml_export.config import RESUME_MAY_CHANGE, MamlConfig, click_options, flag, given
 from maml_export.errors import MamlError
 
 
@@ -19,9 +19,8 @@ def fail(message: str, code: int = 2):
                    "[default: $OMNIGLOT_DIR]")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/default", show_default=True,
               help="run folder: checkpoints latest/best (.npz + .json) and metrics.jsonl")
-@click.option("--resume", is_flag=True, help="continue the run in --out (weights, Adam and task stream); "
-              "only --iterations, --meta-lr and the validation options (--val-every, --val-tasks, --val-inner-lr) may "
-              "differ from the run's")
+@click.option("--resume", is_flag=True, help="continue the run in --out (weights, Adam and task stream); only "
+              + ", ".join(map(flag, RESUME_MAY_CHANGE)) + " may differ from the run's")
 @click.option("--threads", type=int, default=None, help="CPU threads for Paddle [default: all cores]")
 @click_options(MamlConfig)
 @click.pass_context
