@@ -93,8 +93,6 @@ class Run:
             f.write(json.dumps(record) + "\n")
 
 
-
-
 def _start(config: MamlConfig, run: Run, resume: bool, overrides: dict):
     """(config, checkpoint or None, {option: value before} of the overrides applied): a new run, or the run
     in `run.out` with allowed overrides applied."""
@@ -196,8 +194,7 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
         if ranks.main:
             run.log({"event": "validation", "iteration": iteration, "val_accuracy": accuracy, "val_ci95": ci,
                      "tasks": config.val_tasks, "inner_lr": inner_lr, "steps": steps, "ways": sampler.ways,
-                     "query": sampler.query,
-                     "seconds": round(state["seconds"], 2)})
+                     "query": sampler.query, "seconds": round(state["seconds"], 2)})
         return accuracy, ci
 
     def validate_and_keep(iteration: int) -> dict:
