@@ -19,7 +19,8 @@ from maml_export.cli import run
 @click.option("--steps", type=int, default=5, show_default=True,
               help="Inner SGD steps on the support set, unrolled into the graph.")
 @click.option("--inner-lr", type=float, default=None,
-              help="Inner SGD step size. [default: the checkpoint's config.inner_lr]")
+              help="Inner SGD step size. [default: the checkpoint's deployed one: a bundle's, a run's "
+                   "--val-inner-lr if it has one, else its --inner-lr]")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset version (13 to 21).")
 @click.option("--out", type=str, default="exported", show_default=True,
               help="Output folder for model.json, model.pdiparams, model.onnx and export.json.")

@@ -134,6 +134,35 @@ def check_params(model: Model, params: dict, where: str) -> None:
             raise CheckpointError(f"checkpoint {where} holds non-finite values in {k}")
 
 
+def as_deployed(ckpt: Checkpoint, ways: int | None = None, inner_lr: float | None = None) -> Checkpoint:
+    """The checkpoint as validation adapted it, i.e. as it is deployed: its config's `deployed_ways`,
+    `deployed_inner_lr` and `deployed_steps` become its `ways`, `inner_lr` and `inner_steps` (the `val_*`
+    options cleared), and a backbone validated on other ways than it trained on (`--val-ways`, with
+    `--zero-head`) gets a zero head of those ways. `ways` or `inner_lr`, if given, override the deployed
+    ones. A bundle is already deployed: it comes back unchanged. `train evaluate` and `maml-export`
+    load every checkpoint through this, so a run folder trained with `--val-inner-lr 0.1` exports at 0.1,
+    not at its training step size (noted in issue 5's sessions).
+
+    Example:
+        >>> config = MamlConfig(ways=20, zero_head=True, val_ways=5, val_inner_lr=0.1)  # train 20, ship 5 ways
+        >>> deployed = as_deployed(Checkpoint(config, Model.from_specs(config.layers).init_params(0)))
+        >>> deployed.config.ways, deployed.config.inner_lr, deployed.params["fc1.weight"].shape
+        (5, 0.1, (64, 5))
+    """
+    c = ckpt.config
+    ways = c.deployed_ways if ways is None else ways
+    config = dataclasses.replace(c, inner_lr=c.deployed_inner_lr if inner_lr is None else inner_lr,
+                                 inner_steps=c.deployed_steps, val_ways=None, val_inner_lr=None, val_steps=None)
+    params = ckpt.params
+    if ways != c.ways:  # deployed for other ways: the backbone with a zero head of that size
+        if not c.zero_head:
+            raise CheckpointError(f"{c.name} was trained without --zero-head: its head is meta-learned for "
+                                  f"{c.ways} ways and cannot be deployed for {ways} (leave out --ways)")
+        config = dataclasses.replace(config, ways=ways, layers=with_ways(c.layers, ways))
+        params = Model.from_specs(config.layers).with_zero_head(params)
+    return dataclasses.replace(ckpt, config=config, params=params)
+
+
 def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float | None = None,
                note: str | None = None, ways: int | None = None) -> Checkpoint:
     """Package a run's best checkpoint (chosen on validation) for shipping: `out` (.npz + .json) with the
@@ -141,15 +170,13 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
     and their changed options included) and the run's metrics log up to that iteration (`out` with
     suffix .metrics.jsonl). The weights `maml-export` and `maml-bench` use by default are such a bundle.
 
-    `inner_lr`, if given, is the step size adaptation uses from then on (`maml-export`'s default), for
-    one chosen on the validation split (default: the run's `val_inner_lr`, which chose the checkpoint, if
-    set); the step size of training stays in `state["inner_lr_trained"]` and in the command; likewise the
-    number of steps: the run's `val_steps` if set (training's in `state["inner_steps_trained"]`); and `note`
-    (e.g. the validation figures behind the choice) in `state["note"]`. A run validated on another number
-    of ways than it trained on (`--val-ways`, with `--zero-head`) ships for those ways: its backbone with
-    a zero head of that size (the trained ways in `state["ways_trained"]`); `ways`, if given, ships a
-    `--zero-head` run for that many ways instead (e.g. a run trained on 20-way tasks and chosen on 5-way
-    ones, shipped for 20 ways too).
+    What ships is `as_deployed(best)`: the checkpoint as validation adapted it (its `--val-ways`,
+    `--val-inner-lr`, `--val-steps`; e.g. trained 20-way with 1 step, shipped 5-way with 5), with the trained
+    values in `state` (`ways_trained`, `inner_lr_trained`, `inner_steps_trained`) and in the command.
+    `inner_lr`, if given, replaces the step size (`maml-export`'s default), for one chosen on the validation
+    split; `ways`, if given, ships a `--zero-head` run for that many ways instead (e.g. a run trained on
+    20-way tasks and chosen on 5-way ones, shipped for 20 ways too); `note` (e.g. the validation figures
+    behind the choice) goes to `state["note"]`.
     """
     import shlex
     run, out = Path(run), Path(out)
@@ -178,27 +205,18 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
                      + f" [{e.get('ranks', 1)} rank(s)]")
     command = "; ".join(steps)
     trained = best.config
-    inner_lr = trained.deployed_inner_lr if inner_lr is None else inner_lr
+    deployed = as_deployed(best, ways, inner_lr)
     state = {k: best.state[k] for k in ("best_val_accuracy", "best_iteration", "seconds") if k in best.state}
     state["command"] = command
-    if inner_lr != trained.inner_lr:
-        state["inner_lr_trained"] = trained.inner_lr
-    if trained.deployed_steps != trained.inner_steps:
-        state["inner_steps_trained"] = trained.inner_steps
+    for key, shipped, was in (("inner_lr_trained", deployed.config.inner_lr, trained.inner_lr),
+                              ("inner_steps_trained", deployed.config.inner_steps, trained.inner_steps),
+                              ("ways_trained", deployed.config.ways, trained.ways)):
+        if shipped != was:
+            state[key] = was
     if note:
         state["note"] = note
-    config = dataclasses.replace(trained, iterations=best.iteration, inner_lr=inner_lr,
-                                 inner_steps=trained.deployed_steps)
-    params = best.params
-    ways = config.deployed_ways if ways is None else ways
-    if ways != config.ways:  # shipped for other ways: the backbone with a zero head of that size
-        if not config.zero_head:
-            raise CheckpointError(f"run {run} was trained without --zero-head: its head is meta-learned for "
-                                  f"{config.ways} ways and cannot be shipped for {ways} (leave out --ways)")
-        state["ways_trained"] = config.ways
-        config = dataclasses.replace(config, ways=ways, layers=with_ways(config.layers, ways))
-        params = Model.from_specs(config.layers).with_zero_head(params)
-    bundle = Checkpoint(config, params, best.iteration, {}, state)
+    bundle = Checkpoint(dataclasses.replace(deployed.config, iterations=best.iteration), deployed.params,
+                        best.iteration, {}, state)
     save_checkpoint(out, bundle)
     _atomic_write(out.with_suffix(".metrics.jsonl"), lambda f: f.write("".join(json.dumps(e) + "\n" for e in kept).encode()))
     return bundle

@@ -31,7 +31,7 @@ import paddle
 import paddle2onnx
 
 from . import __version__
-from .checkpoint import default_checkpoint, load_checkpoint, resolve_checkpoint
+from .checkpoint import as_deployed, default_checkpoint, load_checkpoint, resolve_checkpoint
 from .errors import CheckpointError, ExportError
 from .maml import MAML
 from .model import Model
@@ -148,7 +148,7 @@ def export_model(checkpoint: str | os.PathLike | None = None, out: str | os.Path
     tasks = -(-tasks // task_batch) * task_batch if task_batch else tasks  # whole calls of T tasks
     ckpt_path = resolve_checkpoint(checkpoint) if checkpoint is not None else default_checkpoint()
     try:
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = as_deployed(load_checkpoint(ckpt_path))  # a run folder exports as its validation adapted
     except CheckpointError as e:
         raise CheckpointError(f"--checkpoint: {e}") from None
     config, params = ckpt.config, ckpt.params

@@ -19,7 +19,7 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, as_deployed, load_checkpoint, save_checkpoint
 from .config import RESUME_MAY_CHANGE, VALIDATION, MamlConfig, flag
 from .data import TaskSampler, load_omniglot, split_characters
 from .distributed import RankLostError, Ranks
@@ -270,7 +270,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data, tasks: int = 600, s
                         query: int = 15, threads: int | None = None, progress: bool = True) -> dict:
     """Meta-test accuracy of a checkpoint by the shared protocol (15 queries per class), with its 95% interval."""
     set_threads(threads)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = as_deployed(load_checkpoint(checkpoint))  # a run folder adapts as its validation did
     config = ckpt.config
     images = load_omniglot(data_dir(data))
     splits = split_characters(len(images))

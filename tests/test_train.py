@@ -195,6 +195,17 @@ def test_val_ways_chooses_and_ships_the_checkpoint_for_the_ways_it_will_be_deplo
     again = evaluate(maml, sampler, SMALL["val_tasks"], batch=SMALL["meta_batch"]).mean()
     chosen = next(v for v in validations if v["iteration"] == best.iteration)
     assert abs(again - chosen["val_accuracy"]) < 1e-6
+    # `train evaluate` on the run's own checkpoint adapts as validation did (2 ways, 3 steps), not as training
+    # did (3 ways, 2 steps): the same figure as on the bundle, which, already deployed, keeps no val_* to redo it
+    evaluated = []
+    for checkpoint in (run / "best.npz", tmp_path / "ship.npz"):
+        result = cli("evaluate", "--checkpoint", str(checkpoint), "--data", str(DATA), "--split", "val", "--tasks", "8",
+                     "--json")
+        assert result.returncode == 0, result.stderr
+        evaluated.append(json.loads(result.stdout.splitlines()[-1]))
+    assert [(e["ways"], e["steps"], e["inner_lr"]) for e in evaluated] == [(2, 3, 0.4)] * 2
+    assert evaluated[0]["accuracy"] == evaluated[1]["accuracy"]
+    assert (shipped.config.val_ways, shipped.config.val_steps, shipped.config.val_inner_lr) == (None, None, None)
     # --ways ships the same checkpoint for other ways (the trained 3 here): backbone as chosen, zero 3-way head
     result = cli("bundle", str(run), "--out", str(tmp_path / "ship3.npz"), "--ways", "3")
     assert result.returncode == 0, result.stderr
