@@ -58,8 +58,10 @@ def main(ctx, data, out, resume, threads, **options):
 @click.option("--data", type=click.Path(), default=None, help="Omniglot folder [default: $OMNIGLOT_DIR]")
 @click.option("--tasks", type=int, default=600, show_default=True, help="test tasks to average over")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
-@click.option("--steps", type=int, default=None, help="inner SGD steps [default: the checkpoint's deployed ones, i.e. its --val-steps if it has them]")
-@click.option("--inner-lr", type=float, default=None, help="inner step size [default: the checkpoint's deployed one, i.e. its --val-inner-lr if it has one]")
+@click.option("--steps", type=int, default=None,
+              help="inner SGD steps [default: the checkpoint's deployed ones: its --val-steps if it has them]")
+@click.option("--inner-lr", type=float, default=None,
+              help="inner step size [default: the checkpoint's deployed one: its --val-inner-lr if it has one]")
 @click.option("--query", type=int, default=15, show_default=True, help="query images per class")
 @click.option("--seed", type=int, default=None, help="seed of the test tasks [default: fixed]")
 @click.option("--threads", type=int, default=None, help="CPU threads [default: all cores]")
