@@ -25,7 +25,7 @@ from .data import TaskSampler, load_omniglot, split_characters
 from .distributed import RankLostError, Ranks
 from .errors import ConfigError, DataError, MamlError
 from .maml import MAML, zero_head
-from .model import Model, to_tensors, with_ways
+from .model import Model, to_tensors
 from .optim import Adam
 
 VAL_SEED = 1_000_003  # the validation tasks are the same at every validation, and across runs
@@ -144,8 +144,6 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
                           split_name="train")
 
     val_ways = config.deployed_ways
-    # --val-ways: validation adapts the backbone from a zero head of the deployed ways (needs --zero-head)
-    val_model = Model.from_specs(with_ways(config.layers, val_ways)) if val_ways != config.ways else None
 
     def val_sampler() -> TaskSampler:  # a fresh one each time: every validation sees the same tasks
         return TaskSampler(images, splits["val"], val_ways, config.shots,
@@ -186,9 +184,9 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
     def validate(iteration: int) -> tuple[float, float]:
         inner_lr, steps = config.deployed_inner_lr, config.deployed_steps
         sampler, deployed = val_sampler(), maml
-        if val_model:  # the current backbone with a zero head
-            backbone = {k: v.numpy() for k, v in params.items()}
-            deployed = MAML(val_model, to_tensors(val_model.with_zero_head(backbone)), inner_lr, steps)
+        if val_ways != config.ways:  # --val-ways: the current backbone with a zero head, as `train bundle` ships it
+            shipped = as_deployed(Checkpoint(config, {k: v.numpy() for k, v in params.items()}))
+            deployed = MAML(Model.from_specs(shipped.config.layers), to_tensors(shipped.params), inner_lr, steps)
         accuracy, ci = mean_ci95(evaluate(deployed, sampler, config.val_tasks, batch=config.meta_batch, ranks=ranks,
                                           steps=steps, inner_lr=inner_lr))
         if ranks.main:
