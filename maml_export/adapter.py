@@ -63,6 +63,7 @@ class Adapter:
         self.image_size = int(self.metadata["image_size"])
         self.channels = int(self.metadata["channels"])
         self.task_batch = int(self.metadata.get("task_batch") or 0)  # 0: one task per call, no task axis
+        self.head_init = self.metadata.get("head_init", "meta")  # "prototypes": the head starts from the support
         self.config_name = self.metadata.get("config_name", "")
         self.input_range = self.metadata.get("input_range", "")
 
@@ -77,6 +78,7 @@ class Adapter:
     def __repr__(self) -> str:
         batch = f", task_batch={self.task_batch}" if self.task_batch else ""
         return (f"Adapter({self.path!r}, ways={self.ways}, steps={self.steps}, inner_lr={self.inner_lr}, "
+                f"head_init={self.head_init!r}, "
                 f"image_shape={self.image_shape}{batch}, config={self.config_name!r})")
 
     @property

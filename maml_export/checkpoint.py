@@ -26,7 +26,7 @@ import numpy as np
 
 from .config import MamlConfig, flag
 from .errors import CheckpointError, MamlError
-from .model import Model, with_ways
+from .model import Model, with_head
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 
@@ -134,12 +134,15 @@ def check_params(model: Model, params: dict, where: str) -> None:
             raise CheckpointError(f"checkpoint {where} holds non-finite values in {k}")
 
 
-def as_deployed(ckpt: Checkpoint, ways: int | None = None, inner_lr: float | None = None) -> Checkpoint:
+def as_deployed(ckpt: Checkpoint, ways: int | None = None, inner_lr: float | None = None,
+                head_init: str | None = None) -> Checkpoint:
     """The checkpoint as validation adapted it, i.e. as it is deployed: its config's `deployed_ways`,
     `deployed_inner_lr` and `deployed_steps` become its `ways`, `inner_lr` and `inner_steps` (the `val_*`
     options cleared), and a backbone validated on other ways than it trained on (`--val-ways`, with
     `--zero-head`) gets a zero head of those ways. `ways` or `inner_lr`, if given, override the deployed
-    ones. A bundle is already deployed: it comes back unchanged. `train evaluate` and `maml-export`
+    ones; `head_init`, if given, makes adaptation start the head that way (`--head-init`; "meta" needs a
+    `--zero-head` checkpoint, whose zero head is the meta-learned one). A bundle is already deployed: it comes
+    back unchanged. `train evaluate` and `maml-export`
     load every checkpoint through this, so a run folder trained with `--val-inner-lr 0.1` exports at 0.1,
     not at its training step size (noted in issue 5's sessions).
 
@@ -158,13 +161,19 @@ def as_deployed(ckpt: Checkpoint, ways: int | None = None, inner_lr: float | Non
         if not c.zero_head:
             raise CheckpointError(f"{c.name} was trained without --zero-head: its head is meta-learned for "
                                   f"{c.ways} ways and cannot be deployed for {ways} (leave out --ways)")
-        config = dataclasses.replace(config, ways=ways, layers=with_ways(c.layers, ways))
+        config = dataclasses.replace(config, ways=ways, layers=with_head(c.layers, ways))
+        params = Model.from_specs(config.layers).with_zero_head(params)
+    if head_init not in (None, c.head_init):  # the head's meta-parameters: unused by "prototypes", zero for "meta"
+        if head_init == "meta" and not c.zero_head:
+            raise CheckpointError(f"{c.name} was trained with --head-init {c.head_init} without --zero-head: it has no "
+                                  f"meta-learned head to deploy with --head-init meta")
+        config = dataclasses.replace(config, head_init=head_init, layers=with_head(config.layers, init=head_init))
         params = Model.from_specs(config.layers).with_zero_head(params)
     return dataclasses.replace(ckpt, config=config, params=params)
 
 
 def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float | None = None,
-               note: str | None = None, ways: int | None = None) -> Checkpoint:
+               note: str | None = None, ways: int | None = None, head_init: str | None = None) -> Checkpoint:
     """Package a run's best checkpoint (chosen on validation) for shipping: `out` (.npz + .json) with the
     weights and config but no optimizer or sampler state, the command that reproduces the run (resumes
     and their changed options included) and the run's metrics log up to that iteration (`out` with
@@ -175,7 +184,8 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
     values in `state` (`ways_trained`, `inner_lr_trained`, `inner_steps_trained`) and in the command.
     `inner_lr`, if given, replaces the step size (`maml-export`'s default), for one chosen on the validation
     split; `ways`, if given, ships a `--zero-head` run for that many ways instead (e.g. a run trained on
-    20-way tasks and chosen on 5-way ones, shipped for 20 ways too); `note` (e.g. the validation figures
+    20-way tasks and chosen on 5-way ones, shipped for 20 ways too); `head_init`, if given, ships it with that
+    head initialisation (e.g. "prototypes", chosen on the validation split); `note` (e.g. the validation figures
     behind the choice) goes to `state["note"]`.
     """
     import shlex
@@ -205,12 +215,13 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
                      + f" [{e.get('ranks', 1)} rank(s)]")
     command = "; ".join(steps)
     trained = best.config
-    deployed = as_deployed(best, ways, inner_lr)
+    deployed = as_deployed(best, ways, inner_lr, head_init)
     state = {k: best.state[k] for k in ("best_val_accuracy", "best_iteration", "seconds") if k in best.state}
     state["command"] = command
     for key, shipped, was in (("inner_lr_trained", deployed.config.inner_lr, trained.inner_lr),
                               ("inner_steps_trained", deployed.config.inner_steps, trained.inner_steps),
-                              ("ways_trained", deployed.config.ways, trained.ways)):
+                              ("ways_trained", deployed.config.ways, trained.ways),
+                              ("head_init_trained", deployed.config.head_init, trained.head_init)):
         if shipped != was:
             state[key] = was
     if note:

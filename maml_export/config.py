@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 import click
 
 from .errors import ConfigError
+from .layers import HEAD_INITS, layer_from_spec
 from .model import conv4_specs
 
 PROTOCOL = "omniglot/README.md protocol: RandomState(1) split 1100/100/423, (character, rotation) classes, 28x28 LANCZOS, ink=1"
@@ -54,6 +55,10 @@ class MamlConfig:
                            "e.g. to fine-tune a first-order run second-order, or (with --zero-head) a 5-way backbone "
                            "on 20-way tasks; Adam and the task stream start fresh")
     hidden: int = _opt(64, "filters per conv layer")
+    head_init: str = _opt("meta", "where each task's adaptation starts the linear head: 'meta', the meta-learned head "
+                                  "(zero with --zero-head); 'prototypes', each class's row from the mean support "
+                                  "features p_c of the class (weight 2 p_c, bias -|p_c|^2: the Euclidean prototype "
+                                  "classifier, Proto-MAML of Triantafillou et al., ICLR 2020), then the SGD steps")
     val_every: int = _opt(250, "validate (and save the best checkpoint) every this many iterations")
     val_tasks: int = _opt(200, "validation tasks (always the same ones) per validation")
     val_inner_lr: float = _opt(None, "inner step size validation adapts with, i.e. the one the checkpoint will be "
@@ -84,8 +89,17 @@ class MamlConfig:
         if self.val_ways not in (None, self.ways) and not self.zero_head:
             raise ConfigError(f"--val-ways {self.val_ways} differs from --ways {self.ways}: pass --zero-head, so that "
                               f"the backbone adapts from a zero head of any number of ways")
+        if self.head_init not in HEAD_INITS:
+            raise ConfigError(f"--head-init must be one of {', '.join(HEAD_INITS)}, got {self.head_init!r}")
         if not self.layers:
-            self.layers = conv4_specs(self.ways, self.channels, self.image_size, self.hidden)
+            self.layers = conv4_specs(self.ways, self.channels, self.image_size, self.hidden, head_init=self.head_init)
+        try:  # every key spelled out (an older checkpoint's head has no "init": it is "meta")
+            self.layers = [layer_from_spec(s).spec() for s in self.layers]
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"invalid layer specs: {e}") from None
+        if self.layers[-1].get("init", "meta") != self.head_init:
+            raise ConfigError(f"--head-init {self.head_init} differs from the layers' head "
+                              f"({self.layers[-1].get('init')})")
 
     # How validation adapts, i.e. the deployment a checkpoint is chosen for (and `train bundle` ships it for):
     # each val_* option where given, else the training one.

@@ -275,12 +275,24 @@ class Flatten(Layer):
         return dy.transpose([1, 0, 2]).reshape([-1, C, H, W]), {}
 
 
+HEAD_INITS = ("meta", "prototypes")
+
+
 @dataclass(frozen=True)
 class Linear(Layer):
-    """Per-task affine map on (T, N, in_features) -> (T, N, out_features); weight is (in, out)."""
+    """Per-task affine map on (T, N, in_features) -> (T, N, out_features); weight is (in, out).
+
+    `init` says where adaptation starts this layer (the head) for each task: "meta", from its meta-learned
+    weights; "prototypes", from the support set's class prototypes (`maml.prototype_head`).
+    """
 
     in_features: int
     out_features: int
+    init: str = "meta"
+
+    def __post_init__(self):
+        if self.init not in HEAD_INITS:
+            raise ValueError(f"unknown head init {self.init!r}; known: {', '.join(HEAD_INITS)}")
 
     def param_shapes(self):
         return {"weight": (self.in_features, self.out_features), "bias": (self.out_features,)}

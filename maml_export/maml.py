@@ -47,6 +47,29 @@ def sgd_steps(model: Model, params: dict, x, y, steps: int, inner_lr: float, fir
     return params
 
 
+def prototype_head(model: Model, params: dict, x_spt, y_spt) -> dict:
+    """The head a task's adaptation starts from under `head_init="prototypes"`: the Euclidean prototype
+    classifier of the support set (Snell et al., 2017), as a linear layer (Proto-MAML, Triantafillou et al.,
+    "Meta-Dataset", ICLR 2020, https://arxiv.org/abs/1903.03096).
+
+    With p_c the mean support features of class c, -|f - p_c|^2 = 2 p_c.f - |p_c|^2 - |f|^2, and the last
+    term is the same for every class, so weight 2 p_c and bias -|p_c|^2 rank classes by distance to their
+    prototype. Issue 5: on the 5-way bundle's backbone this classifier read +0.31 +- 0.11 points (600
+    validation tasks) above the zero head's 5 steps, whose first step gives the dot product (p_c - mean
+    p).f instead, which lacks the -|p_c|^2 term.
+
+    params: task-stacked; x_spt (T, S, C, H, W), y_spt (T, S) with every class present. Returns the head's
+    parameters {"<head>.weight": (T, F, ways), "<head>.bias": (T, ways)}, differentiable in `params` (a
+    second-order meta-gradient flows through the prototypes, as in Prototypical Networks).
+    """
+    features = model.forward(params, x_spt, upto=-1)[0]  # (T, S, F), batch norm on the support's statistics
+    classes = paddle.arange(model.ways, dtype=y_spt.dtype)
+    onehot = (y_spt.unsqueeze(-1) == classes).astype(features.dtype)  # (T, S, ways); a comparison: see layers
+    prototypes = paddle.matmul(onehot, features, transpose_x=True) / onehot.sum(axis=1).unsqueeze(-1)  # (T, ways, F)
+    head = model.names[-1]
+    return {f"{head}.weight": 2 * prototypes.transpose([0, 2, 1]), f"{head}.bias": -(prototypes * prototypes).sum(-1)}
+
+
 def zero_head(model: Model, params: dict) -> None:
     """Set the head's (the last layer's) meta-parameters to zero, in place.
 
@@ -92,11 +115,14 @@ class MAML:
 
     def adapt(self, x_spt, y_spt, steps: int | None = None, inner_lr: float | None = None,
               first_order: bool | None = None) -> dict:
-        """x_spt (T, S, C, H, W), y_spt (T, S) -> fast weights, task-stacked."""
+        """x_spt (T, S, C, H, W), y_spt (T, S) -> fast weights, task-stacked (the head starting from
+        `prototype_head`'s under the model's head_init "prototypes")."""
         steps = self.steps if steps is None else steps
         inner_lr = self.inner_lr if inner_lr is None else inner_lr
         first_order = self.first_order if first_order is None else first_order
         fast = expand_to_tasks(self.params, x_spt.shape[0])
+        if self.model.head_init == "prototypes":
+            fast.update(prototype_head(self.model, fast, x_spt, y_spt))
         return sgd_steps(self.model, fast, x_spt, y_spt, steps, inner_lr, first_order)
 
     def predict(self, fast: dict, x_qry):
@@ -133,6 +159,9 @@ class MAML:
                 fast = self.adapt(x_spt, y_spt, steps=steps)
                 loss, grads, logits = loss_and_grads(self.model, fast, x_qry, y_qry)
                 meta_grads = {k: g.sum(axis=0) / T for k, g in grads.items()}
+                if self.model.head_init == "prototypes":  # the head's meta-parameters take no part
+                    head = self.model.names[-1] + "."
+                    meta_grads = {k: paddle.zeros_like(g) if k.startswith(head) else g for k, g in meta_grads.items()}
         else:
             params = list(self.params.values())
             for p in params:
@@ -140,6 +169,8 @@ class MAML:
             fast = self.adapt(x_spt, y_spt, steps=steps)
             logits, caches = self.model.forward(fast, x_qry)
             loss, _ = softmax_cross_entropy(logits, y_qry)
-            meta_grads = dict(zip(self.params, paddle.grad(loss.mean(), params)))
+            # allow_unused: under head_init="prototypes" the head's meta-parameters take no part (zero gradient)
+            grads = paddle.grad(loss.mean(), params, allow_unused=True)
+            meta_grads = {k: paddle.zeros_like(p) if g is None else g for (k, p), g in zip(self.params.items(), grads)}
         accuracy = (logits.argmax(axis=-1) == y_qry).astype("float32").mean()
         return MetaStep(float(loss.mean()), float(accuracy), meta_grads)

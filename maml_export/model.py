@@ -20,11 +20,11 @@ _PREFIX = {"Conv2d": "conv", "BatchNorm": "bn", "Linear": "fc"}
 
 
 def conv4_specs(ways: int, channels: int = 1, image_size: int = 28, hidden: int = 64,
-                blocks: int = 4) -> list[dict]:
+                blocks: int = 4, head_init: str = "meta") -> list[dict]:
     """Layer specs of the MAML conv-4: `blocks` x [conv3x3, batch norm, max-pool 2x2, ReLU], linear head.
 
     Omniglot: channels=1, image_size=28, hidden=64 (28 -> 14 -> 7 -> 3 -> 1, 64 features), as in
-    PaddleRec's MAML. MiniImageNet: channels=3, image_size=84, hidden=32.
+    PaddleRec's MAML. MiniImageNet: channels=3, image_size=84, hidden=32. `head_init`: see `Linear`.
     """
     layers: list[Layer] = []
     size, cin = image_size, channels
@@ -35,15 +35,17 @@ def conv4_specs(ways: int, channels: int = 1, image_size: int = 28, hidden: int 
         size, cin = size // 2, hidden
     if size < 1:
         raise ValueError(f"image size {image_size} is too small for {blocks} conv blocks")
-    layers += [Flatten(hidden), Linear(hidden * size * size, ways)]
+    layers += [Flatten(hidden), Linear(hidden * size * size, ways, head_init)]
     return [layer.spec() for layer in layers]
 
 
-def with_ways(specs: list[dict], ways: int) -> list[dict]:
-    """The same layer specs with a head of `ways` classes (for a backbone trained with `--zero-head`)."""
+def with_head(specs: list[dict], ways: int | None = None, init: str | None = None) -> list[dict]:
+    """The same layer specs with a head of `ways` classes (for a backbone trained with `--zero-head`) and/or
+    another `init` (see `layers.Linear`); None keeps the head's own."""
     if specs[-1]["type"] != "Linear":
-        raise ValueError(f"cannot give a {ways}-way head to a model whose last layer is a {specs[-1]['type']}")
-    return [dict(s) for s in specs[:-1]] + [{**specs[-1], "out_features": ways}]
+        raise ValueError(f"cannot change the head of a model whose last layer is a {specs[-1]['type']}")
+    head = {**specs[-1], **({"out_features": ways} if ways is not None else {}), **({"init": init} if init else {})}
+    return [dict(s) for s in specs[:-1]] + [head]
 
 
 class Model:
@@ -95,13 +97,19 @@ class Model:
             return {}
         return {k[len(prefix) + 1:]: v for k, v in params.items() if k.startswith(prefix + ".")}
 
-    def forward(self, params: dict, x):
-        """x: (T, N, C, H, W) -> logits (T, N, ways), and the caches `backward` needs."""
+    @property
+    def head_init(self) -> str:
+        """Where adaptation starts the head: "meta" or "prototypes" (see `layers.Linear`)."""
+        return getattr(self.layers[-1], "init", "meta")
+
+    def forward(self, params: dict, x, upto: int | None = None):
+        """x: (T, N, C, H, W) -> logits (T, N, ways), and the caches `backward` needs; with `upto=-1`, the
+        head's input features (T, N, F) instead of the logits."""
         T, C, H, W = x.shape[0], x.shape[2], x.shape[3], x.shape[4]
         # (T, N, C, H, W) -> (N, T*C, H, W): task-stacked channels for the grouped convolutions
         h = x.transpose([1, 0, 2, 3, 4]).reshape([-1, T * C, H, W]) if T != 1 else x.reshape([-1, C, H, W])
         caches = []
-        for layer, prefix in zip(self.layers, self.names):
+        for layer, prefix in zip(self.layers[:upto], self.names[:upto]):
             h, cache = layer.forward(self._local(params, prefix), h)
             caches.append(cache)
         return h, caches

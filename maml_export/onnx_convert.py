@@ -218,7 +218,7 @@ def metadata(config, steps: int, inner_lr: float, params: dict, opset: int, task
     t = f"{task_batch}, " if task_batch else ""
     return {"ways": str(config.ways), "steps": str(steps), "inner_lr": repr(float(inner_lr)),
             "image_size": str(config.image_size), "channels": str(config.channels), "input_range": INPUT_RANGE,
-            "task_batch": str(task_batch),
+            "task_batch": str(task_batch), "head_init": config.head_init,
             "input_layout": f"x_spt [{t}S, C, H, W] float32, y_spt [{t}S] int64 in 0..ways-1, x_qry [{t}Q, C, H, W] "
                             f"float32 -> logits [{t}Q, ways]",
             "batch_norm": "statistics of the batch at hand (the support set in each step, then the query set)",

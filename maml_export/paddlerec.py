@@ -53,9 +53,18 @@ def build_net(model: Model, params: dict[str, np.ndarray], dtype: str = "float32
     return net
 
 
-def adapt(net: nn.Layer, x_spt, y_spt, steps: int, inner_lr: float) -> nn.Layer:
-    """Deep-copy `net` and take `steps` SGD steps on one task's support set (x (S, C, H, W), y (S,))."""
+def adapt(net: nn.Layer, x_spt, y_spt, steps: int, inner_lr: float, head_init: str = "meta") -> nn.Layer:
+    """Deep-copy `net` and take `steps` SGD steps on one task's support set (x (S, C, H, W), y (S,)); with
+    `head_init="prototypes"` the copy's head starts as the support's Euclidean prototype classifier."""
     fast = copy.deepcopy(net)
+    if head_init == "prototypes":  # written apart from maml.prototype_head, so that it checks it
+        *body, head = fast.children()
+        with paddle.no_grad():
+            features = nn.Sequential(*body)(x_spt)  # (S, F)
+            onehot = F.one_hot(y_spt, head.weight.shape[1]).astype(features.dtype)  # (S, ways)
+            prototypes = (onehot.T @ features) / onehot.sum(axis=0).unsqueeze(-1)  # (ways, F)
+            head.weight.set_value(2 * prototypes.T)
+            head.bias.set_value(-(prototypes ** 2).sum(axis=1))
     opt = paddle.optimizer.SGD(learning_rate=inner_lr, parameters=trainable(fast))
     for _ in range(steps):
         loss = F.cross_entropy(fast(x_spt), y_spt.reshape([-1, 1]))

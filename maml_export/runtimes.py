@@ -71,7 +71,11 @@ def load_exported(onnx_path: Path) -> Exported:
     config, why = MamlConfig.from_dict(json.loads(meta["config"])), "their sha256 is not model.onnx's weights_sha256"
     try:  # jit.save names the parameters <layer>.w_<k>_0, k in creation order: the checkpoint's order
         ps = sorted(paddle.jit.load(str(prefix)).parameters(), key=lambda p: int(re.search(r"\.w_(\d+)", p.name)[1]))
-        params = {name: p.numpy() for name, p in zip(Model.from_specs(config.layers).param_shapes(), ps)}
+        model = Model.from_specs(config.layers)
+        names = list(model.param_shapes())
+        if model.head_init == "prototypes":  # the graph never reads the head's parameters: jit.save drops them
+            names = [n for n in names if not n.startswith(model.names[-1] + ".")]
+        params = model.with_zero_head({name: p.numpy() for name, p in zip(names, ps)})
         ok = weights_sha256(params) == meta.get("weights_sha256")
     except Exception as e:  # noqa: BLE001 - Paddle's loader raises many kinds
         ok, why = False, f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
@@ -104,9 +108,9 @@ def reheaded(base: Exported, ways: int, workdir: Path, data) -> Exported:
     keeps adaptation well-conditioned (on random weights float32 runtimes can take other paths)."""
     from .checkpoint import PRETRAINED_DIR, Checkpoint, load_checkpoint, save_checkpoint
     from .config import MamlConfig
-    from .model import Model, with_ways
+    from .model import Model, with_head
     try:
-        specs = with_ways(base.config.layers, ways)
+        specs = with_head(base.config.layers, ways)
     except ValueError as e:
         raise ConfigError(f"--configs: {e}") from None
     for path in sorted(PRETRAINED_DIR.glob(f"*-{ways}w*s.npz")):
@@ -115,7 +119,7 @@ def reheaded(base: Exported, ways: int, workdir: Path, data) -> Exported:
     c, model = base.config, Model.from_specs(specs)
     params = model.with_zero_head(base.params)
     config = MamlConfig(name=f"{c.name}-backbone-{ways}w", ways=ways, inner_lr=base.inner_lr, hidden=c.hidden,
-                        channels=c.channels, image_size=c.image_size, layers=specs)
+                        channels=c.channels, image_size=c.image_size, head_init=c.head_init, layers=specs)
     path = save_checkpoint(workdir / f"{ways}way.npz", Checkpoint(config, params))
     return export_checkpoint(path, workdir / f"{ways}way", base.steps, base.inner_lr, data,
                              f"{base.source.removeprefix('bundled ')}'s backbone, zero {ways}-way head")
@@ -143,7 +147,8 @@ def paddlerec_loop(exp: Exported, provider="cpu", threads=None):
     net = paddlerec.build_net(Model.from_specs(exp.config.layers), exp.params)
 
     def call(xs, ys, xq):
-        fast = paddlerec.adapt(net, paddle.to_tensor(xs), paddle.to_tensor(ys), exp.steps, exp.inner_lr)
+        fast = paddlerec.adapt(net, paddle.to_tensor(xs), paddle.to_tensor(ys), exp.steps, exp.inner_lr,
+                               exp.config.head_init)
         with paddle.no_grad():
             return fast(paddle.to_tensor(xq)).numpy()
     return lambda xs, ys, xq: lambda: call(xs, ys, xq)
@@ -283,7 +288,7 @@ def pytorch_eager(exp: Exported, provider="cpu", threads=None):
     specs = exp.config.layers
     meta = [torch.from_numpy(np.ascontiguousarray(v)).to(device) for v in exp.params.values()]  # layer order
 
-    def forward(params, x):
+    def forward(params, x, specs=specs):
         it = iter(params)
         for spec in specs:
             kind = spec["type"]
@@ -303,6 +308,11 @@ def pytorch_eager(exp: Exported, provider="cpu", threads=None):
 
     def call(xs, ys, xq):
         params = [p.clone().requires_grad_() for p in meta]
+        if exp.config.head_init == "prototypes":  # the head from the support's Euclidean prototypes
+            with torch.no_grad():
+                onehot = tf.one_hot(ys, exp.config.ways).to(xs.dtype)  # (S, ways)
+                prototypes = onehot.T @ forward(params[:-2], xs, specs[:-1]) / onehot.sum(0)[:, None]  # (ways, F)
+            params[-2:] = [(2 * prototypes.T).requires_grad_(), (-(prototypes ** 2).sum(1)).requires_grad_()]
         for _ in range(exp.steps):
             grads = torch.autograd.grad(tf.cross_entropy(forward(params, xs), ys), params)
             params = [(p - exp.inner_lr * g).detach().requires_grad_() for p, g in zip(params, grads)]

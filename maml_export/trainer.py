@@ -123,7 +123,8 @@ def initial_params(model: Model, config: MamlConfig) -> tuple[dict, dict]:
     origin = {"init": str(config.init), "init_run": source.config.name, "init_iteration": source.iteration}
     if source.config.layers == config.layers:
         return source.params, origin
-    if config.zero_head and source.config.layers[:-1] == config.layers[:-1]:  # another number of ways
+    # another number of ways, or another head init: the backbone, with a head that is zero or unused
+    if (config.zero_head or config.head_init == "prototypes") and source.config.layers[:-1] == config.layers[:-1]:
         return model.with_zero_head(source.params), {**origin, "head": f"zero {config.ways}-way"}
     raise ConfigError(f"--init {config.init} is a {source.config.ways}-way model with {source.config.hidden} filters; "
                       f"this run is {config.ways}-way with {config.hidden} (match --hidden, and --ways unless "
@@ -155,7 +156,7 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
     params = to_tensors(initial)
     maml = MAML(model, params, config.inner_lr, config.inner_steps, config.first_order)
     adam = Adam(params, config.meta_lr)
-    if config.zero_head:
+    if config.zero_head or config.head_init == "prototypes":  # a head that prototypes replace: zero, never trained
         zero_head(model, params)
     state = {"best_val_accuracy": None, "best_iteration": None, "seconds": 0.0}
     start, rechoose = 0, False
@@ -265,10 +266,11 @@ def data_dir(data) -> str:
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data, tasks: int = 600, split: str = "test",
                         steps: int | None = None, inner_lr: float | None = None, seed: int = TEST_SEED,
-                        query: int = 15, threads: int | None = None, progress: bool = True) -> dict:
+                        query: int = 15, threads: int | None = None, progress: bool = True,
+                        head_init: str | None = None) -> dict:
     """Meta-test accuracy of a checkpoint by the shared protocol (15 queries per class), with its 95% interval."""
     set_threads(threads)
-    ckpt = as_deployed(load_checkpoint(checkpoint))  # a run folder adapts as its validation did
+    ckpt = as_deployed(load_checkpoint(checkpoint), head_init=head_init)  # a run folder adapts as its validation did
     config = ckpt.config
     images = load_omniglot(data_dir(data))
     splits = split_characters(len(images))
@@ -281,5 +283,5 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data, tasks: int = 600, s
     accuracy, ci = mean_ci95(accuracies)
     return {"checkpoint": str(checkpoint), "config": config.name, "split": split, "tasks": tasks,
             "ways": config.ways, "shots": config.shots, "query": query, "steps": maml.steps,
-            "inner_lr": maml.inner_lr, "accuracy": accuracy, "ci95": ci,
+            "inner_lr": maml.inner_lr, "head_init": config.head_init, "accuracy": accuracy, "ci95": ci,
             "seconds": round(time.perf_counter() - started, 2)}

@@ -149,6 +149,7 @@ def test_metadata(exported, checkpoint):
     meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
     assert (meta["ways"], meta["steps"], meta["image_size"], meta["channels"]) == ("5", "5", "28", "1")
     assert float(meta["inner_lr"]) == ckpt.config.inner_lr
+    assert meta["head_init"] == ckpt.config.head_init == Adapter(out / "model.onnx").head_init
     assert meta["config_name"] == ckpt.config.name and "ink 1.0" in meta["input_range"]
     assert json.loads(meta["config"]) == ckpt.config.to_dict()
     h = hashlib.sha256()  # the scheme the metadata states, recomputed here
@@ -221,6 +222,22 @@ def test_bundled_weights_are_trained_for_their_ways(bundled, omniglot):
     accuracy = np.mean([(eager_logits(ckpt, t.x_spt[i], t.y_spt[i], t.x_qry[i]).argmax(1) == t.y_qry[i]).mean()
                         for i in range(4)])
     assert accuracy > 0.8, accuracy
+
+
+def test_a_meta_learned_head_exports_too(omniglot, tmp_path):
+    """The bundled 5-way weights start each task's head from the support's prototypes; the other head init,
+    the meta-learned (here zero) head, exports and validates as well, and the two graphs differ."""
+    from maml_export.checkpoint import as_deployed
+    ckpt = as_deployed(load_checkpoint(default_checkpoint()), head_init="meta")
+    path = save_checkpoint(tmp_path / "meta.npz", ckpt)
+    report = export_model(path, tmp_path / "meta", steps=5, tasks=3, data=DATA)
+    assert all(r["ok"] for r in report.parity.values()) and Adapter(tmp_path / "meta" / "model.onnx").head_init == "meta"
+    t = sample(omniglot, 1)
+    logits = Adapter(tmp_path / "meta" / "model.onnx").predict(t.x_spt[0], t.y_spt[0], t.x_qry[0])
+    assert_matches_eager(ckpt, logits, t.x_spt[0], t.y_spt[0], t.x_qry[0])
+    bundled = load_checkpoint(default_checkpoint())
+    if bundled.config.head_init == "prototypes":
+        assert not np.allclose(logits, eager_logits(bundled, t.x_spt[0], t.y_spt[0], t.x_qry[0]), atol=1e-3)
 
 
 def test_an_unknown_checkpoint_name_lists_the_bundled_ones():

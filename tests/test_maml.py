@@ -7,7 +7,7 @@ import pytest
 
 from maml_export import paddlerec
 from maml_export.data import TaskSampler, load_omniglot, split_characters
-from maml_export.maml import MAML, loss_and_grads
+from maml_export.maml import MAML, expand_to_tasks, loss_and_grads, prototype_head
 from maml_export.model import Model, conv4_specs, to_tensors
 
 DATA = os.environ.get("OMNIGLOT_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "omniglot"))
@@ -54,9 +54,11 @@ def test_first_order_meta_gradient_equals_paddlerec_loop(omniglot_tasks):
         assert np.abs(got.numpy() - want.numpy()).max() <= 1e-9 * np.abs(want.numpy()).max(), name
 
 
-def test_second_order_meta_gradient_matches_finite_differences():
-    """Autograd through the hand-written inner gradient = central differences of the meta-loss (float64)."""
-    model = Model.from_specs(conv4_specs(ways=3, hidden=4, image_size=12, blocks=2))
+@pytest.mark.parametrize("head_init", ["meta", "prototypes"])
+def test_second_order_meta_gradient_matches_finite_differences(head_init):
+    """Autograd through the hand-written inner gradient (and the prototype head) = central differences of the
+    meta-loss (float64)."""
+    model = Model.from_specs(conv4_specs(ways=3, hidden=4, image_size=12, blocks=2, head_init=head_init))
     rng = np.random.default_rng(0)
     init = model.init_params(seed=1)
     x_spt = paddle.to_tensor(rng.random((2, 3, 1, 12, 12)))
@@ -80,6 +82,8 @@ def test_second_order_meta_gradient_matches_finite_differences():
     numeric = (plus - minus) / (2 * eps)
     analytic = sum(float((step.grads[k].numpy() * direction[k]).sum()) for k in init)
     assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric))
+    if head_init == "prototypes":  # the head's meta-parameters take no part: zero gradient, none in the loss
+        assert not any(step.grads[k].numpy().any() for k in ("fc1.weight", "fc1.bias"))
     # and the second-order terms matter: first-order gives a different directional derivative
     fo = MAML(model, to_tensors(init, "float64"), inner_lr=0.5, steps=1, first_order=True).meta_step(
         x_spt, y_spt, x_qry, y_qry)
@@ -120,3 +124,35 @@ def test_meta_step_in_task_blocks_equals_the_whole_batch(first_order):
     for name, want in steps[100].grads.items():
         got = steps[2].grads[name].numpy()
         assert np.abs(got - want.numpy()).max() <= 1e-12 * max(1.0, np.abs(want.numpy()).max()), name
+
+
+def test_prototype_head_is_the_euclidean_prototype_classifier():
+    """Logits of the prototype head = -|f - p_c|^2 + |f|^2 for features f and class means p_c (numpy, float64),
+    with several shots per class in any order."""
+    model = Model.from_specs(conv4_specs(ways=3, hidden=4, image_size=12, blocks=2, head_init="prototypes"))
+    rng = np.random.default_rng(5)
+    params = expand_to_tasks(to_tensors(model.init_params(2), "float64"), 2)
+    x_spt, x_qry = paddle.to_tensor(rng.random((2, 6, 1, 12, 12))), paddle.to_tensor(rng.random((2, 4, 1, 12, 12)))
+    y_spt = paddle.to_tensor(np.array([[2, 0, 1, 0, 2, 1], [1, 1, 0, 2, 0, 2]]))
+    head = prototype_head(model, params, x_spt, y_spt)
+    logits = model.forward({**params, **head}, x_qry)[0].numpy()  # (T, Q, 3)
+    fs, fq = model.forward(params, x_spt, upto=-1)[0].numpy(), model.forward(params, x_qry, upto=-1)[0].numpy()
+    for t in range(2):
+        p = np.stack([fs[t][y_spt.numpy()[t] == c].mean(0) for c in range(3)])  # (3, F)
+        want = -((fq[t][:, None, :] - p[None]) ** 2).sum(-1) + (fq[t] ** 2).sum(-1, keepdims=True)
+        np.testing.assert_allclose(logits[t], want, rtol=1e-10, atol=1e-10)
+
+
+def test_prototype_head_adaptation_equals_paddlerec_loop(omniglot_tasks):
+    """`MAML.adapt` from the prototype head = PaddleRec's loop from its own prototypes (float64, 3 steps)."""
+    model = Model.from_specs(conv4_specs(ways=5, hidden=16, head_init="prototypes"))
+    init = model.init_params(seed=3)
+    maml = MAML(model, to_tensors(init, "float64"), inner_lr=0.1, steps=3)
+    x_spt, y_spt, x_qry, _ = (paddle.to_tensor(a) for a in omniglot_tasks)
+    x_spt, x_qry = x_spt.astype("float64"), x_qry.astype("float64")
+    with paddle.no_grad():
+        logits = maml.predict(maml.adapt(x_spt, y_spt), x_qry)
+    net = paddlerec.build_net(model, init, dtype="float64")
+    for t in range(2):
+        want = paddlerec.adapt(net, x_spt[t], y_spt[t], 3, 0.1, head_init="prototypes")(x_qry[t]).numpy()
+        assert np.abs(logits[t].numpy() - want).max() <= 1e-9 * np.abs(want).max()

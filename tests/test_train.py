@@ -282,6 +282,37 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
         load_checkpoint(tmp_path / "mismatch.npz")
 
 
+@needs_data
+def test_head_init_prototypes_trains_second_order_and_ships_from_a_zero_head_run(tmp_path):
+    """--head-init prototypes: each task's head starts from its support's prototypes, so the head's own
+    meta-parameters stay zero and untrained while the body trains second-order through the prototypes; and a
+    zero-head run ships with that head (`bundle --head-init`), evaluating as `evaluate --head-init` does."""
+    config = MamlConfig(iterations=2, val_every=2, head_init="prototypes", **{**SMALL, "first_order": False})
+    train(config, DATA, tmp_path / "proto", progress=False)
+    ckpt = load_checkpoint(tmp_path / "proto" / "latest.npz")
+    init = Model.from_specs(config.layers).init_params(config.seed)
+    assert ckpt.config.layers[-1]["init"] == "prototypes"
+    assert not np.allclose(ckpt.params["conv1.weight"], init["conv1.weight"])
+    assert not ckpt.params["fc1.weight"].any() and not ckpt.params["fc1.bias"].any()
+    run = tmp_path / "zero"
+    train(MamlConfig(iterations=1, val_every=1, zero_head=True, **SMALL), DATA, run, progress=False)
+    result = cli("bundle", str(run), "--out", str(tmp_path / "ship.npz"), "--head-init", "prototypes")
+    assert result.returncode == 0, result.stderr
+    shipped, best = load_checkpoint(tmp_path / "ship.npz"), load_checkpoint(run / "best.npz")
+    assert shipped.config.head_init == "prototypes" and shipped.state["head_init_trained"] == "meta"
+    np.testing.assert_array_equal(shipped.params["conv2.weight"], best.params["conv2.weight"])
+    evaluated = []
+    for args in (["--checkpoint", str(tmp_path / "ship.npz")], ["--checkpoint", str(run), "--head-init", "prototypes"],
+                 ["--checkpoint", str(run)]):
+        result = cli("evaluate", *args, "--data", str(DATA), "--tasks", "8", "--json")
+        assert result.returncode == 0, result.stderr
+        evaluated.append(json.loads(result.stdout.splitlines()[-1]))
+    assert [e["head_init"] for e in evaluated] == ["prototypes", "prototypes", "meta"]
+    assert evaluated[0]["accuracy"] == evaluated[1]["accuracy"]
+    with pytest.raises(ConfigError, match="--head-init must be one of meta, prototypes"):
+        MamlConfig(head_init="mean")
+
+
 @pytest.mark.parametrize("args,message", [
     (["--data", "/nonexistent/omniglot"], "github.com/brendenlake/omniglot"),
     (["--ways", "5000"], "--ways 5000 is larger than"),

@@ -6,6 +6,7 @@ import click
 
 from maml_export.config import RESUME_MAY_CHANGE, MamlConfig, click_options, flag, given
 from maml_export.errors import MamlError
+from maml_export.layers import HEAD_INITS
 
 
 def fail(message: str, code: int = 2):
@@ -62,11 +63,13 @@ def main(ctx, data, out, resume, threads, **options):
               help="inner SGD steps [default: the checkpoint's deployed ones: its --val-steps if it has them]")
 @click.option("--inner-lr", type=float, default=None,
               help="inner step size [default: the checkpoint's deployed one: its --val-inner-lr if it has one]")
+@click.option("--head-init", type=click.Choice(HEAD_INITS), default=None,
+              help="where adaptation starts the head (see `python -m train --help`) [default: the checkpoint's]")
 @click.option("--query", type=int, default=15, show_default=True, help="query images per class")
 @click.option("--seed", type=int, default=None, help="seed of the test tasks [default: fixed]")
 @click.option("--threads", type=int, default=None, help="CPU threads [default: all cores]")
 @click.option("--json", "as_json", is_flag=True, help="print only the JSON result")
-def evaluate(checkpoint, data, tasks, split, steps, inner_lr, query, seed, threads, as_json):
+def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query, seed, threads, as_json):
     """Meta-test accuracy of a checkpoint, mean over --tasks tasks with its 95% interval."""
     from maml_export.checkpoint import default_checkpoint
     from maml_export.trainer import TEST_SEED, evaluate_checkpoint
@@ -74,11 +77,13 @@ def evaluate(checkpoint, data, tasks, split, steps, inner_lr, query, seed, threa
         fail("--tasks must be at least 1")
     try:
         result = evaluate_checkpoint(checkpoint or default_checkpoint(), data, tasks, split, steps, inner_lr,
-                                     TEST_SEED if seed is None else seed, query, threads, progress=not as_json)
+                                     TEST_SEED if seed is None else seed, query, threads, progress=not as_json,
+                                     head_init=head_init)
     except MamlError as e:
         fail(str(e))
     if not as_json:
         click.echo(f"{result['config']}: {result['ways']}-way {result['shots']}-shot, {result['steps']} steps, "
+                   f"{result['head_init']} head, "
                    f"{split} accuracy {100 * result['accuracy']:.2f} ± {100 * result['ci95']:.2f} % "
                    f"over {tasks} tasks")
     click.echo(json.dumps(result))
@@ -97,12 +102,15 @@ def evaluate(checkpoint, data, tasks, split, steps, inner_lr, query, seed, threa
               help="ship for this many ways: the backbone of a --zero-head run with a zero head of that size, e.g. "
                    "a run trained on 20-way tasks and chosen on 5-way ones, shipped for 20 ways [default: the "
                    "run's --val-ways, else its --ways]")
-def bundle(run, out, inner_lr, note, ways):
+@click.option("--head-init", type=click.Choice(HEAD_INITS), default=None,
+              help="ship with this head initialisation, e.g. 'prototypes' chosen on the validation split with "
+                   "`evaluate --split val --head-init` [default: the run's]")
+def bundle(run, out, inner_lr, note, ways, head_init):
     """Package RUN's best checkpoint (chosen on validation) for shipping: weights and config without
     optimizer state, the command that reproduces the run, and its metrics log up to that iteration."""
     from maml_export.checkpoint import bundle_run
     try:  # --inner-lr and --ways are checked by the shipped config (MamlConfig), as for training
-        ckpt = bundle_run(run, out, inner_lr, note, ways)
+        ckpt = bundle_run(run, out, inner_lr, note, ways, head_init)
     except MamlError as e:
         fail(str(e))
     click.echo(json.dumps({"out": out, "iteration": ckpt.iteration, **ckpt.state}))
