@@ -75,7 +75,9 @@ def load_exported(onnx_path: Path) -> Exported:
         names = list(model.param_shapes())
         if model.head_init == "prototypes":  # the graph never reads the head's parameters: jit.save drops them
             names = [n for n in names if not n.startswith(model.names[-1] + ".")]
-        params = model.with_zero_head({name: p.numpy() for name, p in zip(names, ps)})
+        params = {name: p.numpy() for name, p in zip(names, ps)}
+        if model.head_init == "prototypes":  # as exported: a head that prototypes replace is zero (as_deployed)
+            params = model.with_zero_head(params)
         ok = weights_sha256(params) == meta.get("weights_sha256")
     except Exception as e:  # noqa: BLE001 - Paddle's loader raises many kinds
         ok, why = False, f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"

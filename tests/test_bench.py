@@ -310,3 +310,30 @@ def test_profile_sums_steady_node_times_by_op_and_shape(tmp_path):
     result = subprocess.run([sys.executable, "-m", "bench.profile", str(tmp_path), "--runs", "2", "--warmup", "2"],
                             capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
     assert result.returncode == 1 and result.stderr.strip() == "error: runs (2) must exceed warmup (2)"
+
+
+@pytest.mark.parametrize("head_init", ["meta", "prototypes"])
+def test_peers_recover_the_weights_and_compute_the_graphs_function_for_either_head(head_init, tmp_path):
+    """`load_exported` gives the Paddle peers the export's weights (a prototype head's parameters are not in the
+    graph; a meta-learned head's are, here non-zero), and every peer computes the graph's logits."""
+    import dataclasses
+    from maml_export.checkpoint import as_deployed, default_checkpoint, load_checkpoint, save_checkpoint
+    from maml_export.data import synthetic_tasks
+    from maml_export.export import export_model
+    from maml_export.runtimes import load_exported, paddle_eager, paddlerec_loop, pytorch_eager
+    ckpt = as_deployed(load_checkpoint(default_checkpoint()), head_init=head_init)
+    if head_init == "meta":  # a head the graph must carry
+        rng = np.random.default_rng(0)
+        head = {k: (0.01 * rng.standard_normal(v.shape)).astype("float32") for k, v in ckpt.params.items() if k.startswith("fc")}
+        ckpt = dataclasses.replace(ckpt, params={**ckpt.params, **head})
+    export_model(save_checkpoint(tmp_path / "w.npz", ckpt), tmp_path / "out", steps=2, tasks=1)
+    exp = load_exported(tmp_path / "out" / "model.onnx")
+    assert exp.config.head_init == head_init and exp.params.keys() == ckpt.params.keys()
+    assert all(np.array_equal(exp.params[k], v) for k, v in ckpt.params.items())
+    t = synthetic_tasks(1, 5, 1, 3, seed=2)
+    feeds = (t.x_spt[0], t.y_spt[0], t.x_qry[0])
+    reference = paddle_eager(exp)(*feeds)()
+    peers = [paddlerec_loop] + ([pytorch_eager] if importlib.util.find_spec("torch") else [])
+    for peer in peers:
+        got = np.asarray(peer(exp)(*feeds)())
+        assert np.abs(got - reference).max() <= 1e-4 * np.abs(reference).max(), peer.__name__
