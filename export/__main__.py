@@ -21,6 +21,10 @@ from maml_export.cli import run
 @click.option("--inner-lr", type=float, default=None,
               help="Inner SGD step size. [default: the checkpoint's deployed one: a bundle's, a run's "
                    "--val-inner-lr if it has one, else its --inner-lr]")
+@click.option("--head-init", type=str, default=None,
+              help="Where each task's adaptation starts the head: 'meta', the checkpoint's meta-learned head; "
+                   "'prototypes', the support set's Euclidean prototype classifier. [default: the checkpoint's; "
+                   "the bundled 5-way weights: prototypes]")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset version (13 to 21).")
 @click.option("--out", type=str, default="exported", show_default=True,
               help="Output folder for model.json, model.pdiparams, model.onnx and export.json.")
@@ -33,7 +37,7 @@ from maml_export.cli import run
               help="Export a graph for T tasks per call (inputs [T, S, C, H, W], [T, S], [T, Q, C, H, W] -> "
                    "logits [T, Q, ways]; T fixed, S and Q dynamic), for throughput. Parity then runs on --tasks "
                    "rounded up to a multiple of T. [default: one task per call, no task axis]")
-def cli(checkpoint, steps, inner_lr, opset, out, tasks, data, task_batch):
+def cli(checkpoint, steps, inner_lr, head_init, opset, out, tasks, data, task_batch):
     """Export MAML adaptation (STEPS SGD steps on a support set, then query logits) as one graph.
 
     The ONNX graph takes x_spt float32 [S, C, H, W], y_spt int64 [S] (labels 0..ways-1) and
@@ -44,7 +48,7 @@ def cli(checkpoint, steps, inner_lr, opset, out, tasks, data, task_batch):
     from maml_export.export import export_model
 
     report = export_model(checkpoint, out, steps=steps, inner_lr=inner_lr, opset=opset, tasks=tasks, data=data,
-                          task_batch=task_batch, echo=print)
+                          task_batch=task_batch, head_init=head_init, echo=print)
     click.echo(f"wrote {', '.join(report.files.values())}")
     top = ", ".join(f"{k} {v}" for k, v in list(report.ops.items())[:5])
     click.echo(f"ONNX graph: {sum(report.ops.values())} nodes ({top}, ...)")

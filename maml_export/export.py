@@ -130,10 +130,12 @@ def _silent(*args, **kwargs):
 
 def export_model(checkpoint: str | os.PathLike | None = None, out: str | os.PathLike = "exported", steps: int = 5,
                  inner_lr: float | None = None, opset: int = 17, tasks: int = 8,
-                 data: str | os.PathLike | None = None, task_batch: int | None = None, echo=_silent) -> ExportReport:
+                 data: str | os.PathLike | None = None, task_batch: int | None = None, echo=_silent,
+                 head_init: str | None = None) -> ExportReport:
     """Trace, check, convert and validate; writes model.json, model.pdiparams, model.onnx, export.json
     into `out`. `task_batch` T: a graph for T tasks per call (None or 0: the single-task graph); parity
-    then runs on `tasks` rounded up to a multiple of T. `echo` is print-like (gets `end=` and `flush=`):
+    then runs on `tasks` rounded up to a multiple of T. `head_init`, if given, replaces the checkpoint's
+    ("meta" or "prototypes", see `as_deployed`). `echo` is print-like (gets `end=` and `flush=`):
     one progress line per stage and one ✓/✗ line per parity comparison. Raises ExportError (after
     writing export.json) on a parity failure."""
     if steps < 1:  # with 0 steps the support inputs would be unused, and jit.save refuses that
@@ -148,7 +150,7 @@ def export_model(checkpoint: str | os.PathLike | None = None, out: str | os.Path
     tasks = -(-tasks // task_batch) * task_batch if task_batch else tasks  # whole calls of T tasks
     ckpt_path = resolve_checkpoint(checkpoint) if checkpoint is not None else default_checkpoint()
     try:
-        ckpt = as_deployed(load_checkpoint(ckpt_path))  # a run folder exports as its validation adapted
+        ckpt = as_deployed(load_checkpoint(ckpt_path), head_init=head_init)  # a run folder exports as validated
     except CheckpointError as e:
         raise CheckpointError(f"--checkpoint: {e}") from None
     config, params = ckpt.config, ckpt.params

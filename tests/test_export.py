@@ -225,19 +225,24 @@ def test_bundled_weights_are_trained_for_their_ways(bundled, omniglot):
 
 
 def test_a_meta_learned_head_exports_too(omniglot, tmp_path):
-    """The bundled 5-way weights start each task's head from the support's prototypes; the other head init,
-    the meta-learned (here zero) head, exports and validates as well, and the two graphs differ."""
+    """The bundled 5-way weights start each task's head from the support's prototypes; `maml-export --head-init
+    meta` exports them with the meta-learned (here zero) head instead, validated as well, another function."""
     from maml_export.checkpoint import as_deployed
-    ckpt = as_deployed(load_checkpoint(default_checkpoint()), head_init="meta")
-    path = save_checkpoint(tmp_path / "meta.npz", ckpt)
-    report = export_model(path, tmp_path / "meta", steps=5, tasks=3, data=DATA)
-    assert all(r["ok"] for r in report.parity.values()) and Adapter(tmp_path / "meta" / "model.onnx").head_init == "meta"
+    done = run_cli("export", "--head-init", "meta", "--tasks", "3", "--data", DATA, "--out", str(tmp_path / "meta"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sum(ln.lstrip().startswith("✓") for ln in done.stdout.splitlines()) == 3
+    adapter = Adapter(tmp_path / "meta" / "model.onnx")
+    assert adapter.head_init == "meta"
     t = sample(omniglot, 1)
-    logits = Adapter(tmp_path / "meta" / "model.onnx").predict(t.x_spt[0], t.y_spt[0], t.x_qry[0])
-    assert_matches_eager(ckpt, logits, t.x_spt[0], t.y_spt[0], t.x_qry[0])
+    logits = adapter.predict(t.x_spt[0], t.y_spt[0], t.x_qry[0])
+    assert_matches_eager(as_deployed(load_checkpoint(default_checkpoint()), head_init="meta"), logits,
+                         t.x_spt[0], t.y_spt[0], t.x_qry[0])
     bundled = load_checkpoint(default_checkpoint())
     if bundled.config.head_init == "prototypes":
         assert not np.allclose(logits, eager_logits(bundled, t.x_spt[0], t.y_spt[0], t.x_qry[0]), atol=1e-3)
+    bad = run_cli("export", "--head-init", "mean", "--out", str(tmp_path / "bad"))
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines() == [
+        "error: --head-init must be one of meta, prototypes, got 'mean'"]
 
 
 def test_an_unknown_checkpoint_name_lists_the_bundled_ones():
