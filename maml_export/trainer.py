@@ -270,14 +270,14 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data, tasks: int = 600, s
                         head_init: str | None = None) -> dict:
     """Meta-test accuracy of a checkpoint by the shared protocol (15 queries per class), with its 95% interval."""
     set_threads(threads)
-    ckpt = as_deployed(load_checkpoint(checkpoint), head_init=head_init)  # a run folder adapts as its validation did
+    # a run folder adapts as its validation did; --inner-lr and --head-init, if given, as the config checks them
+    ckpt = as_deployed(load_checkpoint(checkpoint), inner_lr=inner_lr, head_init=head_init)
     config = ckpt.config
     images = load_omniglot(data_dir(data))
     splits = split_characters(len(images))
     sampler = TaskSampler(images, splits[split], config.ways, config.shots, query, seed, split_name=split)
     model = Model.from_specs(config.layers)
-    maml = MAML(model, to_tensors(ckpt.params), config.inner_lr if inner_lr is None else inner_lr,
-                config.inner_steps if steps is None else steps)
+    maml = MAML(model, to_tensors(ckpt.params), config.inner_lr, config.inner_steps if steps is None else steps)
     started = time.perf_counter()
     accuracies = evaluate(maml, sampler, tasks, steps=steps, progress=progress)
     accuracy, ci = mean_ci95(accuracies)
