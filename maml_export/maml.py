@@ -150,8 +150,9 @@ class MAML:
     def _meta_step_block(self, x_spt, y_spt, x_qry, y_qry, steps: int | None = None) -> MetaStep:
         """`meta_step` on one block of tasks: means over the block's tasks.
 
-        First-order runs entirely without autograd: the meta-gradient is the query gradient at the
-        fast weights, summed over tasks by hand. Second-order differentiates through the inner loop.
+        First-order runs without autograd through the steps: the meta-gradient is the query gradient at
+        the fast weights, summed over tasks by hand (plus, under head_init "prototypes", its path through
+        the prototypes: `_through_prototypes`). Second-order differentiates through the inner loop.
         """
         T = x_spt.shape[0]
         if self.first_order:
@@ -159,9 +160,8 @@ class MAML:
                 fast = self.adapt(x_spt, y_spt, steps=steps)
                 loss, grads, logits = loss_and_grads(self.model, fast, x_qry, y_qry)
                 meta_grads = {k: g.sum(axis=0) / T for k, g in grads.items()}
-                if self.model.head_init == "prototypes":  # the head's meta-parameters take no part
-                    head = self.model.names[-1] + "."
-                    meta_grads = {k: paddle.zeros_like(g) if k.startswith(head) else g for k, g in meta_grads.items()}
+            if self.model.head_init == "prototypes":
+                meta_grads = self._through_prototypes(meta_grads, grads, x_spt, y_spt)
         else:
             params = list(self.params.values())
             for p in params:
@@ -174,3 +174,19 @@ class MAML:
             meta_grads = {k: paddle.zeros_like(p) if g is None else g for (k, p), g in zip(self.params.items(), grads)}
         accuracy = (logits.argmax(axis=-1) == y_qry).astype("float32").mean()
         return MetaStep(float(loss.mean()), float(accuracy), meta_grads)
+
+    def _through_prototypes(self, meta_grads: dict, fast_grads: dict, x_spt, y_spt) -> dict:
+        """First-order meta-gradients under head_init "prototypes", as first-order Proto-MAML (Triantafillou
+        et al., 2020) takes them: the steps' gradients stay constants, so the fast head is its start plus a
+        constant and the query gradient of the fast head (`fast_grads`, task-stacked) flows back through the
+        prototypes into the body. The head's own meta-parameters take no part: zero gradient."""
+        T, head = x_spt.shape[0], self.model.names[-1] + "."
+        body = {k: p for k, p in self.params.items() if not k.startswith(head)}
+        for p in body.values():
+            p.stop_gradient = False
+        start = prototype_head(self.model, expand_to_tasks(body, T), x_spt, y_spt)  # recomputed, now with autograd
+        through = paddle.grad(list(start.values()), list(body.values()),
+                              grad_outputs=[fast_grads[k] / T for k in start], allow_unused=True)
+        through = {k: g for k, g in zip(body, through) if g is not None}
+        return {k: paddle.zeros_like(g) if k.startswith(head) else g + through[k].detach() if k in through else g
+                for k, g in meta_grads.items()}

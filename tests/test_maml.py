@@ -61,8 +61,9 @@ def test_second_order_meta_gradient_matches_finite_differences(head_init):
     model = Model.from_specs(conv4_specs(ways=3, hidden=4, image_size=12, blocks=2, head_init=head_init))
     rng = np.random.default_rng(0)
     init = model.init_params(seed=1)
-    x_spt = paddle.to_tensor(rng.random((2, 3, 1, 12, 12)))
-    y_spt = paddle.to_tensor(np.array([[0, 1, 2], [2, 0, 1]]))
+    # 2 shots: with one, each support image is its own prototype and the prototype head leaves its steps nothing
+    x_spt = paddle.to_tensor(rng.random((2, 6, 1, 12, 12)))
+    y_spt = paddle.to_tensor(np.array([[0, 1, 2, 0, 1, 2], [2, 0, 1, 1, 2, 0]]))
     x_qry = paddle.to_tensor(rng.random((2, 6, 1, 12, 12)))
     y_qry = paddle.to_tensor(np.array([[0, 1, 2, 0, 1, 2]] * 2))
 
@@ -106,10 +107,11 @@ def test_tasks_in_a_batch_adapt_independently():
                 np.testing.assert_allclose(together[name][t].numpy(), alone[name][0].numpy(), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("head_init", ["meta", "prototypes"])
 @pytest.mark.parametrize("first_order", [True, False])
-def test_meta_step_in_task_blocks_equals_the_whole_batch(first_order):
+def test_meta_step_in_task_blocks_equals_the_whole_batch(first_order, head_init):
     """meta_step works through TASK_CHUNK tasks at a time; uneven blocks weigh by their tasks (float64)."""
-    model = Model.from_specs(conv4_specs(ways=3, hidden=4, image_size=14, blocks=2))
+    model = Model.from_specs(conv4_specs(ways=3, hidden=4, image_size=14, blocks=2, head_init=head_init))
     rng = np.random.default_rng(3)
     x_spt, x_qry = paddle.to_tensor(rng.random((5, 3, 1, 14, 14))), paddle.to_tensor(rng.random((5, 6, 1, 14, 14)))
     y_spt = paddle.to_tensor(np.array([[0, 1, 2]] * 5))
@@ -156,3 +158,22 @@ def test_prototype_head_adaptation_equals_paddlerec_loop(omniglot_tasks):
     for t in range(2):
         want = paddlerec.adapt(net, x_spt[t], y_spt[t], 3, 0.1, head_init="prototypes")(x_qry[t]).numpy()
         assert np.abs(logits[t].numpy() - want).max() <= 1e-9 * np.abs(want).max()
+
+
+def test_first_order_prototype_head_keeps_the_path_through_the_prototypes():
+    """With no inner step the first-order meta-gradient is exact, so under the prototype head it must equal the
+    second-order one, the path through the prototypes included (float64); with steps it differs from it."""
+    model = Model.from_specs(conv4_specs(ways=3, hidden=4, image_size=12, blocks=2, head_init="prototypes"))
+    rng = np.random.default_rng(4)
+    x_spt, x_qry = paddle.to_tensor(rng.random((2, 6, 1, 12, 12))), paddle.to_tensor(rng.random((2, 6, 1, 12, 12)))
+    y = paddle.to_tensor(np.array([[0, 1, 2, 2, 1, 0]] * 2))
+    init = model.init_params(1)
+    grads = {}
+    for first_order in (True, False):
+        for steps in (0, 2):
+            maml = MAML(model, to_tensors(init, "float64"), inner_lr=0.05, steps=steps, first_order=first_order)
+            grads[first_order, steps] = {k: g.numpy() for k, g in maml.meta_step(x_spt, y, x_qry, y).grads.items()}
+    for k, exact in grads[False, 0].items():
+        np.testing.assert_allclose(grads[True, 0][k], exact, rtol=1e-9, atol=1e-12, err_msg=k)
+    assert np.abs(grads[True, 0]["conv1.weight"]).max() > 0 and not grads[True, 0]["fc1.weight"].any()
+    assert not np.allclose(grads[True, 2]["conv1.weight"], grads[False, 2]["conv1.weight"], rtol=1e-6)
