@@ -115,8 +115,8 @@ def reheaded(base: Exported, ways: int, workdir: Path, data) -> Exported:
         specs = with_head(base.config.layers, ways)
     except ValueError as e:
         raise ConfigError(f"--configs: {e}") from None
-    for path in sorted(PRETRAINED_DIR.glob(f"*-{ways}w*s.npz")):
-        if load_checkpoint(path).config.layers == specs:
+    for path in sorted(PRETRAINED_DIR.glob(f"*-{ways}w*s.npz")):  # the same network, whichever head init
+        if with_head(load_checkpoint(path).config.layers, init="meta") == with_head(specs, init="meta"):
             return export_checkpoint(path, workdir / f"{ways}way", base.steps, None, data, f"bundled {path.name}")
     c, model = base.config, Model.from_specs(specs)
     params = model.with_zero_head(base.params)

@@ -337,3 +337,14 @@ def test_peers_recover_the_weights_and_compute_the_graphs_function_for_either_he
     for peer in peers:
         got = np.asarray(peer(exp)(*feeds)())
         assert np.abs(got - reference).max() <= 1e-4 * np.abs(reference).max(), peer.__name__
+
+
+def test_other_ways_use_the_bundled_checkpoint_of_those_ways(exported, tmp_path):
+    """`--configs 20w1s` beside the 5-way graph times the bundled 20-way weights (whatever either's head init),
+    not the 5-way backbone with a zero head."""
+    from maml_export.checkpoint import PRETRAINED_DIR
+    from maml_export.runtimes import load_exported, reheaded
+    if not (PRETRAINED_DIR / "omniglot-20w1s.npz").is_file():
+        pytest.skip("no bundled 20-way checkpoint")
+    got = reheaded(load_exported(exported), 20, tmp_path, None)
+    assert got.source == "bundled omniglot-20w1s.npz" and got.config.ways == 20
