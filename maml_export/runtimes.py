@@ -72,12 +72,11 @@ def load_exported(onnx_path: Path) -> Exported:
     try:  # jit.save names the parameters <layer>.w_<k>_0, k in creation order: the checkpoint's order
         ps = sorted(paddle.jit.load(str(prefix)).parameters(), key=lambda p: int(re.search(r"\.w_(\d+)", p.name)[1]))
         model = Model.from_specs(config.layers)
-        names = list(model.param_shapes())
-        if model.head_init == "prototypes":  # the graph never reads the head's parameters: jit.save drops them
-            names = [n for n in names if not n.startswith(model.names[-1] + ".")]
-        params = {name: p.numpy() for name, p in zip(names, ps)}
-        if model.head_init == "prototypes":  # as exported: a head that prototypes replace is zero (as_deployed)
-            params = model.with_zero_head(params)
+        params = {name: p.numpy() for name, p in zip(model.param_shapes(), ps)}
+        if model.head_init == "prototypes":  # the graph never reads the head's parameters, so jit.save drops
+            head = model.names[-1] + "."     # them: the rest are the body's, and the head is zero (as_deployed)
+            body = [n for n in model.param_shapes() if not n.startswith(head)]
+            params = model.with_zero_head({name: p.numpy() for name, p in zip(body, ps)})
         ok = weights_sha256(params) == meta.get("weights_sha256")
     except Exception as e:  # noqa: BLE001 - Paddle's loader raises many kinds
         ok, why = False, f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
