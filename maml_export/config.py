@@ -101,6 +101,12 @@ class MamlConfig:
             raise ConfigError(f"--head-init {self.head_init} differs from the layers' head "
                               f"({self.layers[-1].get('init')})")
 
+    @property
+    def head_is_zero(self) -> bool:
+        """Whether training holds the head's meta-parameters at zero: --zero-head, or a head that prototypes
+        replace in every task (never read, so never trained)."""
+        return self.zero_head or self.head_init == "prototypes"
+
     # How validation adapts, i.e. the deployment a checkpoint is chosen for (and `train bundle` ships it for):
     # each val_* option where given, else the training one.
     @property

@@ -84,12 +84,15 @@ class Model:
         return {f"{prefix}.{k}": v for layer, prefix in zip(self.layers, self.names) if prefix
                 for k, v in layer.init_params(rng).items()}
 
+    def is_head(self, name: str) -> bool:
+        """Whether parameter `name` belongs to the head (the last layer)."""
+        return name.startswith(self.names[-1] + ".")
+
     def with_zero_head(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """This model's parameters from another model's with the same backbone (the caller checks that): the
         backbone's arrays as they are, the head's zero. A model meta-trained with the zeroing trick
         (`--zero-head`) has a task-agnostic zero head, so its backbone serves any number of ways (issue 5)."""
-        head = self.names[-1] + "."
-        return {k: np.zeros(shape, "float32") if k.startswith(head) else params[k]
+        return {k: np.zeros(shape, "float32") if self.is_head(k) else params[k]
                 for k, shape in self.param_shapes().items()}
 
     def _local(self, params: dict, prefix: str | None) -> dict:

@@ -74,8 +74,8 @@ def load_exported(onnx_path: Path) -> Exported:
         model = Model.from_specs(config.layers)
         params = {name: p.numpy() for name, p in zip(model.param_shapes(), ps)}
         if model.head_init == "prototypes":  # the graph never reads the head's parameters, so jit.save drops
-            head = model.names[-1] + "."     # them: the rest are the body's, and the head is zero (as_deployed)
-            body = [n for n in model.param_shapes() if not n.startswith(head)]
+            # them: the rest are the body's, and the head is zero (as_deployed)
+            body = [n for n in model.param_shapes() if not model.is_head(n)]
             params = model.with_zero_head({name: p.numpy() for name, p in zip(body, ps)})
         ok = weights_sha256(params) == meta.get("weights_sha256")
     except Exception as e:  # noqa: BLE001 - Paddle's loader raises many kinds

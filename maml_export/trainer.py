@@ -124,7 +124,7 @@ def initial_params(model: Model, config: MamlConfig) -> tuple[dict, dict]:
     if source.config.layers == config.layers:
         return source.params, origin
     # another number of ways, or another head init: the backbone, with a head that is zero or unused
-    if (config.zero_head or config.head_init == "prototypes") and source.config.layers[:-1] == config.layers[:-1]:
+    if config.head_is_zero and source.config.layers[:-1] == config.layers[:-1]:
         return model.with_zero_head(source.params), {**origin, "head": f"zero {config.ways}-way"}
     raise ConfigError(f"--init {config.init} is a {source.config.ways}-way model with {source.config.hidden} filters; "
                       f"this run is {config.ways}-way with {config.hidden} (match --hidden, and --ways unless "
@@ -156,7 +156,7 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
     params = to_tensors(initial)
     maml = MAML(model, params, config.inner_lr, config.inner_steps, config.first_order)
     adam = Adam(params, config.meta_lr)
-    if config.zero_head or config.head_init == "prototypes":  # a head that prototypes replace: zero, never trained
+    if config.head_is_zero:
         zero_head(model, params)
     state = {"best_val_accuracy": None, "best_iteration": None, "seconds": 0.0}
     start, rechoose = 0, False
