@@ -1,39 +1,57 @@
-"""Run an exported MAML adaptation graph with onnxruntime: support set in, query logits out.
+"""Run an exported MAML adaptation with onnxruntime: learn a task from its support set once, then classify.
 
 Needs only onnxruntime and numpy (no Paddle), so a deployment installs nothing else:
 
     >>> from maml_export.adapter import Adapter
-    >>> adapter = Adapter("exported/model.onnx")
-    >>> logits = adapter.predict(x_spt, y_spt, x_qry)        # [Q, ways]
+    >>> adapter = Adapter("exported")                         # the folder maml-export wrote
+    >>> task = adapter.adapt(x_spt, y_spt)                    # adapt.onnx: the K SGD steps, once
+    >>> task.predict_proba(x_qry)                             # predict.onnx: [Q, ways], any Q >= 1
+    >>> task.save("task.npz"); task = adapter.load_task("task.npz")   # learn once, classify later
+    >>> adapter.predict(x_spt, y_spt, x_qry)                  # model.onnx: both in one call, [Q, ways] logits
 
 `x_spt` is [S, C, H, W] and `x_qry` [Q, C, H, W] (Omniglot: C=1, H=W=28, ink 1.0, paper 0.0), `y_spt`
 is [S] labels in 0..ways-1 with every class present. S and Q may be anything >= 1 (e.g. 5-shot support
 for a graph meta-trained 1-shot). Inputs are checked first, so that a mistake is a one-line
 ValueError, not an onnxruntime shape error or silently meaningless logits.
 
-A graph exported with `maml-export --task-batch T` (metadata `task_batch` = T; "0" or absent: one
-task) adapts T tasks per call: x_spt [T, S, C, H, W], y_spt [T, S], x_qry [T, Q, C, H, W] -> logits
-[T, Q, ways], T exactly the exported one, every task's support holding every class.
+Under the metadata's query_norm "support" (the default since models are trained that way) each query is
+normalised with the support set's statistics: its class and probabilities do not depend on the other
+images in `x_qry`, so one image at a time is classified as in any batch. A model exported with
+`--query-norm transductive` normalises the queries together (as the MAML paper's code does): classify a
+batch of queries, as in the tasks the model was trained on. The logits are divided by a temperature fitted
+on validation tasks (metadata `temperature`), so their softmax is a calibrated probability.
 
-Batch norm uses the statistics of the batch at hand, as MAML does at test time: the query images are
-normalised together, so one image's logits depend on the others in `x_qry` (classify a batch of
-queries, as in the tasks the model was trained on, rather than one image at a time).
+A graph exported with `maml-export --task-batch T` (metadata `task_batch` = T; "0" or absent: one
+task) adapts T tasks per call in `predict`: x_spt [T, S, C, H, W], y_spt [T, S], x_qry [T, Q, C, H, W] ->
+logits [T, Q, ways], T exactly the exported one, every task's support holding every class; it has no
+adapt/predict halves.
 """
 from __future__ import annotations
 
+import json
 import os
+import zipfile
 
 import numpy as np
 import onnxruntime as ort
 
-_REQUIRED = ("ways", "steps", "inner_lr", "image_size", "channels")
+from .contract import (ADAPT_FILE, FUSED_INPUTS, LOGITS, MODEL_FILE, PREDICT_FILE, QUERY_IMAGES,
+                       REQUIRED_METADATA, SUPPORT_IMAGES, SUPPORT_LABELS)
+
+TASK_FORMAT = "maml-export-task-v1"
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, float32."""
+    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 class Adapter:
-    """An exported `model.onnx` and its metadata.
+    """An export (`model.onnx`, with `adapt.onnx` and `predict.onnx` beside it) and its metadata.
 
     Args:
-        model_path: the `model.onnx` written by `maml-export`.
+        model_path: the folder `maml-export` wrote, or the `model.onnx` in it.
         providers: onnxruntime execution providers, default `["CPUExecutionProvider"]` (a CUDA
             provider that cannot load falls back to CPU with only a warning: check `.providers`).
         threads: onnxruntime intra-op threads (default: onnxruntime's choice, one per core).
@@ -41,20 +59,21 @@ class Adapter:
 
     def __init__(self, model_path: str | os.PathLike, providers: list | None = None, threads: int | None = None):
         self.path = os.fspath(model_path)
+        if os.path.isdir(self.path):
+            self.path = os.path.join(self.path, MODEL_FILE)
         if not os.path.isfile(self.path):
             raise ValueError(f"model {self.path} does not exist (write one with maml-export)")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only; a clean export loads without warnings
+        self._options = ort.SessionOptions()
+        self._options.log_severity_level = 3  # errors only; a clean export loads without warnings
         if threads is not None:
-            options.intra_op_num_threads = int(threads)
-        try:
-            self.session = ort.InferenceSession(self.path, options, providers=providers or ["CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception zoo
-            raise ValueError(f"model {self.path} cannot be loaded by onnxruntime: {' '.join(str(e).split())}") from None
+            self._options.intra_op_num_threads = int(threads)
+        self._providers = providers or ["CPUExecutionProvider"]
+        self.session = self._load(self.path)
+        self._halves = None  # (adapt, predict) sessions, loaded on first use
         self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
         names = [i.name for i in self.session.get_inputs()]
-        missing = [k for k in _REQUIRED if k not in self.metadata]
-        if names != ["x_spt", "y_spt", "x_qry"] or missing:
+        missing = [k for k in REQUIRED_METADATA if k not in self.metadata]
+        if tuple(names) != FUSED_INPUTS or missing:
             raise ValueError(f"model {self.path} is not a maml-export adaptation graph "
                              f"(inputs {names}, missing metadata {missing})")
         self.ways = int(self.metadata["ways"])
@@ -66,6 +85,15 @@ class Adapter:
         self.head_init = self.metadata.get("head_init", "meta")  # "prototypes": the head starts from the support
         self.config_name = self.metadata.get("config_name", "")
         self.input_range = self.metadata.get("input_range", "")
+        self.query_norm = self.metadata.get("query_norm", "transductive")  # exports before it: transductive
+        self.temperature = float(self.metadata.get("temperature", 1.0))
+        self.weights_sha256 = self.metadata.get("weights_sha256", "")
+
+    def _load(self, path: str):
+        try:
+            return ort.InferenceSession(path, self._options, providers=self._providers)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception zoo
+            raise ValueError(f"model {path} cannot be loaded by onnxruntime: {' '.join(str(e).split())}") from None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -131,12 +159,113 @@ class Adapter:
 
     def predict(self, x_spt, y_spt, x_qry) -> np.ndarray:
         """Adapt to (x_spt, y_spt) with `steps` SGD steps, then query logits, float32 [Q, ways] ([T, Q, ways]
-        for a batched graph)."""
+        for a batched graph), in one call of model.onnx."""
         xs, ys, xq = self.check(x_spt, y_spt, x_qry)
-        return self.session.run(["logits"], {"x_spt": xs, "y_spt": ys, "x_qry": xq})[0]
+        return self.session.run([LOGITS], dict(zip(FUSED_INPUTS, (xs, ys, xq))))[0]
 
     def predict_proba(self, x_spt, y_spt, x_qry) -> np.ndarray:
         """Class probabilities (softmax of `predict`), float32 [Q, ways] ([T, Q, ways] for a batched graph)."""
-        logits = self.predict(x_spt, y_spt, x_qry)
-        e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        return e / e.sum(axis=-1, keepdims=True)
+        return softmax(self.predict(x_spt, y_spt, x_qry))
+
+    # -- adapt once, predict many (adapt.onnx, predict.onnx) ------------------------------------------------
+
+    def _split(self):
+        """The (adapt, predict) sessions beside model.onnx, loaded once."""
+        if self._halves is None:
+            if self.task_batch:
+                raise ValueError(f"model {self.path} adapts {self.task_batch} tasks per call (--task-batch) and has "
+                                 "no adapt/predict halves: export without --task-batch")
+            folder = os.path.dirname(self.path)
+            paths = [os.path.join(folder, f) for f in (ADAPT_FILE, PREDICT_FILE)]
+            absent = [p for p in paths if not os.path.isfile(p)]
+            if absent:
+                raise ValueError(f"{' and '.join(absent)} not found beside {self.path}: export again with this "
+                                 f"maml-export, which writes them")
+            adapt, predict = (self._load(p) for p in paths)
+            for path, session in zip(paths, (adapt, predict)):
+                sha = session.get_modelmeta().custom_metadata_map.get("weights_sha256", "")
+                if sha != self.weights_sha256:
+                    raise ValueError(f"{path} was exported from other weights than {self.path}: export again")
+            self._halves = adapt, predict
+            self.state_names = [o.name for o in adapt.get_outputs()]
+            self.state_shapes = {i.name: list(i.shape) for i in predict.get_inputs() if i.name != QUERY_IMAGES}
+        return self._halves
+
+    def adapt(self, x_spt, y_spt, classes: list[str] | None = None) -> "Task":
+        """Learn a task from its support set (adapt.onnx: the `steps` SGD steps, once) -> a `Task` that
+        classifies any number of images later. `classes`, optional: a name per label, kept with the task."""
+        adapt, _ = self._split()
+        one_query = np.zeros((1,) + self.image_shape, np.float32)  # check() wants queries; adapt takes none
+        xs, ys, _ = self.check(x_spt, y_spt, one_query)
+        state = dict(zip(self.state_names, adapt.run(None, {SUPPORT_IMAGES: xs, SUPPORT_LABELS: ys})))
+        return Task(self, state, classes, support_size=len(ys))
+
+    def load_task(self, path: str | os.PathLike) -> "Task":
+        """A task saved by `Task.save`; refused (ValueError, one line) unless it was learned by this model."""
+        path = os.fspath(path)
+        self._split()
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+            meta = json.loads(str(arrays.pop("meta")))
+        except FileNotFoundError:
+            raise ValueError(f"task file {path} does not exist (write one with Task.save or maml-predict "
+                             f"--save-task)") from None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path} is not a task file saved by maml-export ({type(e).__name__})") from None
+        if not isinstance(meta, dict) or meta.get("format") != TASK_FORMAT:
+            raise ValueError(f"{path} is not a task file saved by maml-export")
+        if meta.get("weights_sha256") != self.weights_sha256:
+            raise ValueError(f"task {path} was learned by another model ({meta.get('config_name', '?')}, weights "
+                             f"{str(meta.get('weights_sha256'))[:12]}) than {self.path} (weights "
+                             f"{self.weights_sha256[:12]}): learn it again with this model")
+        state = {k[len("state/"):]: v for k, v in arrays.items() if k.startswith("state/")}
+        wrong = [k for k in self.state_names if k not in state or list(state[k].shape) != self.state_shapes[k]]
+        if wrong or len(state) != len(self.state_names):
+            raise ValueError(f"task {path} does not hold this model's state (missing or misshapen: {wrong[:3]})")
+        return Task(self, {k: state[k].astype(np.float32) for k in self.state_names}, meta.get("classes"),
+                    meta.get("support_size"))
+
+
+class Task:
+    """A task learned by `Adapter.adapt`: its adapted state (fast weights and, under query_norm "support",
+    the support set's batch-norm statistics), named as predict.onnx's inputs. Classifies images without the
+    support set; `save` keeps it for later (numpy .npz, no pickle).
+
+    Example:
+        >>> task = Adapter("exported").adapt(x_spt, y_spt, classes=["a", "b", "c", "d", "e"])
+        >>> task.predict_proba(x_qry[:1])       # one image: the same answer as in any batch
+    """
+
+    def __init__(self, adapter: Adapter, state: dict, classes: list[str] | None = None,
+                 support_size: int | None = None):
+        self.adapter, self.state, self.support_size = adapter, state, support_size
+        if classes is not None and len(classes) != adapter.ways:
+            raise ValueError(f"classes must name {adapter.ways} classes, got {len(classes)}")
+        self.classes = list(classes) if classes is not None else None
+
+    def predict(self, x_qry) -> np.ndarray:
+        """Logits float32 [Q, ways] of images [Q, C, H, W] (predict.onnx)."""
+        _, predict = self.adapter._split()
+        xq = self.adapter._images("x_qry", x_qry)
+        return predict.run([LOGITS], {**self.state, QUERY_IMAGES: xq})[0]
+
+    def predict_proba(self, x_qry) -> np.ndarray:
+        """Class probabilities float32 [Q, ways]: the softmax of `predict` (calibrated by the temperature)."""
+        return softmax(self.predict(x_qry))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the task to `path` (.npz: the state and a JSON "meta" with the model's weights hash, so that
+        `Adapter.load_task` refuses it for another model)."""
+        meta = {"format": TASK_FORMAT, "weights_sha256": self.adapter.weights_sha256,
+                "config_name": self.adapter.config_name, "ways": self.adapter.ways, "classes": self.classes,
+                "support_size": self.support_size, "query_norm": self.adapter.query_norm}
+        arrays = {f"state/{k}": v for k, v in self.state.items()}
+        try:
+            with open(path, "wb") as f:
+                np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
+        except OSError as e:
+            raise ValueError(f"cannot write the task to {os.fspath(path)} ({e.strerror})") from None
+
+    def __repr__(self) -> str:
+        return f"Task(ways={self.adapter.ways}, classes={self.classes}, model={self.adapter.config_name!r})"

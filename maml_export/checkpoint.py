@@ -26,7 +26,7 @@ import numpy as np
 
 from .config import MamlConfig, flag
 from .errors import CheckpointError, MamlError
-from .model import Model, with_head
+from .model import Model, with_head, with_query_norm
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 
@@ -135,13 +135,16 @@ def check_params(model: Model, params: dict, where: str) -> None:
 
 
 def as_deployed(ckpt: Checkpoint, ways: int | None = None, inner_lr: float | None = None,
-                head_init: str | None = None) -> Checkpoint:
+                head_init: str | None = None, query_norm: str | None = None,
+                temperature: float | None = None) -> Checkpoint:
     """The checkpoint as validation adapted it, i.e. as it is deployed: its config's `deployed_ways`,
     `deployed_inner_lr` and `deployed_steps` become its `ways`, `inner_lr` and `inner_steps` (the `val_*`
     options cleared), and a backbone validated on other ways than it trained on (`--val-ways`, with
     `--zero-head`) gets a zero head of those ways. `ways` or `inner_lr`, if given, override the deployed
     ones; `head_init`, if given, makes adaptation start the head that way (`--head-init`; "meta" needs a
-    `--zero-head` checkpoint, whose zero head is the meta-learned one). A bundle is already deployed: it comes
+    `--zero-head` checkpoint, whose zero head is the meta-learned one); `query_norm`, if given, normalises the
+    queries that way ("support" or "transductive", `--query-norm`); `temperature`, if given, is what its
+    deployed logits are divided by (`calibration.py`). A bundle is already deployed: it comes
     back unchanged. `train evaluate` and `maml-export`
     load every checkpoint through this, so a run folder trained with `--val-inner-lr 0.1` exports at 0.1,
     not at its training step size (noted in issue 5's sessions).
@@ -169,11 +172,17 @@ def as_deployed(ckpt: Checkpoint, ways: int | None = None, inner_lr: float | Non
                                   f"meta-learned head to deploy with --head-init meta")
         config = dataclasses.replace(config, head_init=head_init, layers=with_head(config.layers, init=head_init))
         params = Model.from_specs(config.layers).with_zero_head(params)
+    if query_norm not in (None, config.query_norm):
+        config = dataclasses.replace(config, query_norm=query_norm, layers=with_query_norm(config.layers, query_norm))
+    if temperature is not None:
+        config = dataclasses.replace(config, temperature=float(temperature),
+                                     layers=with_head(config.layers, temperature=float(temperature)))
     return dataclasses.replace(ckpt, config=config, params=params)
 
 
 def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float | None = None,
-               note: str | None = None, ways: int | None = None, head_init: str | None = None) -> Checkpoint:
+               note: str | None = None, ways: int | None = None, head_init: str | None = None,
+               calibrate=None) -> Checkpoint:
     """Package a run's best checkpoint (chosen on validation) for shipping: `out` (.npz + .json) with the
     weights and config but no optimizer or sampler state, the command that reproduces the run (resumes
     and their changed options included) and the run's metrics log up to that iteration (`out` with
@@ -186,7 +195,9 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
     split; `ways`, if given, ships a `--zero-head` run for that many ways instead (e.g. a run trained on
     20-way tasks and chosen on 5-way ones, shipped for 20 ways too); `head_init`, if given, ships it with that
     head initialisation (e.g. "prototypes", chosen on the validation split); `note` (e.g. the validation figures
-    behind the choice) goes to `state["note"]`.
+    behind the choice) goes to `state["note"]`. `calibrate`, if given, is called with the deployed checkpoint
+    and returns (temperature, report): the bundle ships with that temperature (`trainer.calibrate`), the
+    report in `state["calibration"]`.
     """
     import shlex
     run, out = Path(run), Path(out)
@@ -216,6 +227,10 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
     command = "; ".join(steps)
     trained = best.config
     deployed = as_deployed(best, ways, inner_lr, head_init)
+    calibration = None
+    if calibrate is not None:
+        temperature, calibration = calibrate(deployed)
+        deployed = as_deployed(deployed, temperature=temperature)
     state = {k: best.state[k] for k in ("best_val_accuracy", "best_iteration", "seconds") if k in best.state}
     state["command"] = command
     for key, shipped, was in (("inner_lr_trained", deployed.config.inner_lr, trained.inner_lr),
@@ -224,6 +239,8 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
                               ("head_init_trained", deployed.config.head_init, trained.head_init)):
         if shipped != was:
             state[key] = was
+    if calibration:
+        state["calibration"] = calibration
     if note:
         state["note"] = note
     bundle = Checkpoint(dataclasses.replace(deployed.config, iterations=best.iteration), deployed.params,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 import click
 
 from .errors import ConfigError
-from .layers import HEAD_INITS, layer_from_spec
+from .layers import HEAD_INITS, QUERY_NORMS, layer_from_spec
 from .model import conv4_specs
 
 PROTOCOL = "omniglot/README.md protocol: RandomState(1) split 1100/100/423, (character, rotation) classes, 28x28 LANCZOS, ink=1"
@@ -59,6 +59,13 @@ class MamlConfig:
                                   "(zero with --zero-head); 'prototypes', each class's row from the mean support "
                                   "features p_c of the class (weight 2 p_c, bias -|p_c|^2: the Euclidean prototype "
                                   "classifier, Proto-MAML of Triantafillou et al., ICLR 2020), then the SGD steps")
+    query_norm: str = _opt("support", "what batch norm normalises a query image with once a task is adapted: 'support', "
+                                      "the support set's statistics (a query's class depends on the support set and "
+                                      "that image alone: classify one image at a time); 'transductive', the query "
+                                      "batch's own, as the MAML paper's code does (a query's class can change with "
+                                      "its batch-mates; for comparison with papers)")
+    temperature: float = _opt(1.0, "what deployed logits are divided by, fitted on validation tasks by `train "
+                                   "bundle` so that their softmax is calibrated", cli=False)
     val_every: int = _opt(250, "validate (and save the best checkpoint) every this many iterations")
     val_tasks: int = _opt(200, "validation tasks (always the same ones) per validation")
     val_inner_lr: float = _opt(None, "inner step size validation adapts with, i.e. the one the checkpoint will be "
@@ -91,8 +98,14 @@ class MamlConfig:
                               f"the backbone adapts from a zero head of any number of ways")
         if self.head_init not in HEAD_INITS:
             raise ConfigError(f"--head-init must be one of {', '.join(HEAD_INITS)}, got {self.head_init!r}")
+        if self.query_norm not in QUERY_NORMS:
+            raise ConfigError(f"--query-norm must be one of {', '.join(QUERY_NORMS)}, got {self.query_norm!r}")
+        if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < float("inf")):
+            raise ConfigError(f"temperature must be a positive number, got {self.temperature!r}")
         if not self.layers:
-            self.layers = conv4_specs(self.ways, self.channels, self.image_size, self.hidden, head_init=self.head_init)
+            self.layers = conv4_specs(self.ways, self.channels, self.image_size, self.hidden, head_init=self.head_init,
+                                      query_norm=self.query_norm)
+            self.layers[-1]["temperature"] = self.temperature
         try:  # every key spelled out (an older checkpoint's head has no "init": it is "meta")
             self.layers = [layer_from_spec(s).spec() for s in self.layers]
         except (TypeError, ValueError) as e:
@@ -100,6 +113,12 @@ class MamlConfig:
         if self.layers[-1].get("init", "meta") != self.head_init:
             raise ConfigError(f"--head-init {self.head_init} differs from the layers' head "
                               f"({self.layers[-1].get('init')})")
+        norms = {s["query_norm"] for s in self.layers if s["type"] == "BatchNorm"}
+        if norms and norms != {self.query_norm}:
+            raise ConfigError(f"--query-norm {self.query_norm} differs from the layers' batch norm ({', '.join(sorted(norms))})")
+        if self.layers[-1].get("temperature", 1.0) != self.temperature:
+            raise ConfigError(f"temperature {self.temperature} differs from the layers' head "
+                              f"({self.layers[-1].get('temperature')})")
 
     @property
     def head_is_zero(self) -> bool:
@@ -143,6 +162,11 @@ class MamlConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown config keys {unknown} (written by a newer maml-export?)")
+        if "query_norm" not in data:  # written before query_norm existed: trained and deployed transductive
+            data = {**data, "query_norm": "transductive"}
+            if data.get("layers"):
+                data["layers"] = [{**s, "query_norm": "transductive"} if s.get("type") == "BatchNorm" else s
+                                  for s in data["layers"]]
         return cls(**data)
 
 

@@ -1,18 +1,21 @@
-"""Export MAML *adaptation* (K SGD steps on a support set, then the query logits) as one graph:
+"""Export MAML *adaptation* (K SGD steps on a support set, then the query logits) as ONNX graphs:
 
-    logits[Q, ways] = predict(adapt(meta_weights, x_spt[S, C, H, W], y_spt[S]), x_qry[Q, C, H, W])
+    model.onnx     logits[Q, ways] = predict(adapt(meta_weights, x_spt[S, C, H, W], y_spt[S]), x_qry[Q, C, H, W])
+    adapt.onnx     the first half: x_spt, y_spt -> the task's state (fast weights, support statistics)
+    predict.onnx   the second half: the task's state, x_qry -> logits (adapt once, predict many)
 
-for one task, meta-weights baked in, S and Q dynamic, batch norm on the statistics of the batch at hand.
-With `task_batch=T` the graph takes T tasks per call, [T, S, C, H, W], [T, S], [T, Q, C, H, W] ->
-[T, Q, ways], adapted at once (one grouped convolution per layer, as in training); T is fixed in the
-graph (the task-stacked channel layout needs it statically), S and Q stay dynamic.
+for one task, meta-weights baked in, S and Q dynamic (names and shapes: `contract.py`, docs/deploy.md).
+With `task_batch=T` only model.onnx is written, for T tasks per call, [T, S, C, H, W], [T, S],
+[T, Q, C, H, W] -> [T, Q, ways], adapted at once (one grouped convolution per layer, as in training); T is
+fixed in the graph (the task-stacked channel layout needs it statically), S and Q stay dynamic.
 `export_model` runs the stages below, each a function, and writes export.json:
 
-  1. trace    `paddle.jit.to_static` + `paddle.jit.save` -> model.json + model.pdiparams (PIR program)
+  1. trace    `paddle.jit.to_static` + `paddle.jit.save` -> NAME.json + NAME.pdiparams (PIR program)
   2. check    every op is one paddle2onnx can convert and none would change the maths (`onnx_convert.py`)
   3. convert  paddle2onnx in a child process; the graph cleaned, named and stamped (`onnx_convert.py`)
   4. parity   eager Paddle vs the static program vs onnxruntime, on Omniglot test tasks or random ones
               (`parity.py`)
+  5. split    adapt -> predict equals model.onnx, and each query alone equals its row in a batch
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,17 +39,19 @@ from .checkpoint import as_deployed, default_checkpoint, load_checkpoint, resolv
 from .errors import CheckpointError, ExportError
 from .maml import MAML
 from .model import Model
+from .contract import (ADAPT_FILE, ADAPT_INPUTS, FUSED_INPUTS, LOGITS, MODEL_FILE, PREDICT_FILE, QUERY_IMAGES, RTOL,
+                       SPLIT_RTOL, SUPPORT_IMAGES, SUPPORT_LABELS, state_names)
+from .layers import BatchNorm
 from .onnx_convert import check_ops, convert, finish_onnx, inspect_program, metadata
-from .parity import RTOL, parity, parity_line, parity_tasks
+from .parity import parity, parity_line, parity_tasks, split_parity
 
 
 # ---------------------------------------------------------------------------------------------
 # 1. trace
 # ---------------------------------------------------------------------------------------------
 
-class AdaptAndPredict(paddle.nn.Layer):
-    """The exported function as a Layer: meta-weights as (frozen) parameters; one task per call, or
-    `task_batch` tasks stacked on a leading axis (0: one task, no task axis in the inputs)."""
+class _Graph(paddle.nn.Layer):
+    """Meta-weights as (frozen) parameters, and the MAML that adapts with them."""
 
     def __init__(self, model: Model, params: dict, steps: int, inner_lr: float, task_batch: int = 0):
         super().__init__()
@@ -57,6 +63,15 @@ class AdaptAndPredict(paddle.nn.Layer):
             p.stop_gradient = True
             self.add_parameter(f"p{i}", p)  # paddle forbids dots in parameter names
 
+    def maml(self) -> MAML:
+        return MAML(self.model, {name: getattr(self, f"p{i}") for i, name in enumerate(self.names)},
+                    self.inner_lr, self.steps)
+
+
+class AdaptAndPredict(_Graph):
+    """model.onnx: one task per call, or `task_batch` tasks stacked on a leading axis (0: one task, no task
+    axis in the inputs)."""
+
     def forward(self, x_spt, y_spt, x_qry):
         return _adapt_and_predict(self, x_spt, y_spt, x_qry)
 
@@ -66,29 +81,114 @@ def _adapt_and_predict(net: AdaptAndPredict, x_spt, y_spt, x_qry):
     # Traced as plain Python, not AST-converted: dy2static would turn `x.shape` into tensors and the
     # layers' `if shape > 0` tests on dynamic dims into cond ops with mismatched branch dtypes.
     # Plain tracing gives -1 for dynamic dims, which layers.py is written for.
-    params = {name: getattr(net, f"p{i}") for i, name in enumerate(net.names)}
-    maml = MAML(net.model, params, net.inner_lr, net.steps)
+    maml = net.maml()
     if not net.task_batch:  # one task: T = 1, (S, C, H, W) -> (1, S, C, H, W), (S,) -> (1, S)
         x_spt, y_spt, x_qry = x_spt.unsqueeze(0), y_spt.unsqueeze(0), x_qry.unsqueeze(0)
     logits = maml.predict(maml.adapt(x_spt, y_spt), x_qry)  # (T, Q, ways)
     return logits if net.task_batch else logits[0]
 
 
-def trace(model: Model, params: dict, config, steps: int, inner_lr: float, prefix: Path, task_batch: int = 0) -> None:
-    """Write `prefix`.json (PIR program) and `prefix`.pdiparams; `task_batch` tasks per call (0: one,
-    no task axis)."""
-    net = AdaptAndPredict(model, params, steps, inner_lr, task_batch)
+class Adapt(_Graph):
+    """adapt.onnx: one task's support set -> its adapted state, one tensor per `state_names` entry (no task axis)."""
+
+    def forward(self, x_spt, y_spt):
+        return _adapt(self, x_spt, y_spt)
+
+
+@paddle.jit.not_to_static
+def _adapt(net: Adapt, x_spt, y_spt):
+    state = net.maml().adapt(x_spt.unsqueeze(0), y_spt.unsqueeze(0))  # task-stacked, T = 1
+    return tuple(state[name][0] for name in graph_state_names(net.model))
+
+
+class Predict(paddle.nn.Layer):
+    """predict.onnx: an adapted state (the inputs named by `state_names`) and queries -> logits. No weights of
+    its own: everything it needs is in the state."""
+
+    def __init__(self, model: Model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, state, x_qry):  # state: a list of tensors (Paddle traces no *args)
+        return _predict(self, state, x_qry)
+
+
+@paddle.jit.not_to_static
+def _predict(net: Predict, state, x_qry):
+    fast = {name: t.unsqueeze(0) for name, t in zip(graph_state_names(net.model), state)}  # T = 1
+    return MAML(net.model, {}, 0.0, 0).predict(fast, x_qry.unsqueeze(0))[0]
+
+
+def graph_state_names(model: Model) -> list[str]:
+    """The adapted state's tensor names for `model` (contract.state_names)."""
+    norms = [name for layer, name in zip(model.layers, model.names) if isinstance(layer, BatchNorm)]
+    return state_names(model.param_shapes(), norms, model.query_norm)
+
+
+def state_specs(model: Model) -> list:
+    """Input specs of predict's state, shapes without the task axis, in `graph_state_names` order. Paddle
+    names cannot hold dots: s0, s1, ...; the ONNX graph gets the contract's names (`clean_graph`)."""
+    shapes = dict(model.param_shapes())
+    for layer, name in zip(model.layers, model.names):
+        if isinstance(layer, BatchNorm):
+            shapes.update({f"{name}.mean": (layer.channels,), f"{name}.var": (layer.channels,)})
+    return [paddle.static.InputSpec(list(shapes[n]), "float32", f"s{i}") for i, n in enumerate(graph_state_names(model))]
+
+
+def trace(net: paddle.nn.Layer, specs: list, prefix: Path) -> None:
+    """Write `prefix`.json (PIR program) and `prefix`.pdiparams of `net` called on inputs like `specs`."""
     net.eval()  # NOTES point 5
-    lead = [task_batch] if task_batch else []  # T is static; None: S or Q, dynamic
-    img = lead + [None, config.channels, config.image_size, config.image_size]
-    specs = [paddle.static.InputSpec(img, "float32", "x_spt"), paddle.static.InputSpec(lead + [None], "int64", "y_spt"),
-             paddle.static.InputSpec(img, "float32", "x_qry")]
     try:
         static = paddle.jit.to_static(net, input_spec=specs, full_graph=True)
-        paddle.jit.save(static, str(prefix), input_spec=specs)
+        with warnings.catch_warnings():  # predict has no weights, and jit.save warns "no variable in your model"
+            warnings.filterwarnings("ignore", message="no variable in your model")
+            paddle.jit.save(static, str(prefix), input_spec=specs)
     except Exception as e:  # noqa: BLE001 - Paddle raises RuntimeError, ValueError, TypeError...
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-        raise ExportError(f"tracing the static graph failed: {type(e).__name__}: {reason}") from e
+        raise ExportError(f"tracing the static graph {prefix.name} failed: {type(e).__name__}: {reason}") from e
+
+
+@dataclass
+class GraphSpec:
+    """One graph of an export: what traces it and how its ONNX inputs, outputs and dims are named."""
+
+    name: str  # file stem: model, adapt, predict
+    net: paddle.nn.Layer
+    specs: list  # Paddle input specs
+    inputs: list  # ONNX input names (contract)
+    outputs: list  # ONNX output names (contract)
+    dims: dict  # ONNX name -> {axis: dim name or fixed size}
+    doc: str
+
+
+def graph_specs(model: Model, params: dict, config, steps: int, inner_lr: float, task_batch: int) -> list[GraphSpec]:
+    """The graphs an export writes: model (fused), and, for one task per call, adapt and predict."""
+    lead = [task_batch] if task_batch else []  # T is static; None: S or Q, dynamic
+    img = [None, config.channels, config.image_size, config.image_size]
+    k = 1 if task_batch else 0  # S and Q follow the task axis
+    fixed = {0: task_batch} if task_batch else {}
+    fused = GraphSpec(
+        "model", AdaptAndPredict(model, params, steps, inner_lr, task_batch),
+        [paddle.static.InputSpec(lead + img, "float32", SUPPORT_IMAGES),
+         paddle.static.InputSpec(lead + [None], "int64", SUPPORT_LABELS),
+         paddle.static.InputSpec(lead + img, "float32", QUERY_IMAGES)],
+        list(FUSED_INPUTS), [LOGITS],
+        {SUPPORT_IMAGES: {**fixed, k: "S"}, SUPPORT_LABELS: {**fixed, k: "S"}, QUERY_IMAGES: {**fixed, k: "Q"},
+         LOGITS: {**fixed, k: "Q"}},
+        "MAML adaptation: SGD on (x_spt, y_spt), then logits of x_qry under the fast weights")
+    if task_batch:
+        return [fused]
+    names = graph_state_names(model)
+    adapt = GraphSpec(
+        "adapt", Adapt(model, params, steps, inner_lr),
+        fused.specs[:2], list(ADAPT_INPUTS), names, {SUPPORT_IMAGES: {0: "S"}, SUPPORT_LABELS: {0: "S"}},
+        "MAML adaptation, first half: SGD on (x_spt, y_spt) -> the task's state (fast weights"
+        + (", support statistics)" if model.query_norm == "support" else ")"))
+    predict = GraphSpec(
+        "predict", Predict(model), [state_specs(model), paddle.static.InputSpec(img, "float32", QUERY_IMAGES)],
+        names + [QUERY_IMAGES], [LOGITS], {QUERY_IMAGES: {0: "Q"}, LOGITS: {0: "Q"}},
+        "MAML adaptation, second half: a task's state (adapt.onnx's outputs, by name) and x_qry -> logits")
+    return [fused, adapt, predict]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +231,7 @@ def _silent(*args, **kwargs):
 def export_model(checkpoint: str | os.PathLike | None = None, out: str | os.PathLike = "exported", steps: int = 5,
                  inner_lr: float | None = None, opset: int = 17, tasks: int = 8,
                  data: str | os.PathLike | None = None, task_batch: int | None = None, echo=_silent,
-                 head_init: str | None = None) -> ExportReport:
+                 head_init: str | None = None, query_norm: str | None = None) -> ExportReport:
     """Trace, check, convert and validate; writes model.json, model.pdiparams, model.onnx, export.json
     into `out`. `task_batch` T: a graph for T tasks per call (None or 0: the single-task graph); parity
     then runs on `tasks` rounded up to a multiple of T. `head_init`, if given, replaces the checkpoint's
@@ -150,7 +250,8 @@ def export_model(checkpoint: str | os.PathLike | None = None, out: str | os.Path
     tasks = -(-tasks // task_batch) * task_batch if task_batch else tasks  # whole calls of T tasks
     ckpt_path = resolve_checkpoint(checkpoint) if checkpoint is not None else default_checkpoint()
     try:
-        ckpt = as_deployed(load_checkpoint(ckpt_path), head_init=head_init)  # a run folder exports as validated
+        # a run folder exports as validated
+        ckpt = as_deployed(load_checkpoint(ckpt_path), head_init=head_init, query_norm=query_norm)
     except CheckpointError as e:
         raise CheckpointError(f"--checkpoint: {e}") from None
     config, params = ckpt.config, ckpt.params
@@ -163,29 +264,51 @@ def export_model(checkpoint: str | os.PathLike | None = None, out: str | os.Path
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ExportError(f"--out {out}: cannot create the directory ({e.strerror})") from None
-    prefix, onnx_path = out / "model", out / "model.onnx"
-    report = ExportReport(out, {"paddle_program": f"{prefix}.json", "paddle_params": f"{prefix}.pdiparams",
-                                "onnx": str(onnx_path), "report": str(out / "export.json")})
+    graphs = graph_specs(model, params, config, steps, inner_lr, task_batch)
+    files = {}
+    for g in graphs:
+        files.update({f"{g.name}.onnx": str(out / f"{g.name}.onnx"), f"{g.name}.json": str(out / f"{g.name}.json"),
+                      f"{g.name}.pdiparams": str(out / f"{g.name}.pdiparams")})
+    report = ExportReport(out, {**files, "report": str(out / "export.json")})
     meta = metadata(config, steps, inner_lr, params, opset, task_batch)
+    which = "1 graph" if task_batch else "3 graphs (model, adapt, predict)"
 
-    stage = _Stages(echo, 5, report.timings)
-    with stage("tracing static graph"):
-        trace(model, params, config, steps, inner_lr, prefix, task_batch)
+    stage = _Stages(echo, 6, report.timings)
+    with stage(f"tracing {which}"):
+        for g in graphs:
+            trace(g.net, g.specs, out / g.name)
+    report.files = {k: v for k, v in report.files.items() if k == "report" or Path(v).suffix == ".onnx"
+                    or Path(v).exists()}  # predict has no weights: no predict.pdiparams
     with stage("checking ops against paddle2onnx"):
-        program = inspect_program(prefix)
-        check_ops(program.ops)
+        programs = {g.name: inspect_program(out / g.name) for g in graphs}
+        for program in programs.values():
+            check_ops(program.ops)
     with stage(f"converting to ONNX (opset {opset})"):
-        convert(prefix, onnx_path, opset)
-    with stage("cleaning graph, writing metadata"):
-        report.ops = dict(finish_onnx(onnx_path, program, meta).most_common())
+        for g in graphs:
+            convert(out / g.name, out / f"{g.name}.onnx", opset)
+    with stage("cleaning graphs, writing metadata"):
+        ops = {g.name: finish_onnx(out / f"{g.name}.onnx", {**meta, "graph": g.name}, g.inputs, g.outputs, g.dims,
+                                   g.doc) for g in graphs}
+        report.ops = dict(ops["model"].most_common())
     with stage("parity eager / static / onnxruntime"):
         task_list, source = parity_tasks(config, tasks, data)
-        report.parity = parity(onnx_path, prefix, model, params, steps, inner_lr, task_list, task_batch)
+        report.parity = parity(out / "model.onnx", out / "model", model, params, steps, inner_lr, task_list,
+                               task_batch)
+    with stage("split graphs against the fused one"):
+        if not task_batch:
+            report.parity.update(split_parity(out / MODEL_FILE, out / ADAPT_FILE, out / PREDICT_FILE, task_list,
+                                              independent=model.query_norm == "support"))
     for name, r in report.parity.items():
         echo(parity_line(name, r))
+    if task_batch:
+        echo("  - adapt.onnx / predict.onnx: not written for a --task-batch export (one task per call only)")
+    elif model.query_norm != "support":
+        echo("  - each query alone vs in its batch: not checked: --query-norm transductive normalises the queries "
+             "together, so a query's logits depend on its batch-mates")
 
-    failed = [f"{k} differ by more than {RTOL:.0e} relative on task {', '.join(map(str, r['failed_tasks']))} "
-              f"(up to {r['max_rel']:.1e}), and the export is not within {RTOL:.0e} of float64 Paddle either"
+    failed = [f"{k} differ by more than {r['rtol']:.0e} relative on task {', '.join(map(str, r['failed_tasks']))} "
+              f"(up to {r['max_rel']:.1e})" + (f", and the export is not within {RTOL:.0e} of float64 Paddle either"
+                                               if r["rtol"] == RTOL else "")
               for k, r in report.parity.items() if not r["ok"]]
     import onnxruntime
 
@@ -197,8 +320,10 @@ def export_model(checkpoint: str | os.PathLike | None = None, out: str | os.Path
                         "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
                         "python": sys.version.split()[0]},
            "timings_s": report.timings,
-           "parity": {"tasks": tasks, "source": source, "rtol": RTOL, "passed": not failed, "results": report.parity},
-           "paddle_ops": dict(program.ops.most_common()), "onnx_ops": report.ops, "files": report.files}
+           "parity": {"tasks": tasks, "source": source, "rtol": RTOL, "split_rtol": SPLIT_RTOL, "passed": not failed,
+                      "results": report.parity},
+           "paddle_ops": dict(programs["model"].ops.most_common()), "onnx_ops": {k: dict(v.most_common()) for k, v in ops.items()},
+           "files": report.files}
     (out / "export.json").write_text(json.dumps(doc, indent=1))
     if failed:
         raise ExportError(f"the export in {out} does not match eager Paddle: {'; '.join(failed)}. The SGD steps "

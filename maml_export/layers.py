@@ -137,16 +137,31 @@ def im2col(x, k: int, stride: int, padding: int, Ho: int, Wo: int):
     return patches.reshape([0, C * k * k, Ho * Wo])  # (N, C*k*k, Ho*Wo)
 
 
+QUERY_NORMS = ("support", "transductive")
+
+
 @dataclass(frozen=True)
 class BatchNorm(Layer):
-    """Batch norm with the statistics of the batch at hand (MAML uses them at train and test time).
+    """Batch norm with the statistics of the batch at hand, or with statistics given to it.
 
+    The support set is always normalised with its own statistics (in every inner step). `query_norm` says
+    what the query images get once a task is adapted (`maml.MAML.adapt` / `predict`):
+      "support"       the support set's statistics under the adapted weights (passed in as the local
+                      parameters "mean" and "var", shape (T, C)): a query's logits depend on the support
+                      set and on that image alone, so one image is classified as it is in any batch;
+      "transductive"  the query batch's own statistics, as the MAML paper's code does: a query's class can
+                      change with its batch-mates (docs/design.md, "Query normalisation").
     The statistics are computed with mean ops, not `F.batch_norm`, because `paddle.jit.save` silently
     turns training-mode batch norm into inference mode (../shared/NOTES.md point 4).
     """
 
     channels: int
     eps: float = 1e-5
+    query_norm: str = "support"
+
+    def __post_init__(self):
+        if self.query_norm not in QUERY_NORMS:
+            raise ValueError(f"unknown query norm {self.query_norm!r}; known: {', '.join(QUERY_NORMS)}")
 
     def param_shapes(self):
         return {"weight": (self.channels,), "bias": (self.channels,)}
@@ -158,18 +173,32 @@ class BatchNorm(Layer):
         # x: (N, T*C, H, W) viewed as (N, T*C, H*W): statistics per channel over (N, H*W), i.e. per
         # task and channel. Per-channel vectors broadcast as (T*C, 1) over that view, which Paddle's
         # CPU kernels run about twice as fast as a (1, T*C, 1, 1) broadcast over NCHW.
+        # With "mean" and "var" among the params (T, C), x is normalised with those instead of its own
+        # statistics (a query set under support statistics); such a forward has no hand-written backward.
         shape = x.shape
         x3 = x.reshape([0, shape[1], -1])
-        mean = x3.mean(axis=2, keepdim=True).mean(axis=0)  # (T*C, 1); every image has H*W pixels
-        xc = x3 - mean
-        var = (xc * xc).mean(axis=2, keepdim=True).mean(axis=0)  # biased, as batch norm uses
+        given = "mean" in params
+        if given:
+            mean, var = params["mean"].reshape([-1, 1]), params["var"].reshape([-1, 1])
+            xc = x3 - mean
+        else:
+            mean = x3.mean(axis=2, keepdim=True).mean(axis=0)  # (T*C, 1); every image has H*W pixels
+            xc = x3 - mean
+            var = (xc * xc).mean(axis=2, keepdim=True).mean(axis=0)  # biased, as batch norm uses
         inv_std = paddle.rsqrt(var + self.eps)
         scale = params["weight"].reshape([-1, 1]) * inv_std  # gamma / std, (T*C, 1)
         y = xc * scale + params["bias"].reshape([-1, 1])
-        return y.reshape(shape), (xc, inv_std, scale)
+        return y.reshape(shape), (xc, inv_std, scale, mean, var, given)
+
+    def stats(self, cache, tasks: int) -> dict:
+        """The statistics a forward normalised with, {"mean", "var"} each (T, C): a support set's, for its queries."""
+        mean, var = cache[3], cache[4]
+        return {"mean": mean.reshape([tasks, self.channels]), "var": var.reshape([tasks, self.channels])}
 
     def backward(self, params, cache, dy, need_dx=True):
-        xc, inv_std, scale = cache  # xc: (N, T*C, H*W) centred input
+        xc, inv_std, scale, _, _, given = cache  # xc: (N, T*C, H*W) centred input
+        if given:  # never needed: adaptation normalises the support set with its own statistics
+            raise ValueError("BatchNorm.backward is written for the batch's own statistics, not given ones")
         T = _tasks(params)
         shape = dy.shape
         dy3 = dy.reshape([0, shape[1], -1])
@@ -284,15 +313,20 @@ class Linear(Layer):
 
     `init` says where adaptation starts this layer (the head) for each task: "meta", from its meta-learned
     weights; "prototypes", from the support set's class prototypes (`maml.prototype_head`).
+    `temperature` divides the logits a deployed model outputs (`maml.MAML.predict`), fitted on validation
+    tasks so that their softmax is calibrated (`calibration.py`); the inner loop's loss never sees it.
     """
 
     in_features: int
     out_features: int
     init: str = "meta"
+    temperature: float = 1.0
 
     def __post_init__(self):
         if self.init not in HEAD_INITS:
             raise ValueError(f"unknown head init {self.init!r}; known: {', '.join(HEAD_INITS)}")
+        if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < float("inf")):
+            raise ValueError(f"the head's temperature must be a positive number, got {self.temperature!r}")
 
     def param_shapes(self):
         return {"weight": (self.in_features, self.out_features), "bias": (self.out_features,)}

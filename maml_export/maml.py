@@ -37,6 +37,26 @@ def loss_and_grads(model: Model, params: dict, x, y):
     return loss, model.backward(params, caches, dlogits), logits
 
 
+def query_loss_and_grads(model: Model, fast: dict, x_spt, x_qry, y_qry):
+    """The query loss (T,) under fast weights (no statistics among them), its gradients for the fast weights
+    (of the loss summed over tasks, task-stacked) and the logits: the first-order meta-gradient's parts.
+
+    Under query_norm "support" the queries are normalised with the support's statistics, which depend on
+    the fast weights too; that path is part of the exact gradient, so autograd takes it (a forward-only
+    graph, which Paddle differentiates). Transductive: the hand-written backward of the query batch."""
+    if model.query_norm == "transductive":
+        return loss_and_grads(model, fast, x_qry, y_qry)
+    leaves = {k: v.detach() for k, v in fast.items()}
+    for v in leaves.values():
+        v.stop_gradient = False
+    with paddle.enable_grad():
+        logits, _ = model.forward({**leaves, **model.support_stats(leaves, x_spt)}, x_qry)
+        loss, _ = softmax_cross_entropy(logits, y_qry)
+        grads = paddle.grad(loss.sum(), list(leaves.values()), allow_unused=True)
+    grads = {k: paddle.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}
+    return loss.detach(), grads, logits.detach()
+
+
 def sgd_steps(model: Model, params: dict, x, y, steps: int, inner_lr: float, first_order: bool) -> dict:
     """`steps` SGD steps on (x, y) from task-stacked `params`; returns the fast weights."""
     for _ in range(steps):
@@ -114,8 +134,17 @@ class MAML:
 
     def adapt(self, x_spt, y_spt, steps: int | None = None, inner_lr: float | None = None,
               first_order: bool | None = None) -> dict:
-        """x_spt (T, S, C, H, W), y_spt (T, S) -> fast weights, task-stacked (the head starting from
-        `prototype_head`'s under the model's head_init "prototypes")."""
+        """x_spt (T, S, C, H, W), y_spt (T, S) -> the adapted state, task-stacked: the fast weights (the head
+        starting from `prototype_head`'s under the model's head_init "prototypes") and, under query_norm
+        "support", each batch norm's support statistics under them ("bn1.mean", "bn1.var": (T, C))."""
+        fast = self.fast_weights(x_spt, y_spt, steps, inner_lr, first_order)
+        if self.model.query_norm == "support":
+            fast.update(self.model.support_stats(fast, x_spt))
+        return fast
+
+    def fast_weights(self, x_spt, y_spt, steps: int | None = None, inner_lr: float | None = None,
+                     first_order: bool | None = None) -> dict:
+        """`adapt` without the support statistics: the fast weights alone."""
         steps = self.steps if steps is None else steps
         inner_lr = self.inner_lr if inner_lr is None else inner_lr
         first_order = self.first_order if first_order is None else first_order
@@ -125,8 +154,12 @@ class MAML:
         return sgd_steps(self.model, fast, x_spt, y_spt, steps, inner_lr, first_order)
 
     def predict(self, fast: dict, x_qry):
-        """Query logits (T, Q, ways) under the fast weights (batch norm uses the query's statistics)."""
-        return self.model.forward(fast, x_qry)[0]
+        """Query logits (T, Q, ways) under the adapted state (`adapt`), divided by the head's temperature.
+
+        Under query_norm "support" each query is normalised with the support's statistics (in `fast`), so
+        its logits do not depend on the other queries; "transductive": with the query batch's own."""
+        logits = self.model.forward(fast, x_qry)[0]
+        return logits if self.model.temperature == 1.0 else logits / self.model.temperature
 
     def meta_step(self, x_spt, y_spt, x_qry, y_qry, steps: int | None = None) -> MetaStep:
         """Meta-gradient of the mean query loss over a batch of T tasks.
@@ -156,8 +189,8 @@ class MAML:
         T = x_spt.shape[0]
         if self.first_order:
             with paddle.no_grad():
-                fast = self.adapt(x_spt, y_spt, steps=steps)
-                loss, grads, logits = loss_and_grads(self.model, fast, x_qry, y_qry)
+                fast = self.fast_weights(x_spt, y_spt, steps=steps)
+                loss, grads, logits = query_loss_and_grads(self.model, fast, x_spt, x_qry, y_qry)
                 meta_grads = {k: g.sum(axis=0) / T for k, g in grads.items()}
             if self.model.head_init == "prototypes":
                 meta_grads = self._through_prototypes(meta_grads, grads, x_spt, y_spt)

@@ -20,18 +20,19 @@ _PREFIX = {"Conv2d": "conv", "BatchNorm": "bn", "Linear": "fc"}
 
 
 def conv4_specs(ways: int, channels: int = 1, image_size: int = 28, hidden: int = 64,
-                blocks: int = 4, head_init: str = "meta") -> list[dict]:
+                blocks: int = 4, head_init: str = "meta", query_norm: str = "support") -> list[dict]:
     """Layer specs of the MAML conv-4: `blocks` x [conv3x3, batch norm, max-pool 2x2, ReLU], linear head.
 
     Omniglot: channels=1, image_size=28, hidden=64 (28 -> 14 -> 7 -> 3 -> 1, 64 features), as in
-    PaddleRec's MAML. MiniImageNet: channels=3, image_size=84, hidden=32. `head_init`: see `Linear`.
+    PaddleRec's MAML. MiniImageNet: channels=3, image_size=84, hidden=32. `head_init`: see `Linear`;
+    `query_norm`: see `BatchNorm`.
     """
     layers: list[Layer] = []
     size, cin = image_size, channels
     for _ in range(blocks):
         # ReLU after the pool: max-pool and ReLU commute (ReLU is monotonic), values and gradients are
         # identical to PaddleRec's conv-BN-ReLU-pool, and the ReLU runs on a quarter of the pixels.
-        layers += [Conv2d(cin, hidden), BatchNorm(hidden), MaxPool2(), ReLU()]
+        layers += [Conv2d(cin, hidden), BatchNorm(hidden, query_norm=query_norm), MaxPool2(), ReLU()]
         size, cin = size // 2, hidden
     if size < 1:
         raise ValueError(f"image size {image_size} is too small for {blocks} conv blocks")
@@ -39,13 +40,20 @@ def conv4_specs(ways: int, channels: int = 1, image_size: int = 28, hidden: int 
     return [layer.spec() for layer in layers]
 
 
-def with_head(specs: list[dict], ways: int | None = None, init: str | None = None) -> list[dict]:
-    """The same layer specs with a head of `ways` classes (for a backbone trained with `--zero-head`) and/or
-    another `init` (see `layers.Linear`); None keeps the head's own."""
+def with_head(specs: list[dict], ways: int | None = None, init: str | None = None,
+              temperature: float | None = None) -> list[dict]:
+    """The same layer specs with a head of `ways` classes (for a backbone trained with `--zero-head`), another
+    `init` and/or `temperature` (see `layers.Linear`); None keeps the head's own."""
     if specs[-1]["type"] != "Linear":
         raise ValueError(f"cannot change the head of a model whose last layer is a {specs[-1]['type']}")
-    head = {**specs[-1], **({"out_features": ways} if ways is not None else {}), **({"init": init} if init else {})}
+    changes = {"out_features": ways, "init": init, "temperature": temperature}
+    head = {**specs[-1], **{k: v for k, v in changes.items() if v is not None}}
     return [dict(s) for s in specs[:-1]] + [head]
+
+
+def with_query_norm(specs: list[dict], query_norm: str) -> list[dict]:
+    """The same layer specs with every batch norm normalising queries by `query_norm` (see `layers.BatchNorm`)."""
+    return [{**s, "query_norm": query_norm} if s["type"] == "BatchNorm" else dict(s) for s in specs]
 
 
 class Model:
@@ -105,9 +113,33 @@ class Model:
         """Where adaptation starts the head: "meta" or "prototypes" (see `layers.Linear`)."""
         return getattr(self.layers[-1], "init", "meta")
 
+    @property
+    def query_norm(self) -> str:
+        """How batch norm normalises query images: "support" or "transductive" (see `layers.BatchNorm`)."""
+        norms = {layer.query_norm for layer in self.layers if isinstance(layer, BatchNorm)}
+        if len(norms) > 1:
+            raise ValueError(f"the batch norm layers disagree on query_norm: {sorted(norms)}")
+        return norms.pop() if norms else "transductive"  # no batch norm: nothing depends on the batch
+
+    @property
+    def temperature(self) -> float:
+        """What deployed logits are divided by (see `layers.Linear`)."""
+        return getattr(self.layers[-1], "temperature", 1.0)
+
+    def support_stats(self, params: dict, x) -> dict:
+        """Each batch norm's statistics of the images x (T, S, C, H, W) under `params`, as params entries
+        {"bn1.mean": (T, C), "bn1.var": (T, C), ...}: given to `forward` with the params, they normalise
+        other images (queries) as x was normalised. Runs the layers up to the last batch norm."""
+        last = max(i for i, layer in enumerate(self.layers) if isinstance(layer, BatchNorm)) + 1
+        _, caches = self.forward(params, x, upto=last)
+        T = x.shape[0]
+        return {f"{prefix}.{k}": v for layer, prefix, cache in zip(self.layers[:last], self.names, caches)
+                if isinstance(layer, BatchNorm) for k, v in layer.stats(cache, T).items()}
+
     def forward(self, params: dict, x, upto: int | None = None):
         """x: (T, N, C, H, W) -> logits (T, N, ways), and the caches `backward` needs; with `upto=-1`, the
-        head's input features (T, N, F) instead of the logits."""
+        head's input features (T, N, F) instead of the logits. Batch norm uses x's own statistics unless
+        `params` holds them (`support_stats`)."""
         T, C, H, W = x.shape[0], x.shape[2], x.shape[3], x.shape[4]
         # (T, N, C, H, W) -> (N, T*C, H, W): task-stacked channels for the grouped convolutions
         h = x.transpose([1, 0, 2, 3, 4]).reshape([-1, T * C, H, W]) if T != 1 else x.reshape([-1, C, H, W])

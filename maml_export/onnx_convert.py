@@ -27,9 +27,13 @@ import paddle2onnx
 
 from . import __version__
 from .errors import ExportError
-from .parity import OUTPUT
 
 INPUT_RANGE = "[0, 1], ink 1.0, paper 0.0"
+BATCH_NORM = {  # the metadata's words for each query_norm (layers.BatchNorm)
+    "support": "the support set's own statistics in each SGD step; queries: the support set's statistics under "
+               "the adapted weights, so each query's logits depend on the support set and that image alone",
+    "transductive": "statistics of the batch at hand (the support set in each step, then the query set: a "
+                    "query's logits depend on the other queries)"}
 
 # paddle2onnx matches a PIR op by its name after this renaming (Paddle2ONNX exporter.h,
 # `convert_pir_op_name`; the same pairs are in the strings of the 2.1.0 binary).
@@ -145,11 +149,16 @@ def convert(prefix: Path, onnx_path: Path, opset: int, timeout: float = 600) -> 
         raise ExportError(f"paddle2onnx failed ({how}): {hint}")
 
 
-def clean_graph(model: onnx.ModelProto, task_batch: int = 0) -> onnx.ModelProto:
-    """Constants -> initializers, Identity chains bypassed, dead nodes and unused initializers dropped,
-    the output named `logits`; the dims S (support) and Q (query) named for readers and onnxruntime
-    (after the fixed task axis T when `task_batch`)."""
+def clean_graph(model: onnx.ModelProto, inputs: list[str], outputs: list[str],
+                dims: dict[str, dict[int, str | int]]) -> onnx.ModelProto:
+    """Constants -> initializers, Identity chains bypassed, dead nodes and unused initializers dropped; the
+    graph's inputs and outputs renamed to `inputs` and `outputs` (in order: the contract's names, which
+    Paddle's input specs and paddle2onnx's outputs cannot carry), and their dims named or fixed:
+    `dims[name] = {axis: "S" (a named dynamic dim) or 8 (a fixed one)}`."""
     g = model.graph
+    if len(g.input) != len(inputs) or len(g.output) != len(outputs):
+        raise ExportError(f"the converted graph has {len(g.input)} inputs and {len(g.output)} outputs, "
+                          f"expected {len(inputs)} and {len(outputs)}")
     # Constant nodes -> initializers: the weights become inspectable, and no Constant is left dead.
     # (Nodes are collected into lists and written back once: removing from a protobuf list one by
     # one is quadratic, 10 s for a 10-step graph.)
@@ -161,8 +170,8 @@ def clean_graph(model: onnx.ModelProto, task_batch: int = 0) -> onnx.ModelProto:
             tensor.name = node.output[0]
         else:
             nodes.append(node)
-    # Identity nodes: consumers read the Identity's input instead. The raw graph output is a name
-    # of its own: renamed to `logits` below, whatever produces it.
+    # Identity nodes: consumers read the Identity's input instead. The raw graph outputs are names
+    # of their own: renamed below, whatever produces them.
     alias = {n.output[0]: n.input[0] for n in nodes if n.op_type == "Identity"}
 
     def resolve(name):
@@ -170,18 +179,20 @@ def clean_graph(model: onnx.ModelProto, task_batch: int = 0) -> onnx.ModelProto:
             name = alias[name]
         return name
 
-    old_out = g.output[0].name
-    final = resolve(old_out)
+    finals = [resolve(o.name) for o in g.output]
+    if len(set(finals)) != len(finals):
+        raise ExportError("two outputs of the converted graph are the same tensor")
     keep = [n for n in nodes if n.op_type != "Identity"]
-    rename = {final: OUTPUT}
+    rename = {**dict(zip(finals, outputs)), **{i.name: new for i, new in zip(g.input, inputs)}}
     for n in keep:
         n.input[:] = [rename.get(resolve(i), resolve(i)) for i in n.input]
         n.output[:] = [rename.get(o, o) for o in n.output]
     for init in g.initializer:
         init.name = rename.get(init.name, init.name)
-    g.output[0].name = OUTPUT
-    # Dead nodes: walk back from the output; a node is live when one of its outputs is needed.
-    needed, live = {OUTPUT}, []
+    for vi, name in list(zip(g.input, inputs)) + list(zip(g.output, outputs)):
+        vi.name = name
+    # Dead nodes: walk back from the outputs; a node is live when one of its outputs is needed.
+    needed, live = set(outputs), []
     for n in reversed(keep):
         if any(o in needed for o in n.output):
             live.append(n)
@@ -192,14 +203,17 @@ def clean_graph(model: onnx.ModelProto, task_batch: int = 0) -> onnx.ModelProto:
     del g.initializer[:]
     g.initializer.extend(used)
     del g.value_info[:]  # intermediate shapes of the raw graph refer to removed names
-    axis = 1 if task_batch else 0  # S and Q follow the task axis
-    for vi, dim in [(g.input[0], "S"), (g.input[1], "S"), (g.input[2], "Q"), (g.output[0], "Q")]:
-        dims = vi.type.tensor_type.shape.dim
-        dims[axis].dim_param = dim
-        if task_batch:
-            dims[0].dim_value = task_batch
-    if not any(n.output[0] == OUTPUT for n in g.node) and OUTPUT not in {i.name for i in g.input}:
-        raise ExportError(f"graph cleaning lost the producer of {old_out!r}")
+    for vi in list(g.input) + list(g.output):
+        for axis, value in dims.get(vi.name, {}).items():
+            dim = vi.type.tensor_type.shape.dim[axis]
+            if isinstance(value, str):
+                dim.dim_param = value
+            else:
+                dim.dim_value = value
+    produced = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
+    lost = [o for o in outputs if o not in produced]
+    if lost:
+        raise ExportError(f"graph cleaning lost the producer of {', '.join(lost)}")
     return model
 
 
@@ -221,20 +235,22 @@ def metadata(config, steps: int, inner_lr: float, params: dict, opset: int, task
             "task_batch": str(task_batch), "head_init": config.head_init,
             "input_layout": f"x_spt [{t}S, C, H, W] float32, y_spt [{t}S] int64 in 0..ways-1, x_qry [{t}Q, C, H, W] "
                             f"float32 -> logits [{t}Q, ways]",
-            "batch_norm": "statistics of the batch at hand (the support set in each step, then the query set)",
+            "query_norm": config.query_norm, "batch_norm": BATCH_NORM[config.query_norm],
+            "temperature": repr(float(config.temperature)),
             "config_name": config.name, "shots_trained": str(config.shots), "weights_sha256": weights_sha256(params),
             "weights_sha256_scheme": weights_sha256.__doc__, "config": json.dumps(config.to_dict()),
             "opset": str(opset), "maml_export_version": __version__, "paddle_version": paddle.__version__,
             "paddle2onnx_version": paddle2onnx.__version__, "protocol": config.protocol}
 
 
-def finish_onnx(onnx_path: Path, program: Program, meta: dict[str, str]) -> collections.Counter:
-    """Fix, clean, stamp and check the converted model in place; returns its op-type histogram."""
+def finish_onnx(onnx_path: Path, meta: dict[str, str], inputs: list[str], outputs: list[str],
+                dims: dict[str, dict[int, str | int]], doc: str) -> collections.Counter:
+    """Clean (`clean_graph`), stamp and check the converted model in place; returns its op-type histogram."""
     model = onnx.load(str(onnx_path))
-    model = clean_graph(model, int(meta.get("task_batch") or 0))
+    model = clean_graph(model, inputs, outputs, dims)
     onnx.helper.set_model_props(model, meta)
     model.producer_name, model.producer_version = "maml-export", __version__
-    model.doc_string = "MAML adaptation: SGD on (x_spt, y_spt), then logits of x_qry under the fast weights"
+    model.doc_string = doc
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:  # noqa: BLE001 - checker raises ValidationError and InferenceError

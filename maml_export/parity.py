@@ -12,14 +12,9 @@ from pathlib import Path
 import numpy as np
 import paddle
 
+from .contract import FUSED_INPUTS, LOGITS, QUERY_IMAGES, RTOL, SPLIT_RTOL, SUPPORT_IMAGES, SUPPORT_LABELS
 from .maml import MAML
 from .model import Model, to_tensors
-
-INPUTS = ("x_spt", "y_spt", "x_qry")
-OUTPUT = "logits"
-# Parity tolerance on max|a - b| / max|reference| of the logits; see `parity` and the README.
-RTOL = 1e-4
-
 
 
 def parity_tasks(config, tasks: int, data: str | os.PathLike | None, seed: int = 0):
@@ -38,7 +33,7 @@ def parity_tasks(config, tasks: int, data: str | os.PathLike | None, seed: int =
     return [(t.x_spt[i], t.y_spt[i], t.x_qry[i]) for i in range(tasks)], source
 
 
-def compare(got: np.ndarray, ref: np.ndarray) -> dict:
+def compare(got: np.ndarray, ref: np.ndarray, rtol: float = RTOL) -> dict:
     """One task's logits [Q, ways] against a reference: max relative error (to the reference's largest
     logit: elementwise relative errors blow up near 0) and predicted-class agreement. A class
     disagreement is "clear" (a failure) only where the reference's top-2 margin exceeds the tolerance."""
@@ -46,10 +41,10 @@ def compare(got: np.ndarray, ref: np.ndarray) -> dict:
     diff = float(np.abs(got - ref).max()) if np.isfinite(got).all() else float("inf")
     top2 = np.sort(ref, axis=-1)[:, -2:]
     differ = got.argmax(-1) != ref.argmax(-1)
-    clear = int((differ & ((top2[:, 1] - top2[:, 0]) > RTOL * scale)).sum())
+    clear = int((differ & ((top2[:, 1] - top2[:, 0]) > rtol * scale)).sum())
     rel = diff / scale
     return {"max_rel": rel, "max_abs": diff, "agree": int((~differ).sum()), "total": int(ref.shape[0]),
-            "clear_disagreements": clear, "ok": rel <= RTOL and clear == 0}
+            "clear_disagreements": clear, "ok": rel <= rtol and clear == 0}
 
 
 PAIRS = {"static vs eager": ("static", "eager"), "onnxruntime vs eager": ("onnx", "eager"),
@@ -70,8 +65,6 @@ def parity(onnx_path: Path, prefix: Path, model: Model, params: dict, steps: int
     5e-1 from float64 on an untrained net, 4e-5 on trained weights, while onnxruntime stayed within
     2e-6). Such a task passes when the export matches float64 within RTOL: it computes Paddle's
     function, rounded differently than Paddle's float32 kernels."""
-    import onnxruntime as ort
-
     def eager(dtype):  # MAML.adapt/predict on task-stacked inputs: (T, Q, ways)
         maml = MAML(model, to_tensors(params, dtype), inner_lr, steps)
         return lambda xs, ys, xq: maml.predict(maml.adapt(xs.astype(dtype), ys), xq.astype(dtype)).numpy()
@@ -79,9 +72,7 @@ def parity(onnx_path: Path, prefix: Path, model: Model, params: dict, steps: int
     eager32, eager64 = eager("float32"), eager("float64")
     static = paddle.jit.load(str(prefix))
     static.eval()
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    session = _session(onnx_path)
     per_task, T = {k: [] for k in PAIRS}, task_batch or 1
     if len(tasks) % T:
         raise ValueError(f"parity needs a multiple of {T} tasks, got {len(tasks)}")
@@ -91,7 +82,7 @@ def parity(onnx_path: Path, prefix: Path, model: Model, params: dict, steps: int
         feeds = arrays if task_batch else [a[0] for a in arrays]  # the graph's inputs: no task axis for one task
         with paddle.no_grad():
             static_out = static(*(paddle.to_tensor(a) for a in feeds)).numpy()
-            onnx_out = session.run([OUTPUT], dict(zip(INPUTS, feeds)))[0]
+            onnx_out = session.run([LOGITS], dict(zip(FUSED_INPUTS, feeds)))[0]
             out = {"eager": eager32(xs, ys, xq), "static": static_out if task_batch else static_out[None],
                    "onnx": onnx_out if task_batch else onnx_out[None]}  # every one (T, Q, ways)
             for i in range(T):
@@ -105,11 +96,39 @@ def parity(onnx_path: Path, prefix: Path, model: Model, params: dict, steps: int
     return {k: _summary(cs) for k, cs in per_task.items()}
 
 
-def _summary(cs: list) -> dict:
+def split_parity(model_onnx: Path, adapt_onnx: Path, predict_onnx: Path, tasks: list, independent: bool) -> dict:
+    """The split graphs against the fused one, in onnxruntime, on every task: adapt.onnx's outputs fed by name
+    into predict.onnx give model.onnx's logits; and (`independent`, i.e. query_norm "support") each query
+    predicted alone gives its row of the batch's logits. Both within SPLIT_RTOL."""
+    sessions = [_session(p) for p in (model_onnx, adapt_onnx, predict_onnx)]
+    fused, adapt, predict = sessions
+    per_task: dict = {"adapt → predict vs model.onnx": []}
+    if independent:
+        per_task["each query alone vs in its batch"] = []
+    for i, (xs, ys, xq) in enumerate(tasks):
+        want = fused.run([LOGITS], {SUPPORT_IMAGES: xs, SUPPORT_LABELS: ys, QUERY_IMAGES: xq})[0]
+        state = dict(zip([o.name for o in adapt.get_outputs()], adapt.run(None, {SUPPORT_IMAGES: xs, SUPPORT_LABELS: ys})))
+        batch = predict.run([LOGITS], {**state, QUERY_IMAGES: xq})[0]
+        per_task["adapt → predict vs model.onnx"].append(dict(compare(batch, want, SPLIT_RTOL), task=i))
+        if independent:
+            alone = np.concatenate([predict.run([LOGITS], {**state, QUERY_IMAGES: xq[q:q + 1]})[0]
+                                    for q in range(len(xq))])
+            per_task["each query alone vs in its batch"].append(dict(compare(alone, batch, SPLIT_RTOL), task=i))
+    return {k: _summary(cs, SPLIT_RTOL) for k, cs in per_task.items()}
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _summary(cs: list, rtol: float = RTOL) -> dict:
     rels = [c["max_rel"] for c in cs]
     return {"max_rel": max(rels), "median_rel": float(np.median(rels)), "max_abs": max(c["max_abs"] for c in cs),
             "agree": sum(c["agree"] for c in cs), "total": sum(c["total"] for c in cs), "tasks": len(cs),
-            "tasks_within_rtol": sum(r <= RTOL for r in rels),
+            "rtol": rtol, "tasks_within_rtol": sum(r <= rtol for r in rels),
             "float64_checks": [{k: c[k] for k in ("task", "max_rel", "max_rel_vs_float64")}
                                    for c in cs if "max_rel_vs_float64" in c],
             "failed_tasks": [c["task"] for c in cs if not c["ok"]], "ok": all(c["ok"] for c in cs)}
@@ -118,7 +137,7 @@ def _summary(cs: list) -> dict:
 def parity_line(name: str, r: dict) -> str:
     """Hugging Face optimum style: '  ✓ onnxruntime vs eager: max rel diff 3.1e-06 ...'."""
     line = (f"  {'✓' if r['ok'] else '✗'} {name}: max rel diff {r['max_rel']:.2e} (median {r['median_rel']:.1e}, "
-            f"tolerance {RTOL:.0e}), {r['tasks_within_rtol']}/{r['tasks']} tasks within, "
+            f"tolerance {r.get('rtol', RTOL):.0e}), {r['tasks_within_rtol']}/{r['tasks']} tasks within, "
             f"same class {r['agree']}/{r['total']}")
     for s in r["float64_checks"]:
         verdict = "accepted: the reference is the one that drifted" if s["max_rel_vs_float64"] <= RTOL else "rejected"

@@ -19,13 +19,14 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
+from .calibration import calibration_report, fit_temperature
 from .checkpoint import Checkpoint, as_deployed, load_checkpoint, save_checkpoint
 from .config import RESUME_MAY_CHANGE, VALIDATION, MamlConfig, flag
 from .data import TaskSampler, load_omniglot, split_characters
 from .distributed import RankLostError, Ranks
 from .errors import ConfigError, DataError, MamlError
 from .maml import MAML, zero_head
-from .model import Model, to_tensors
+from .model import Model, to_tensors, with_query_norm
 from .optim import Adam
 
 VAL_SEED = 1_000_003  # the validation tasks are the same at every validation, and across runs
@@ -49,27 +50,47 @@ def as_tensors(tasks) -> list:
     return [paddle.to_tensor(a) for a in tasks]
 
 
+def _task_batches(sampler: TaskSampler, num_tasks: int, batch: int, progress: bool, desc: str = "evaluate"):
+    """`num_tasks` tasks from `sampler` in batches of at most `batch`: yields (first task's index, Tasks)."""
+    done = 0
+    with tqdm(total=num_tasks, desc=desc, unit="task", disable=not progress, leave=False) as bar:
+        while done < num_tasks:
+            tasks = sampler.sample(min(batch, num_tasks - done))
+            yield done, tasks
+            done += len(tasks.x_spt)
+            bar.update(len(tasks.x_spt))
+
+
 def evaluate(maml: MAML, sampler: TaskSampler, num_tasks: int, batch: int = 16, steps: int | None = None,
              progress: bool = False, ranks: Ranks | None = None, inner_lr: float | None = None) -> np.ndarray:
-    """Query accuracy of each of `num_tasks` tasks after adaptation (batch norm on the batch's statistics).
+    """Query accuracy of each of `num_tasks` tasks after adaptation (queries normalised as the model's
+    query_norm says).
 
     With `ranks`, every rank draws the same batches and adapts only its block of each.
     """
     accuracies = np.zeros(num_tasks, dtype=np.float32)
-    done = 0
-    with paddle.no_grad(), tqdm(total=num_tasks, desc="evaluate", unit="task", disable=not progress,
-                                leave=False) as bar:
-        while done < num_tasks:
-            tasks = sampler.sample(min(batch, num_tasks - done))
+    with paddle.no_grad():
+        for done, tasks in _task_batches(sampler, num_tasks, batch, progress):
             block = ranks.block(len(tasks.x_spt)) if ranks else slice(None)
             x_spt, y_spt, x_qry, y_qry = as_tensors(a[block] for a in tasks)
             if x_spt.shape[0]:
                 logits = maml.predict(maml.adapt(x_spt, y_spt, steps=steps, inner_lr=inner_lr), x_qry)
                 hits = (logits.argmax(axis=-1) == y_qry).astype("float32").mean(axis=1).numpy()
                 accuracies[done:done + len(tasks.x_spt)][block] = hits
-            done += len(tasks.x_spt)
-            bar.update(len(tasks.x_spt))
     return ranks.gather(accuracies) if ranks else accuracies
+
+
+def query_logits(maml: MAML, sampler: TaskSampler, num_tasks: int, batch: int = 16, steps: int | None = None,
+                 inner_lr: float | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Every query's logits (tasks, Q, ways), as `MAML.predict` gives them (divided by the temperature), and
+    labels (tasks, Q), of `num_tasks` tasks from `sampler`."""
+    logits, labels = [], []
+    with paddle.no_grad():
+        for _, tasks in _task_batches(sampler, num_tasks, batch, progress):
+            x_spt, y_spt, x_qry, _ = as_tensors(tasks)
+            logits.append(maml.predict(maml.adapt(x_spt, y_spt, steps=steps, inner_lr=inner_lr), x_qry).numpy())
+            labels.append(tasks.y_qry)
+    return np.concatenate(logits), np.concatenate(labels)
 
 
 class Terminated(MamlError):
@@ -121,10 +142,12 @@ def initial_params(model: Model, config: MamlConfig) -> tuple[dict, dict]:
         return model.init_params(config.seed), {"seed": config.seed}
     source = load_checkpoint(config.init)
     origin = {"init": str(config.init), "init_run": source.config.name, "init_iteration": source.iteration}
-    if source.config.layers == config.layers:
+    # how queries are normalised is no part of the weights: a transductive run's weights may start a support one
+    source_layers = with_query_norm(source.config.layers, config.query_norm)
+    if source_layers == config.layers:
         return source.params, origin
-    # another number of ways, or another head init: the backbone, with a head that is zero or unused
-    if config.head_is_zero and source.config.layers[:-1] == config.layers[:-1]:
+    # another number of ways, head init or temperature: the backbone, with a head that is zero or unused
+    if config.head_is_zero and source_layers[:-1] == config.layers[:-1]:
         return model.with_zero_head(source.params), {**origin, "head": f"zero {config.ways}-way"}
     raise ConfigError(f"--init {config.init} is a {source.config.ways}-way model with {source.config.hidden} filters; "
                       f"this run is {config.ways}-way with {config.hidden} (match --hidden, and --ways unless "
@@ -264,24 +287,94 @@ def data_dir(data) -> str:
     return data
 
 
+QUERIES = {"support": "per query (each query normalised with the support set's statistics: the same alone as in "
+                      "any batch)",
+           "transductive": "transductive (the queries of a task normalised together)"}
+
+
+def _deployed_maml(ckpt: Checkpoint, steps: int | None = None) -> MAML:
+    config = ckpt.config
+    return MAML(Model.from_specs(config.layers), to_tensors(ckpt.params), config.inner_lr,
+                config.inner_steps if steps is None else steps)
+
+
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data, tasks: int = 600, split: str = "test",
                         steps: int | None = None, inner_lr: float | None = None, seed: int = TEST_SEED,
                         query: int = 15, threads: int | None = None, progress: bool = True,
-                        head_init: str | None = None) -> dict:
-    """Meta-test accuracy of a checkpoint by the shared protocol (15 queries per class), with its 95% interval."""
+                        head_init: str | None = None, query_norm: str | None = None,
+                        ways: int | None = None, shots: int | None = None) -> dict:
+    """Meta-test accuracy of a checkpoint by the shared protocol (15 queries per class), with its 95% interval,
+    and how calibrated its probabilities are (ECE over 15 bins, NLL: `calibration.calibration_report`)."""
     set_threads(threads)
-    # a run folder adapts as its validation did; --inner-lr and --head-init, if given, as the config checks them
-    ckpt = as_deployed(load_checkpoint(checkpoint), inner_lr=inner_lr, head_init=head_init)
+    # a run folder adapts as its validation did; the options, if given, as the config checks them
+    ckpt = as_deployed(load_checkpoint(checkpoint), ways=ways, inner_lr=inner_lr, head_init=head_init,
+                       query_norm=query_norm)
     config = ckpt.config
     images = load_omniglot(data_dir(data))
-    splits = split_characters(len(images))
-    sampler = TaskSampler(images, splits[split], config.ways, config.shots, query, seed, split_name=split)
-    model = Model.from_specs(config.layers)
-    maml = MAML(model, to_tensors(ckpt.params), config.inner_lr, config.inner_steps if steps is None else steps)
+    shots = config.shots if shots is None else shots
+    sampler = TaskSampler(images, split_characters(len(images))[split], config.ways, shots, query, seed,
+                          split_name=split)
+    maml = _deployed_maml(ckpt, steps)
     started = time.perf_counter()
-    accuracies = evaluate(maml, sampler, tasks, steps=steps, progress=progress)
-    accuracy, ci = mean_ci95(accuracies)
+    logits, labels = query_logits(maml, sampler, tasks, steps=steps, progress=progress)
+    accuracy, ci = mean_ci95((logits.argmax(-1) == labels).mean(axis=1))
+    calibration = calibration_report(logits, labels)  # the logits are already divided by the temperature
     return {"checkpoint": str(checkpoint), "config": config.name, "split": split, "tasks": tasks,
-            "ways": config.ways, "shots": config.shots, "query": query, "steps": maml.steps,
-            "inner_lr": maml.inner_lr, "head_init": config.head_init, "accuracy": accuracy, "ci95": ci,
+            "ways": config.ways, "shots": shots, "query": query, "steps": maml.steps,
+            "inner_lr": maml.inner_lr, "head_init": config.head_init, "query_norm": config.query_norm,
+            "queries": QUERIES[config.query_norm], "accuracy": accuracy, "ci95": ci,
+            "temperature": config.temperature, "ece": calibration["ece"], "nll": calibration["nll"],
             "seconds": round(time.perf_counter() - started, 2)}
+
+
+CALIBRATION_SEED = 3_000_003  # validation tasks for the temperature: others than the ones that chose the checkpoint
+
+
+def calibrate(ckpt: Checkpoint, data, tasks: int = 200, query: int = 15, progress: bool = True) -> tuple[float, dict]:
+    """The temperature that calibrates a deployed checkpoint's probabilities, fitted on `tasks` validation tasks
+    of `query` queries per class (`calibration.fit_temperature`); and a report: how it was fitted, ECE and NLL
+    on those tasks before and after."""
+    config = ckpt.config
+    images = load_omniglot(data_dir(data))
+    sampler = TaskSampler(images, split_characters(len(images))["val"], config.ways, config.shots, query,
+                          CALIBRATION_SEED, split_name="val")
+    logits, labels = query_logits(_deployed_maml(ckpt), sampler, tasks, progress=progress)
+    raw = logits * config.temperature  # undo a temperature the checkpoint may already have
+    flat, flat_labels = raw.reshape(-1, config.ways), labels.reshape(-1)
+    temperature = fit_temperature(flat, flat_labels)
+    before, after = calibration_report(flat, flat_labels), calibration_report(flat, flat_labels, temperature)
+    return temperature, {"temperature": temperature, "split": "val", "tasks": tasks, "query": query,
+                         "seed": CALIBRATION_SEED, "query_norm": config.query_norm,
+                         "ece_before": before["ece"], "ece_after": after["ece"], "nll_before": before["nll"],
+                         "nll_after": after["nll"]}
+
+
+def evaluate_export(export: str | os.PathLike, data, tasks: int = 600, split: str = "test", seed: int = TEST_SEED,
+                    query: int = 15, threads: int | None = None, progress: bool = True, shots: int | None = None) -> dict:
+    """Accuracy and calibration of an exported model as a deployment runs it: onnxruntime's adapt.onnx once
+    per task, then predict.onnx on ONE query image at a time (`adapter.Task`), on the protocol's tasks; and
+    whether each query's class is the one it gets in its task's batch of queries."""
+    from .adapter import Adapter
+    adapter = Adapter(export, threads=threads)
+    images = load_omniglot(data_dir(data))
+    shots = int(adapter.metadata.get("shots_trained", 1)) if shots is None else shots
+    sampler = TaskSampler(images, split_characters(len(images))[split], adapter.ways, shots, query, seed,
+                          split_name=split)
+    alone, batched, labels = [], [], []
+    for _, batch in _task_batches(sampler, tasks, 16, progress, desc="evaluate (one query at a time)"):
+        for xs, ys, xq, yq in zip(*batch):
+            task = adapter.adapt(xs, ys)
+            alone.append(np.concatenate([task.predict(xq[i:i + 1]) for i in range(len(xq))]))
+            batched.append(task.predict(xq))
+            labels.append(yq)
+    alone, batched, labels = np.stack(alone), np.stack(batched), np.stack(labels)
+    accuracy, ci = mean_ci95((alone.argmax(-1) == labels).mean(axis=1))
+    batch_accuracy, batch_ci = mean_ci95((batched.argmax(-1) == labels).mean(axis=1))
+    calibration = calibration_report(alone, labels)
+    return {"export": str(export), "config": adapter.config_name, "split": split, "tasks": tasks,
+            "ways": adapter.ways, "shots": sampler.shots, "query": query, "steps": adapter.steps,
+            "query_norm": adapter.query_norm, "queries": "each query alone, onnxruntime (predict.onnx)",
+            "accuracy": accuracy, "ci95": ci, "batch_accuracy": batch_accuracy, "batch_ci95": batch_ci,
+            "same_class_alone_and_in_batch": int((alone.argmax(-1) == batched.argmax(-1)).sum()),
+            "answers": int(labels.size), "temperature": adapter.temperature, "ece": calibration["ece"],
+            "nll": calibration["nll"]}

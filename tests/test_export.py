@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from maml_export.adapter import Adapter
-from maml_export.checkpoint import PRETRAINED_DIR, Checkpoint, default_checkpoint, load_checkpoint, save_checkpoint
+from maml_export.checkpoint import (PRETRAINED_DIR, Checkpoint, as_deployed, default_checkpoint, load_checkpoint,
+                                    save_checkpoint)
 from maml_export.config import MamlConfig
 from maml_export.errors import CheckpointError, ExportError
 from maml_export.export import export_model
@@ -51,8 +52,15 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exported(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
-    report = export_model(checkpoint, out, steps=5, tasks=6, data=DATA if os.path.isdir(DATA) else None)
+    # query_norm "support": the default of every model trained since it exists (a no-op for such a checkpoint)
+    report = export_model(checkpoint, out, steps=5, tasks=6, data=DATA if os.path.isdir(DATA) else None,
+                          query_norm="support")
     return out, report
+
+
+def deployed(checkpoint):
+    """The checkpoint as `exported` exports it."""
+    return as_deployed(load_checkpoint(checkpoint), query_norm="support")
 
 
 TASK_BATCH = 3
@@ -63,7 +71,7 @@ def exported_batch(checkpoint, tmp_path_factory):
     """The same weights and steps as `exported`, as a graph for TASK_BATCH tasks per call (parity: one call)."""
     out = tmp_path_factory.mktemp("export-batch")
     report = export_model(checkpoint, out, steps=5, tasks=2, data=DATA if os.path.isdir(DATA) else None,
-                          task_batch=TASK_BATCH)
+                          task_batch=TASK_BATCH, query_norm="support")
     return out, report
 
 
@@ -103,12 +111,14 @@ def assert_matches_eager(ckpt, got, x_spt, y_spt, x_qry):
 
 def test_export_writes_every_file(exported):
     out, report = exported
-    for name in ("model.json", "model.pdiparams", "model.onnx", "export.json"):
+    for name in ("model.json", "model.pdiparams", "model.onnx", "adapt.onnx", "predict.onnx", "export.json"):
         assert (out / name).stat().st_size > 0, name
     doc = json.loads((out / "export.json").read_text())
     assert doc["parity"]["passed"] and doc["steps"] == 5
     assert set(doc["versions"]) >= {"paddle", "paddle2onnx", "onnx", "onnxruntime", "maml_export"}
-    assert len(doc["timings_s"]) == 5 and doc["onnx_ops"] == report.ops
+    assert len(doc["timings_s"]) == 6 and doc["onnx_ops"]["model"] == report.ops
+    assert {"adapt → predict vs model.onnx", "each query alone vs in its batch"} <= set(doc["parity"]["results"])
+    assert all(Path(f).is_file() for f in report.files.values())
 
 
 def test_static_program_holds_only_convertible_ops(exported):
@@ -145,7 +155,7 @@ def test_onnx_graph_is_valid_and_follows_the_contract(exported):
 
 def test_metadata(exported, checkpoint):
     out, _ = exported
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = deployed(checkpoint)
     meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
     assert (meta["ways"], meta["steps"], meta["image_size"], meta["channels"]) == ("5", "5", "28", "1")
     assert float(meta["inner_lr"]) == ckpt.config.inner_lr
@@ -191,7 +201,7 @@ def test_export_parity_on_omniglot_tasks(exported, omniglot):
 
 def test_accuracy_on_20_test_tasks_equals_eager(exported, omniglot, checkpoint):
     out, _ = exported
-    ckpt, adapter = load_checkpoint(checkpoint), Adapter(out / "model.onnx")
+    ckpt, adapter = deployed(checkpoint), Adapter(out / "model.onnx")
     t = sample(omniglot, 20)
     acc_onnx, acc_eager = [], []
     for i in range(20):
@@ -253,7 +263,7 @@ def test_an_unknown_checkpoint_name_lists_the_bundled_ones():
 @pytest.mark.parametrize("shots,queries", [(1, [1, 7, 75]), (5, [3, 75])])
 def test_dynamic_support_and_query_sizes(exported, omniglot, checkpoint, shots, queries):
     out, _ = exported
-    ckpt, adapter = load_checkpoint(checkpoint), Adapter(out / "model.onnx")
+    ckpt, adapter = deployed(checkpoint), Adapter(out / "model.onnx")
     t = sample(omniglot, 1, shots=shots, seed=7)
     assert t.x_spt.shape[1] == 5 * shots
     first = []
@@ -262,9 +272,104 @@ def test_dynamic_support_and_query_sizes(exported, omniglot, checkpoint, shots, 
         assert got.shape == (q, 5) and got.dtype == np.float32
         assert_matches_eager(ckpt, got, t.x_spt[0], t.y_spt[0], t.x_qry[0, :q])
         first.append(got[0])
-    # batch norm normalises the query with the query batch's own statistics: the first image's
-    # logits depend on which other images are in the batch
-    assert np.abs(first[0] - first[-1]).max() > 1e-3
+    # queries are normalised with the support set's statistics: the first image's logits do not depend on
+    # which other images are in the batch (relative to the logits' scale, as the parity compares)
+    scale = np.abs(first[-1]).max()
+    assert max(np.abs(f - first[-1]).max() for f in first) <= 1e-5 * scale
+
+
+def test_transductive_export_makes_a_query_depend_on_its_batch(omniglot, tmp_path):
+    """--query-norm transductive: the queries are normalised together, as the MAML paper's code does, so the first
+    image's logits depend on which other images are in the batch; the export says so instead of checking it."""
+    done = run_cli("export", "--query-norm", "transductive", "--tasks", "2", "--data", DATA, "--out",
+                   str(tmp_path / "td"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "each query alone vs in its batch: not checked: --query-norm transductive" in done.stdout
+    adapter = Adapter(tmp_path / "td")
+    assert adapter.query_norm == "transductive"
+    t = sample(omniglot, 1, seed=7)
+    first = [adapter.predict(t.x_spt[0], t.y_spt[0], t.x_qry[0, :q])[0] for q in (1, 75)]
+    assert np.abs(first[0] - first[1]).max() > 1e-3 * np.abs(first[1]).max()
+
+
+# --- adapt once, predict many: adapt.onnx, predict.onnx, Task ---------------------------------------------
+
+def test_split_graphs_follow_the_contract(exported):
+    """adapt.onnx: x_spt, y_spt -> the state, named; predict.onnx: exactly those names + x_qry -> logits [Q, ways];
+    the same metadata as model.onnx (but for which graph it is); each loads in onnxruntime without a warning."""
+    out, _ = exported
+    graphs = {name: onnx.load(str(out / f"{name}.onnx")) for name in ("model", "adapt", "predict")}
+    adapt, predict = graphs["adapt"].graph, graphs["predict"].graph
+    assert [i.name for i in adapt.input] == ["x_spt", "y_spt"]
+    state = [o.name for o in adapt.output]
+    assert state[:3] == ["conv1.weight", "bn1.weight", "bn1.bias"] and state[-2:] == ["bn4.mean", "bn4.var"]
+    assert [i.name for i in predict.input] == state + ["x_qry"] and [o.name for o in predict.output] == ["logits"]
+    dims = lambda vi: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]  # noqa: E731
+    assert dims(predict.input[-1]) == ["Q", 1, 28, 28] and dims(predict.output[0]) == ["Q", 5]
+    assert {o.name: dims(o) for o in adapt.output} == {i.name: dims(i) for i in predict.input[:-1]}
+    assert not predict.initializer or all(t.name in {i for n in predict.node for i in n.input} for t in predict.initializer)
+    meta = {name: {p.key: p.value for p in g.metadata_props} for name, g in graphs.items()}
+    assert {meta[k].pop("graph") for k in meta} == {"model", "adapt", "predict"}
+    assert meta["adapt"] == meta["model"] == meta["predict"] and meta["model"]["query_norm"] == "support"
+    for name in ("adapt", "predict"):
+        code = ("import onnxruntime as ort\no = ort.SessionOptions(); o.log_severity_level = 2\n"
+                f"ort.InferenceSession({str(out / (name + '.onnx'))!r}, o, providers=['CPUExecutionProvider'])\n")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stderr == "", (name, done.stderr)
+
+
+def test_adapt_once_predict_many_equals_the_fused_graph_one_query_at_a_time(exported, omniglot):
+    """A task learned once classifies each query alone as model.onnx classifies the batch (relative 1e-5), with the
+    plain onnxruntime recipe of the README: adapt's outputs fed into predict by name."""
+    import onnxruntime as ort
+    out, _ = exported
+    t = sample(omniglot, 2, seed=21)
+    adapt, predict = (ort.InferenceSession(str(out / f), providers=["CPUExecutionProvider"])
+                      for f in ("adapt.onnx", "predict.onnx"))
+    fused = Adapter(out)
+    for i in range(2):
+        names = [o.name for o in adapt.get_outputs()]
+        state = dict(zip(names, adapt.run(None, {"x_spt": t.x_spt[i], "y_spt": t.y_spt[i]})))
+        alone = np.concatenate([predict.run(["logits"], {**state, "x_qry": t.x_qry[i, q:q + 1]})[0]
+                                for q in range(75)])
+        want = fused.predict(t.x_spt[i], t.y_spt[i], t.x_qry[i])
+        assert compare(alone, want, 1e-5)["ok"] and (alone.argmax(1) == want.argmax(1)).all(), i
+        task = fused.adapt(t.x_spt[i], t.y_spt[i])
+        np.testing.assert_array_equal(task.predict(t.x_qry[i]), predict.run(["logits"], {**state, "x_qry": t.x_qry[i]})[0])
+
+
+def test_task_save_load_and_refusal_by_another_model(exported, exported_batch, tmp_path, checkpoint):
+    """Task.save -> Adapter.load_task gives the same predictions without the support set; a task learned by another
+    model (other weights) is refused in one line; a task-batch export has no halves."""
+    out, _ = exported
+    adapter = Adapter(out)
+    rng = np.random.default_rng(3)
+    xs, ys, xq = rng.random((5, 1, 28, 28)) * (rng.random((5, 1, 28, 28)) > 0.8), np.arange(5), rng.random((6, 1, 28, 28))
+    task = adapter.adapt(xs, ys, classes=list("abcde"))
+    path = tmp_path / "task.npz"
+    task.save(path)
+    again = adapter.load_task(path)
+    assert again.classes == list("abcde") and again.support_size == 5
+    np.testing.assert_array_equal(again.predict(xq), task.predict(xq))
+    p = again.predict_proba(xq)
+    assert p.shape == (6, 5) and np.allclose(p.sum(1), 1, atol=1e-6)
+    with np.load(path, allow_pickle=False) as data:  # plain arrays and a JSON string: no pickle
+        assert "meta" in data.files and all(k == "meta" or k.startswith("state/") for k in data.files)
+    # another model: the same graphs' metadata with other weights, as a second export of altered weights
+    other = load_checkpoint(checkpoint)
+    other.params["conv1.weight"] = other.params["conv1.weight"] * 1.01
+    other_ckpt = save_checkpoint(tmp_path / "other.npz", other)
+    export_model(other_ckpt, tmp_path / "other", steps=5, tasks=1, query_norm="support")
+    with pytest.raises(ValueError, match="was learned by another model") as e:
+        Adapter(tmp_path / "other").load_task(path)
+    assert "\n" not in str(e.value)
+    (tmp_path / "junk.npz").write_bytes(b"not a task")
+    with pytest.raises(ValueError, match="is not a task file"):
+        adapter.load_task(tmp_path / "junk.npz")
+    with pytest.raises(ValueError, match="no adapt/predict halves"):
+        Adapter(exported_batch[0]).adapt(np.stack([xs] * TASK_BATCH), np.stack([ys] * TASK_BATCH))
+    with pytest.raises(ValueError, match="x_qry must have shape"):
+        task.predict(xq[:, 0])
 
 
 # --- Adapter -------------------------------------------------------------------------------------------------
@@ -336,7 +441,7 @@ def test_task_batch_graph_contract_metadata_and_parity(exported, exported_batch)
 
 
 def test_task_batch_logits_equal_single_task_logits(exported, exported_batch, omniglot, checkpoint):
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = deployed(checkpoint)
     single, batch = Adapter(exported[0] / "model.onnx"), Adapter(exported_batch[0] / "model.onnx")
     assert (single.task_batch, batch.task_batch) == (0, TASK_BATCH)
     t = sample(omniglot, TASK_BATCH, seed=11)

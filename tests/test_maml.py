@@ -7,7 +7,8 @@ import pytest
 
 from maml_export import paddlerec
 from maml_export.data import TaskSampler, load_omniglot, split_characters
-from maml_export.maml import MAML, expand_to_tasks, loss_and_grads, prototype_head
+from maml_export.layers import softmax_cross_entropy
+from maml_export.maml import MAML, expand_to_tasks, loss_and_grads, prototype_head, query_loss_and_grads
 from maml_export.model import Model, conv4_specs, to_tensors
 
 DATA = os.environ.get("OMNIGLOT_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "omniglot"))
@@ -23,8 +24,9 @@ def omniglot_tasks():
 
 
 def test_five_step_adaptation_equals_paddlerec_loop(omniglot_tasks):
-    """Real Omniglot tasks (blank paper gives pooling ties), float64: fast weights and query logits agree."""
-    model = Model.from_specs(conv4_specs(ways=5, hidden=16))
+    """Real Omniglot tasks (blank paper gives pooling ties), float64: fast weights and query logits agree
+    (PaddleRec normalises the queries with their own batch's statistics: transductive)."""
+    model = Model.from_specs(conv4_specs(ways=5, hidden=16, query_norm="transductive"))
     init = model.init_params(seed=3)
     maml = MAML(model, to_tensors(init, "float64"), inner_lr=0.4, steps=5, first_order=True)
     x_spt, y_spt, x_qry, _ = (paddle.to_tensor(a) for a in omniglot_tasks)
@@ -43,7 +45,7 @@ def test_five_step_adaptation_equals_paddlerec_loop(omniglot_tasks):
 
 
 def test_first_order_meta_gradient_equals_paddlerec_loop(omniglot_tasks):
-    model = Model.from_specs(conv4_specs(ways=5, hidden=8))
+    model = Model.from_specs(conv4_specs(ways=5, hidden=8, query_norm="transductive"))
     init = model.init_params(seed=4)
     tasks = [paddle.to_tensor(a) for a in omniglot_tasks]
     tasks = [t.astype("float64") if t.dtype == paddle.float32 else t for t in tasks]
@@ -54,11 +56,13 @@ def test_first_order_meta_gradient_equals_paddlerec_loop(omniglot_tasks):
         assert np.abs(got.numpy() - want.numpy()).max() <= 1e-9 * np.abs(want.numpy()).max(), name
 
 
-@pytest.mark.parametrize("head_init", ["meta", "prototypes"])
-def test_second_order_meta_gradient_matches_finite_differences(head_init):
-    """Autograd through the hand-written inner gradient (and the prototype head) = central differences of the
-    meta-loss (float64)."""
-    model = Model.from_specs(conv4_specs(ways=3, hidden=4, image_size=12, blocks=2, head_init=head_init))
+@pytest.mark.parametrize("head_init,query_norm", [("meta", "transductive"), ("prototypes", "transductive"),
+                                                  ("meta", "support"), ("prototypes", "support")])
+def test_second_order_meta_gradient_matches_finite_differences(head_init, query_norm):
+    """Autograd through the hand-written inner gradient (and the prototype head, and the support statistics the
+    queries are normalised with) = central differences of the meta-loss (float64)."""
+    model = Model.from_specs(conv4_specs(ways=3, hidden=4, image_size=12, blocks=2, head_init=head_init,
+                                         query_norm=query_norm))
     rng = np.random.default_rng(0)
     init = model.init_params(seed=1)
     # 2 shots: with one, each support image is its own prototype and the prototype head leaves its steps nothing
@@ -70,8 +74,7 @@ def test_second_order_meta_gradient_matches_finite_differences(head_init):
     def meta_loss(params_np):
         maml = MAML(model, to_tensors(params_np, "float64"), inner_lr=0.5, steps=1)
         with paddle.no_grad():
-            fast = maml.adapt(x_spt, y_spt)
-            loss, _, _ = loss_and_grads(model, fast, x_qry, y_qry)
+            loss, _ = softmax_cross_entropy(maml.predict(maml.adapt(x_spt, y_spt), x_qry), y_qry)
         return float(loss.mean())
 
     step = MAML(model, to_tensors(init, "float64"), inner_lr=0.5, steps=1, first_order=False).meta_step(
@@ -90,6 +93,64 @@ def test_second_order_meta_gradient_matches_finite_differences(head_init):
         x_spt, y_spt, x_qry, y_qry)
     first_order = sum(float((fo.grads[k].numpy() * direction[k]).sum()) for k in init)
     assert abs(first_order - numeric) > 1e-4 * max(1.0, abs(numeric))
+
+
+@pytest.mark.parametrize("head_init", ["meta", "prototypes"])
+def test_first_order_query_gradient_under_support_statistics_matches_finite_differences(head_init):
+    """First-order with query_norm "support": the query loss depends on the fast weights also through the support
+    statistics the queries are normalised with; its gradient (autograd) = central differences (float64)."""
+    model = Model.from_specs(conv4_specs(ways=3, hidden=4, image_size=12, blocks=2, head_init=head_init))
+    rng = np.random.default_rng(5)
+    x_spt = paddle.to_tensor(rng.random((2, 6, 1, 12, 12)))
+    x_qry = paddle.to_tensor(rng.random((2, 4, 1, 12, 12)))
+    y_qry = paddle.to_tensor(np.array([[0, 1, 2, 0]] * 2))
+    fast_np = {k: np.stack([v, v + 0.1 * rng.normal(size=v.shape)]) for k, v in model.init_params(seed=2).items()}
+    loss, grads, _ = query_loss_and_grads(model, to_tensors(fast_np, "float64"), x_spt, x_qry, y_qry)
+
+    def query_loss(params_np):
+        fast = to_tensors(params_np, "float64")
+        logits, _ = model.forward({**fast, **model.support_stats(fast, x_spt)}, x_qry)
+        return float(softmax_cross_entropy(logits, y_qry)[0].sum())
+
+    direction = {k: rng.normal(size=v.shape) for k, v in fast_np.items()}
+    eps = 1e-6
+    numeric = (query_loss({k: v + eps * direction[k] for k, v in fast_np.items()})
+               - query_loss({k: v - eps * direction[k] for k, v in fast_np.items()})) / (2 * eps)
+    analytic = sum(float((grads[k].numpy() * direction[k]).sum()) for k in fast_np)
+    assert abs(float(loss.sum()) - query_loss(fast_np)) <= 1e-12
+    assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric))
+    # the path through the statistics matters: holding them constant gives another derivative
+    fixed = {**to_tensors(fast_np, "float64"), **model.support_stats(to_tensors(fast_np, "float64"), x_spt)}
+    stats = {k: v for k, v in fixed.items() if k not in fast_np}
+    leaves = to_tensors(fast_np, "float64", trainable=True)
+    held = paddle.grad(softmax_cross_entropy(model.forward({**leaves, **stats}, x_qry)[0], y_qry)[0].sum(),
+                       list(leaves.values()), allow_unused=True)
+    held = sum(float((g.numpy() * direction[k]).sum()) for k, g in zip(leaves, held) if g is not None)
+    assert abs(held - numeric) > 1e-4 * max(1.0, abs(numeric))
+
+
+@pytest.mark.parametrize("head_init", ["meta", "prototypes"])
+def test_support_statistics_make_each_query_independent_of_the_others(head_init):
+    """query_norm "support": a query predicted alone gets the logits of its row in any batch; transductive:
+    not (its batch-mates change the statistics)."""
+    rng = np.random.default_rng(6)
+    x_spt = paddle.to_tensor(rng.random((1, 6, 1, 12, 12)))
+    y_spt = paddle.to_tensor(np.array([[0, 1, 2, 0, 1, 2]]))
+    x_qry = paddle.to_tensor(rng.random((1, 7, 1, 12, 12)))
+    gaps = {}
+    for norm in ("support", "transductive"):
+        model = Model.from_specs(conv4_specs(ways=3, hidden=4, image_size=12, blocks=2, head_init=head_init,
+                                             query_norm=norm))
+        maml = MAML(model, to_tensors(model.init_params(0), "float64"), inner_lr=0.3, steps=2)
+        with paddle.no_grad():
+            fast = maml.adapt(x_spt, y_spt)
+            batch = maml.predict(fast, x_qry).numpy()[0]
+            alone = np.concatenate([maml.predict(fast, x_qry[:, i:i + 1]).numpy()[0] for i in range(7)])
+        gaps[norm] = np.abs(batch - alone).max() / np.abs(batch).max()
+        assert sorted(k for k in fast if k.startswith("bn")) == (
+            ["bn1.bias", "bn1.mean", "bn1.var", "bn1.weight", "bn2.bias", "bn2.mean", "bn2.var", "bn2.weight"]
+            if norm == "support" else ["bn1.bias", "bn1.weight", "bn2.bias", "bn2.weight"])
+    assert gaps["support"] <= 1e-12 and gaps["transductive"] > 1e-3
 
 
 def test_tasks_in_a_batch_adapt_independently():
@@ -146,8 +207,9 @@ def test_prototype_head_is_the_euclidean_prototype_classifier():
 
 
 def test_prototype_head_adaptation_equals_paddlerec_loop(omniglot_tasks):
-    """`MAML.adapt` from the prototype head = PaddleRec's loop from its own prototypes (float64, 3 steps)."""
-    model = Model.from_specs(conv4_specs(ways=5, hidden=16, head_init="prototypes"))
+    """`MAML.adapt` from the prototype head = PaddleRec's loop from its own prototypes (float64, 3 steps;
+    transductive, as PaddleRec)."""
+    model = Model.from_specs(conv4_specs(ways=5, hidden=16, head_init="prototypes", query_norm="transductive"))
     init = model.init_params(seed=3)
     maml = MAML(model, to_tensors(init, "float64"), inner_lr=0.1, steps=3)
     x_spt, y_spt, x_qry, _ = (paddle.to_tensor(a) for a in omniglot_tasks)

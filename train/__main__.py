@@ -6,7 +6,7 @@ import click
 
 from maml_export.config import RESUME_MAY_CHANGE, MamlConfig, click_options, flag, given
 from maml_export.errors import MamlError
-from maml_export.layers import HEAD_INITS
+from maml_export.layers import HEAD_INITS, QUERY_NORMS
 
 
 def fail(message: str, code: int = 2):
@@ -65,27 +65,44 @@ def main(ctx, data, out, resume, threads, **options):
               help="inner step size [default: the checkpoint's deployed one: its --val-inner-lr if it has one]")
 @click.option("--head-init", type=click.Choice(HEAD_INITS), default=None,
               help="where adaptation starts the head (see `python -m train --help`) [default: the checkpoint's]")
+@click.option("--query-norm", type=click.Choice(QUERY_NORMS), default=None,
+              help="how queries are normalised (see `python -m train --help`) [default: the checkpoint's]")
+@click.option("--ways", type=int, default=None,
+              help="classes per task: a --zero-head checkpoint's backbone with a zero head of that size "
+                   "[default: the checkpoint's deployed ways]")
+@click.option("--export", "export_dir", type=click.Path(file_okay=False), default=None,
+              help="evaluate this maml-export folder instead, as a deployment runs it: onnxruntime, adapt.onnx once "
+                   "per task, then predict.onnx on one query image at a time (--checkpoint and the adaptation "
+                   "options do not apply)")
+@click.option("--shots", type=int, default=None, help="support images per class [default: the checkpoint's]")
 @click.option("--query", type=int, default=15, show_default=True, help="query images per class")
 @click.option("--seed", type=int, default=None, help="seed of the test tasks [default: fixed]")
 @click.option("--threads", type=int, default=None, help="CPU threads [default: all cores]")
 @click.option("--json", "as_json", is_flag=True, help="print only the JSON result")
-def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query, seed, threads, as_json):
-    """Meta-test accuracy of a checkpoint, mean over --tasks tasks with its 95% interval."""
+def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_norm, ways, export_dir, shots, query,
+             seed, threads, as_json):
+    """Meta-test accuracy of a checkpoint (or an export), mean over --tasks tasks with its 95% interval, and the
+    calibration of its probabilities (ECE, 15 bins)."""
     from maml_export.checkpoint import default_checkpoint
-    from maml_export.trainer import TEST_SEED, evaluate_checkpoint
+    from maml_export.trainer import TEST_SEED, evaluate_checkpoint, evaluate_export
     if tasks < 1:
         fail("--tasks must be at least 1")
+    seed = TEST_SEED if seed is None else seed
     try:
-        result = evaluate_checkpoint(checkpoint or default_checkpoint(), data, tasks, split, steps, inner_lr,
-                                     TEST_SEED if seed is None else seed, query, threads, progress=not as_json,
-                                     head_init=head_init)
-    except MamlError as e:
-        fail(str(e))
+        if export_dir:
+            result = evaluate_export(export_dir, data, tasks, split, seed, query, threads, progress=not as_json,
+                                     shots=shots)
+        else:
+            result = evaluate_checkpoint(checkpoint or default_checkpoint(), data, tasks, split, steps, inner_lr,
+                                         seed, query, threads, progress=not as_json, head_init=head_init,
+                                         query_norm=query_norm, ways=ways, shots=shots)
+    except (MamlError, ValueError) as e:
+        fail(str(e), 1)
     if not as_json:
-        click.echo(f"{result['config']}: {result['ways']}-way {result['shots']}-shot, {result['steps']} steps, "
-                   f"{result['head_init']} head, "
+        head = f"{result['head_init']} head, " if "head_init" in result else ""
+        click.echo(f"{result['config']}: {result['ways']}-way {result['shots']}-shot, {result['steps']} steps, {head}"
                    f"{split} accuracy {100 * result['accuracy']:.2f} ± {100 * result['ci95']:.2f} % "
-                   f"over {tasks} tasks")
+                   f"over {tasks} tasks, {result['queries']}; ECE {result['ece']:.4f}")
     click.echo(json.dumps(result))
 
 
@@ -105,12 +122,24 @@ def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query, 
 @click.option("--head-init", type=click.Choice(HEAD_INITS), default=None,
               help="ship with this head initialisation, e.g. 'prototypes' chosen on the validation split with "
                    "`evaluate --split val --head-init` [default: the run's]")
-def bundle(run, out, inner_lr, note, ways, head_init):
+@click.option("--calibration-tasks", type=int, default=200, show_default=True,
+              help="validation tasks (15 queries per class) the temperature is fitted on, so that the shipped model's "
+                   "probabilities are calibrated; 0: ship without one (temperature 1)")
+@click.option("--data", type=click.Path(), default=None,
+              help="Omniglot folder for --calibration-tasks [default: $OMNIGLOT_DIR]")
+def bundle(run, out, inner_lr, note, ways, head_init, calibration_tasks, data):
     """Package RUN's best checkpoint (chosen on validation) for shipping: weights and config without
-    optimizer state, the command that reproduces the run, and its metrics log up to that iteration."""
+    optimizer state, the temperature that calibrates its probabilities, the command that reproduces the run,
+    and its metrics log up to that iteration."""
     from maml_export.checkpoint import bundle_run
+    if calibration_tasks < 0:
+        fail("--calibration-tasks must be 0 or more")
+    calibrate = None
+    if calibration_tasks:
+        from maml_export.trainer import calibrate as fit
+        calibrate = lambda deployed: fit(deployed, data, calibration_tasks)  # noqa: E731
     try:  # --inner-lr and --ways are checked by the shipped config (MamlConfig), as for training
-        ckpt = bundle_run(run, out, inner_lr, note, ways, head_init)
+        ckpt = bundle_run(run, out, inner_lr, note, ways, head_init, calibrate)
     except MamlError as e:
         fail(str(e))
     click.echo(json.dumps({"out": out, "iteration": ckpt.iteration, **ckpt.state}))
