@@ -25,9 +25,15 @@ from maml_export.cli import run
               help="Where each task's adaptation starts the head: 'meta', the checkpoint's meta-learned head; "
                    "'prototypes', the support set's Euclidean prototype classifier. [default: the checkpoint's; "
                    "the bundled 5-way weights: prototypes]")
+@click.option("--query-norm", type=click.Choice(["support", "transductive"]), default=None,
+              help="What batch norm normalises query images with: 'support', the support set's statistics (each "
+                   "query's class depends on it alone: classify one image at a time); 'transductive', the query "
+                   "batch's own, as the MAML paper's code does. [default: the checkpoint's; models trained before "
+                   "--query-norm existed: transductive]")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset version (13 to 21).")
 @click.option("--out", type=str, default="exported", show_default=True,
-              help="Output folder for model.json, model.pdiparams, model.onnx and export.json.")
+              help="Output folder for model.onnx, adapt.onnx, predict.onnx (and their Paddle programs) and "
+                   "export.json.")
 @click.option("--tasks", type=int, default=8, show_default=True,
               help="Tasks for the parity check (eager Paddle vs static program vs onnxruntime).")
 @click.option("--data", type=str, default=None,
@@ -37,18 +43,24 @@ from maml_export.cli import run
               help="Export a graph for T tasks per call (inputs [T, S, C, H, W], [T, S], [T, Q, C, H, W] -> "
                    "logits [T, Q, ways]; T fixed, S and Q dynamic), for throughput. Parity then runs on --tasks "
                    "rounded up to a multiple of T. [default: one task per call, no task axis]")
-def cli(checkpoint, steps, inner_lr, head_init, opset, out, tasks, data, task_batch):
-    """Export MAML adaptation (STEPS SGD steps on a support set, then query logits) as one graph.
+def cli(checkpoint, steps, inner_lr, head_init, query_norm, opset, out, tasks, data, task_batch):
+    """Export MAML adaptation (STEPS SGD steps on a support set, then query logits) as ONNX graphs.
 
-    The ONNX graph takes x_spt float32 [S, C, H, W], y_spt int64 [S] (labels 0..ways-1) and
-    x_qry float32 [Q, C, H, W], and returns logits float32 [Q, ways]; S and Q are dynamic. With
-    --task-batch T every input and the output gain a leading task axis of T. Exits non-zero when the
-    three implementations disagree beyond the tolerance (figures in export.json).
+    \b
+    model.onnx    x_spt float32 [S, C, H, W], y_spt int64 [S] (labels 0..ways-1),
+                  x_qry float32 [Q, C, H, W]  ->  logits float32 [Q, ways]
+    adapt.onnx    x_spt, y_spt  ->  the task's state (fast weights, support statistics), named tensors
+    predict.onnx  that state (the same names), x_qry [Q, C, H, W]  ->  logits [Q, ways]
+
+    S and Q are dynamic; adapt once, then predict any number of images. With --task-batch T only
+    model.onnx is written, every input and the output with a leading task axis of T. Exits non-zero
+    when eager Paddle, the static program and onnxruntime disagree beyond the tolerance, or the split
+    graphs differ from the fused one (figures in export.json).
     """
     from maml_export.export import export_model
 
     report = export_model(checkpoint, out, steps=steps, inner_lr=inner_lr, opset=opset, tasks=tasks, data=data,
-                          task_batch=task_batch, head_init=head_init, echo=print)
+                          task_batch=task_batch, head_init=head_init, query_norm=query_norm, echo=print)
     click.echo(f"wrote {', '.join(report.files.values())}")
     top = ", ".join(f"{k} {v}" for k, v in list(report.ops.items())[:5])
     click.echo(f"ONNX graph: {sum(report.ops.values())} nodes ({top}, ...)")

@@ -1,6 +1,8 @@
 """`maml-predict`: adapt an exported model to a folder of labelled examples and classify new images.
 
-    maml-predict --model exported/model.onnx --support support/ --query query/ [--json]
+    maml-predict --model exported --support support/ --query query/ [--json]
+    maml-predict --model exported --support support/ --save-task task.npz     # learn the classes once
+    maml-predict --model exported --task task.npz --query query/              # classify later
 
 support/ holds one sub-folder per class (the class names; sorted, they are labels 0..n-1, and n must
 be the model's ways), each with one or more images; query/ holds the images to classify. Images of
@@ -70,17 +72,41 @@ def read_support(folder: Path, ways: int, size: int) -> tuple[list[str], np.ndar
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--model", "model_path", type=str, required=True, help="model.onnx written by maml-export.")
-@click.option("--support", type=str, required=True,
-              help="Folder with one sub-folder of example images per class (sorted names = labels 0..n-1).")
-@click.option("--query", type=str, required=True, help="Folder of images to classify.")
+@click.option("--model", "model_path", type=str, required=True,
+              help="The folder maml-export wrote (or the model.onnx in it).")
+@click.option("--support", type=str, default=None,
+              help="Folder with one sub-folder of example images per class (sorted names = labels 0..n-1): the "
+                   "classes to learn.")
+@click.option("--task", "task_file", type=str, default=None,
+              help="A task saved with --save-task: its classes, learned earlier, instead of --support.")
+@click.option("--save-task", "save_file", type=str, default=None,
+              help="Save the task learned from --support to this file (.npz), to classify later with --task "
+                   "without the support images.")
+@click.option("--query", type=str, default=None, help="Folder of images to classify.")
+@click.option("--unknown-below", type=click.FloatRange(0, 1), default=None,
+              help="Answer 'unknown' when the top probability is below this (probabilities are calibrated on "
+                   "validation tasks; docs/deploy.md lists how often correct answers fall below each threshold).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
 @click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads. [default: all cores]")
-def cli(model_path, support, query, as_json, threads):
-    """Adapt a MAML model to the support examples (in the graph: `steps` SGD steps) and classify
-    the query images. Prints each query file with its predicted class and probability."""
+def cli(model_path, support, task_file, save_file, query, unknown_below, as_json, threads):
+    """Learn the classes of a support folder once (the model's SGD steps, in adapt.onnx) and classify
+    the query images (predict.onnx), each on its own. Prints each query file with its predicted class
+    and probability.
+
+    \b
+    Examples:
+      maml-predict --model exported --support support/ --query query/
+      maml-predict --model exported --support support/ --save-task task.npz     # learn once
+      maml-predict --model exported --task task.npz --query query/              # classify later
+    """
     from maml_export.adapter import Adapter
 
+    if (support is None) == (task_file is None):
+        raise click.UsageError("pass exactly one of --support (classes to learn) and --task (a saved task)")
+    if query is None and save_file is None:
+        raise click.UsageError("pass --query (images to classify) and/or --save-task (with --support)")
+    if save_file is not None and support is None:
+        raise click.UsageError("--save-task saves what --support teaches: pass --support")
     try:
         adapter = Adapter(model_path, threads=threads)
     except ValueError as e:
@@ -91,7 +117,23 @@ def cli(model_path, support, query, as_json, threads):
     if adapter.channels != 1:
         raise ValueError(f"--model {model_path} takes {adapter.channels}-channel images; maml-predict "
                          "prepares grayscale drawings (channels=1) only")
-    classes, x_spt, y_spt = read_support(Path(support), adapter.ways, adapter.image_size)
+    if support is not None:
+        classes, x_spt, y_spt = read_support(Path(support), adapter.ways, adapter.image_size)
+        task = adapter.adapt(x_spt, y_spt, classes=classes)
+        if save_file is not None:
+            task.save(save_file)
+            if not as_json:
+                click.echo(f"saved the task ({', '.join(classes)}) to {save_file}", err=query is not None)
+    else:
+        try:
+            task = adapter.load_task(task_file)
+        except ValueError as e:
+            raise ValueError(f"--task: {e}") from None
+        classes = task.classes or [str(i) for i in range(adapter.ways)]
+    if query is None:
+        if as_json:
+            click.echo(json.dumps({"model": os.fspath(model_path), "saved_task": save_file, "classes": classes}))
+        return
     query_dir = Path(query)
     if not query_dir.is_dir():
         raise ValueError(f"--query {query_dir} is not a directory")
@@ -99,20 +141,23 @@ def cli(model_path, support, query, as_json, threads):
     if not files:
         raise ValueError(f"--query {query_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     x_qry = np.stack([load_image(f, adapter.image_size) for f in files])
-    proba = adapter.predict_proba(x_spt, y_spt, x_qry)
+    proba = task.predict_proba(x_qry)
     best = proba.argmax(axis=1)
+    names = [classes[k] if unknown_below is None or p[k] >= unknown_below else "unknown" for k, p in zip(best, proba)]
     if as_json:
         doc = {"model": os.fspath(model_path), "ways": adapter.ways, "steps": adapter.steps, "classes": classes,
-               "support": {c: int((y_spt == i).sum()) for i, c in enumerate(classes)},
-               "predictions": [{"file": f.name, "class": classes[k], "label": int(k), "probability": float(p[k]),
+               "task": task_file, "unknown_below": unknown_below,
+               "predictions": [{"file": f.name, "class": name, "label": int(k), "probability": float(p[k]),
                                 "probabilities": {c: float(v) for c, v in zip(classes, p)}}
-                               for f, k, p in zip(files, best, proba)]}
+                               for f, name, k, p in zip(files, names, best, proba)]}
+        if support is not None:
+            doc["support"] = {c: int((y_spt == i).sum()) for i, c in enumerate(classes)}
         click.echo(json.dumps(doc, indent=1))
         return
     width = max(len(f.name) for f in files)
-    cwidth = max(len(c) for c in classes)
-    for f, k, p in zip(files, best, proba):
-        click.echo(f"{f.name:<{width}}  {classes[k]:<{cwidth}}  {p[k]:.3f}")
+    cwidth = max(len(c) for c in classes + ["unknown"])
+    for f, name, k, p in zip(files, names, best, proba):
+        click.echo(f"{f.name:<{width}}  {name:<{cwidth}}  {p[k]:.3f}")
 
 
 def main(args: list[str] | None = None) -> None:

@@ -545,6 +545,23 @@ def test_maml_predict_on_a_folder_tree(exported, omniglot, tmp_path):
         file, cls, prob = line.split()
         assert (file, cls) == (f, preds[f]["class"]) and abs(float(prob) - preds[f]["probability"]) < 1e-3
 
+    # learn once (--save-task), classify later without the support images (--task): the same answers
+    saved = run_cli("export.predict", "--model", str(out), "--support", str(tmp_path / "support"),
+                    "--save-task", str(tmp_path / "task.npz"))
+    assert saved.returncode == 0 and "saved the task (alpha, beta, kappa, mu, zeta)" in saved.stdout, saved.stderr
+    later = run_cli("export.predict", "--model", str(out), "--task", str(tmp_path / "task.npz"),
+                    "--query", str(tmp_path / "query"), "--json")
+    assert later.returncode == 0, later.stderr
+    assert [(p["file"], p["class"]) for p in json.loads(later.stdout)["predictions"]] == [
+        (p["file"], p["class"]) for p in doc["predictions"]]
+    unsure = run_cli("export.predict", "--model", str(out), "--task", str(tmp_path / "task.npz"),
+                     "--query", str(tmp_path / "query"), "--unknown-below", "1", "--json")
+    assert {p["class"] for p in json.loads(unsure.stdout)["predictions"]} <= {"unknown"} | set(names)
+    assert any(p["class"] == "unknown" for p in json.loads(unsure.stdout)["predictions"])
+    both = run_cli("export.predict", "--model", str(out), "--task", str(tmp_path / "task.npz"),
+                   "--support", str(tmp_path / "support"), "--query", str(tmp_path / "query"))
+    assert both.returncode == 2 and "exactly one of --support" in both.stderr and both.stderr.count("\n") == 1
+
     (tmp_path / "support" / "extra").mkdir()
     wrong = run_cli("export.predict", "--model", str(out / "model.onnx"), "--support", str(tmp_path / "support"),
                     "--query", str(tmp_path / "query"))
