@@ -78,7 +78,7 @@ def trace(model: Model, params: dict, config, steps: int, inner_lr: float, prefi
     """Write `prefix`.json (PIR program) and `prefix`.pdiparams; `task_batch` tasks per call (0: one,
     no task axis)."""
     net = AdaptAndPredict(model, params, steps, inner_lr, task_batch)
-    net.eval()  # NOTES point 5
+    net.eval()  # docs/design.md#call-the-traced-layer-in-eval-mode
     lead = [task_batch] if task_batch else []  # T is static; None: S or Q, dynamic
     img = lead + [None, config.channels, config.image_size, config.image_size]
     specs = [paddle.static.InputSpec(img, "float32", "x_spt"), paddle.static.InputSpec(lead + [None], "int64", "y_spt"),

@@ -17,7 +17,7 @@ from .model import Model, to_tensors
 
 INPUTS = ("x_spt", "y_spt", "x_qry")
 OUTPUT = "logits"
-# Parity tolerance on max|a - b| / max|reference| of the logits; see `parity` and the README.
+# Parity tolerance on max|a - b| / max|reference| of the logits; see `parity` and docs/deploy.md#parity-tolerance.
 RTOL = 1e-4
 
 
@@ -59,7 +59,7 @@ PAIRS = {"static vs eager": ("static", "eager"), "onnxruntime vs eager": ("onnx"
 def parity(onnx_path: Path, prefix: Path, model: Model, params: dict, steps: int, inner_lr: float,
            tasks: list, task_batch: int = 0) -> dict:
     """Logits of eager Paddle (MAML.adapt/predict), the saved static program (paddle.jit.load, in eval
-    mode: NOTES point 5) and onnxruntime, compared pairwise on every task. The tasks go in calls of
+    mode: docs/design.md#call-the-traced-layer-in-eval-mode) and onnxruntime, compared pairwise on every task. The tasks go in calls of
     `task_batch` (a multiple of it long; 0: one task per call, no task axis), eager Paddle adapting the
     same T tasks at once; the figures are per task either way.
 
