@@ -76,7 +76,7 @@ def table(report: dict) -> str:
                      f"{speedups}")
     if any(r["disagreements"] and not r["flagged"] for r in results):
         notes.append("f64: the classes differ from eager float32 only where float64 Paddle sides with this runtime "
-                     "(a max-pool near-tie that float32 rounds either way; NOTES point 3)")
+                     "(a max-pool near-tie that float32 rounds either way; docs/design.md#max-pool-near-ties-in-float32)")
     if any(r["flagged"] for r in results):
         notes.append("!!: DISAGREEMENT: other classes than eager Paddle in float32 and in float64")
     for a in report["accuracy"]:

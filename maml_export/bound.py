@@ -12,7 +12,7 @@ reshape + `ReduceMax`. Everything else (the other blocks' batch norm, pooling an
 im2col, the loss, the SGD updates) is left out, so the sum is a lower bound for any graph built from
 onnxruntime's kernels on this machine. All are timed round-robin with the floor's numpy GEMM
 (`machine.GemmWorker`) and onnxruntime's own MatMul of the same 2048^3 product, as `maml-bench` times its
-rows. (Issue 6 asks for 5-way 1-shot at 2x the floor.)
+rows. (docs/benchmarks.md#a-lower-bound-for-onnxruntime: the goal was 5-way 1-shot at 2x the floor.)
 
 Example:
     >>> from maml_export.model import conv4_specs

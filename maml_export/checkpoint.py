@@ -32,7 +32,7 @@ PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 
 
 def default_checkpoint() -> Path:
-    """The bundled pretrained 5-way 1-shot Omniglot weights (see README, "Pretrained weights")."""
+    """The bundled pretrained 5-way 1-shot Omniglot weights (see docs/pretrained.md)."""
     return PRETRAINED_DIR / "omniglot-5w1s.npz"
 
 
@@ -147,7 +147,7 @@ def as_deployed(ckpt: Checkpoint, ways: int | None = None, inner_lr: float | Non
     deployed logits are divided by (`calibration.py`). A bundle is already deployed: it comes
     back unchanged. `train evaluate` and `maml-export`
     load every checkpoint through this, so a run folder trained with `--val-inner-lr 0.1` exports at 0.1,
-    not at its training step size (noted in issue 5's sessions).
+    not at its training step size (docs/experiments.md#validating-at-the-deployed-step-size).
 
     Example:
         >>> config = MamlConfig(ways=20, zero_head=True, val_ways=5, val_inner_lr=0.1)  # train 20, ship 5 ways

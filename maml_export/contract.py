@@ -18,7 +18,8 @@ FUSED_INPUTS = (SUPPORT_IMAGES, SUPPORT_LABELS, QUERY_IMAGES)
 ADAPT_INPUTS = (SUPPORT_IMAGES, SUPPORT_LABELS)
 LOGITS = "logits"
 
-# Parity of an export with eager Paddle: max|a - b| / max|reference| of the logits (see parity.py).
+# Parity of an export with eager Paddle: max|a - b| / max|reference| of the logits (parity.py,
+# docs/deploy.md#parity-tolerance).
 RTOL = 1e-4
 # adapt.onnx -> predict.onnx against model.onnx, and a query alone against its row in a batch: the same
 # onnxruntime kernels on the same values, so only the order of float sums may differ.

@@ -137,7 +137,7 @@ def state_specs(model: Model) -> list:
 
 def trace(net: paddle.nn.Layer, specs: list, prefix: Path) -> None:
     """Write `prefix`.json (PIR program) and `prefix`.pdiparams of `net` called on inputs like `specs`."""
-    net.eval()  # NOTES point 5
+    net.eval()  # docs/design.md#call-the-traced-layer-in-eval-mode
     try:
         static = paddle.jit.to_static(net, input_spec=specs, full_graph=True)
         with warnings.catch_warnings():  # predict has no weights, and jit.save warns "no variable in your model"

@@ -1,7 +1,7 @@
 """Layers whose backward pass is written in ordinary Paddle forward ops.
 
 Why: paddle2onnx converts no `*_grad` op and Paddle's eager double-backward is missing for several
-ops (../shared/NOTES.md points 1-3 and 9). Writing each layer's gradient by hand in forward ops lets
+ops (docs/design.md#paddle2onnx-converts-no-gradient-op and #no-double-backward-in-paddle). Writing each layer's gradient by hand in forward ops lets
 one implementation serve eager adaptation, second-order meta-training (autograd runs *through* these
 backward functions) and the exported graph.
 
@@ -152,7 +152,7 @@ class BatchNorm(Layer):
       "transductive"  the query batch's own statistics, as the MAML paper's code does: a query's class can
                       change with its batch-mates (docs/design.md, "Query normalisation").
     The statistics are computed with mean ops, not `F.batch_norm`, because `paddle.jit.save` silently
-    turns training-mode batch norm into inference mode (../shared/NOTES.md point 4).
+    turns training-mode batch norm into inference mode (docs/design.md#saving-makes-batch-norm-inference-mode).
     """
 
     channels: int

@@ -2,7 +2,7 @@
 
 `adapt` runs plain SGD on a support set with the gradients of `Model.backward`, for a batch of T
 tasks at once. Second-order meta-gradients come from ordinary autograd *through* that backward (Paddle's
-own double-backward is missing for several ops, ../shared/NOTES.md point 9); first-order stops the
+own double-backward is missing for several ops, docs/design.md#no-double-backward-in-paddle); first-order stops the
 gradient of the inner-loop gradients.
 
 Example:
@@ -74,7 +74,7 @@ def prototype_head(model: Model, params: dict, x_spt, y_spt) -> dict:
 
     With p_c the mean support features of class c, -|f - p_c|^2 = 2 p_c.f - |p_c|^2 - |f|^2, and the last
     term is the same for every class, so weight 2 p_c and bias -|p_c|^2 rank classes by distance to their
-    prototype. Issue 5: on the 5-way bundle's backbone this classifier read +0.31 +- 0.11 points (600
+    prototype. docs/pretrained.md#omniglot-5w1s: on the 5-way bundle's backbone this classifier read +0.31 +- 0.11 points (600
     validation tasks) above the zero head's 5 steps, whose first step gives the dot product (p_c - mean
     p).f instead, which lacks the -|p_c|^2 term.
 
@@ -95,7 +95,7 @@ def zero_head(model: Model, params: dict) -> None:
 
     The zeroing trick (Kao, Chiu, Chen, "MAML is a Noisy Contrastive Learner in Classification", ICLR
     2022, https://arxiv.org/abs/2106.15367): applied after every meta-update, each task's adaptation
-    starts from a zero head. Issue 5 found the meta-learned head of the plain recipe starting every
+    starts from a zero head. docs/experiments.md#why-the-plain-recipe-was-stuck found the meta-learned head of the plain recipe starting every
     task at a support loss of 51 and doing all its work in the first SGD step, with validation
     stuck at 93.5 %; from scratch, the trick lifted validation at iteration 100 from 75.6 % to 84.7 %.
     """

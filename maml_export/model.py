@@ -99,7 +99,7 @@ class Model:
     def with_zero_head(self, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """This model's parameters from another model's with the same backbone (the caller checks that): the
         backbone's arrays as they are, the head's zero. A model meta-trained with the zeroing trick
-        (`--zero-head`) has a task-agnostic zero head, so its backbone serves any number of ways (issue 5)."""
+        (`--zero-head`) has a task-agnostic zero head, so its backbone serves any number of ways (docs/pretrained.md#omniglot-20w1s)."""
         return {k: np.zeros(shape, "float32") if self.is_head(k) else params[k]
                 for k, shape in self.param_shapes().items()}
 

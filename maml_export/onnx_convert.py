@@ -3,10 +3,10 @@
 Stages 2 and 3 of `export.export_model`:
 
   check    every op of the saved PIR program is in paddle2onnx's supported list (it aborts the process on
-           any other one: ../shared/NOTES.md point 6) and none would change the maths (`*_grad`, unpool,
+           any other one: docs/design.md#paddle2onnx-aborts-on-an-unsupported-op) and none would change the maths (`*_grad`, unpool,
            batch_norm, pad3d whose constant paddle2onnx 2.1.0 mis-converts): `inspect_program`, `check_ops`
   convert  paddle2onnx in a child process, so that an abort there is an ExportError here (`convert`); then
-           the graph cleaned (NOTES point 8), its output and dims named, the metadata a deployment needs
+           the graph cleaned (docs/design.md#raw-export-leaves-unused-initializers), its output and dims named, the metadata a deployment needs
            written, onnx.checker run (`finish_onnx`)
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ _PIR_TO_P2O = {
 # Ops the converter skips (graph inputs/outputs, control flow shells) or that hold the weights.
 _P2O_SKIPPED = {"pd_op.data", "pd_op.feed", "pd_op.fetch", "pd_op.if", "pd_op.while", "cf.yield",
                 "pd_op.print", "builtin.parameter"}
-# Convertible, but wrong for this graph: NOTES points 1 and 4, and layers.MaxPool2's eager path.
+# Convertible, but wrong for this graph: docs/design.md#paddle2onnx-converts-no-gradient-op and #saving-makes-batch-norm-inference-mode, and layers.MaxPool2's eager path.
 _FORBIDDEN = {"batch_norm": "jit.save turns it into inference mode (running statistics)",
               "unpool": "the eager-only max-pool backward leaked into the static graph",
               # paddle2onnx 2.1.0's Pad3DMapper reads the attribute "value", PIR calls it "pad_value": the
@@ -109,7 +109,7 @@ def check_ops(ops: collections.Counter) -> None:
         name = p2o_name(op)
         bad = [why for key, why in _FORBIDDEN.items() if key in name]
         if name.endswith("_grad"):
-            bad.append("a gradient op (NOTES point 1)")
+            bad.append("a gradient op (docs/design.md#paddle2onnx-converts-no-gradient-op)")
         if name not in supported:
             bad.append(f"paddle2onnx {paddle2onnx.__version__} cannot convert it")
         if bad:
@@ -125,7 +125,7 @@ def check_ops(ops: collections.Counter) -> None:
 _CONVERT = """
 import sys, paddle2onnx
 model, params, out, opset = sys.argv[1:5]
-# optimize_tool='None': the default (polygraphy) pip-installs packages at run time (NOTES point 7)
+# optimize_tool='None': the default (polygraphy) pip-installs packages at run time (docs/design.md#paddle2onnx-optimizer-installs-packages)
 paddle2onnx.export(model, params, out, opset_version=int(opset), auto_upgrade_opset=False,
                    enable_onnx_checker=True, optimize_tool='None')
 """

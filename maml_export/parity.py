@@ -54,7 +54,7 @@ PAIRS = {"static vs eager": ("static", "eager"), "onnxruntime vs eager": ("onnx"
 def parity(onnx_path: Path, prefix: Path, model: Model, params: dict, steps: int, inner_lr: float,
            tasks: list, task_batch: int = 0) -> dict:
     """Logits of eager Paddle (MAML.adapt/predict), the saved static program (paddle.jit.load, in eval
-    mode: NOTES point 5) and onnxruntime, compared pairwise on every task. The tasks go in calls of
+    mode: docs/design.md#call-the-traced-layer-in-eval-mode) and onnxruntime, compared pairwise on every task. The tasks go in calls of
     `task_batch` (a multiple of it long; 0: one task per call, no task axis), eager Paddle adapting the
     same T tasks at once; the figures are per task either way.
 

@@ -3,7 +3,7 @@
 onnxruntime's own profiler records every node of every run; the first runs pay for memory-arena
 growth and page faults (a full-size `Sub` of the query pass measured 15 ms in the first run, 2 ms
 from the fourth on), so `profile` drops `warmup` runs and takes each node's median over the rest.
-This is the tool behind the before/after profiles in the README (`python -m bench.profile`).
+This is the tool behind the before/after profiles in docs/experiments.md#graph-speed-ups (`python -m bench.profile`).
 
 Example:
     >>> report = profile_graph("exported/model.onnx", threads=2)        # doctest: +SKIP

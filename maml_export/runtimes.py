@@ -7,7 +7,7 @@ task) gives a call that returns the query logits, all K SGD steps and tensor con
                        TensorRT with IO binding (inputs and logits stay on the device)
     paddle-eager       MAML.adapt/predict (T=1) under paddle.no_grad, the function the graph was traced from
     paddlerec-loop     PaddleRec style: deep-copy a paddle.nn conv-4, SGD with loss.backward(), forward
-    paddle-inference   the exported static program (model.json/.pdiparams), oneDNN off (NOTES point 10)
+    paddle-inference   the exported static program (model.json/.pdiparams), oneDNN off (docs/design.md#paddle-inference-needs-onednn-off)
     pytorch-eager      a learn2learn-style functional conv-4, torch.autograd.grad per step (optional)
 
 `Exported` is what they share: the graph, its config and weights (checked against the ONNX metadata).
@@ -159,7 +159,7 @@ def paddle_inference(exp: Exported, provider: str, threads: int):
     import paddle.inference as pi
     prefix = exp.onnx.with_name("model")
     config = pi.Config(f"{prefix}.json", f"{prefix}.pdiparams")
-    config.disable_mkldnn()  # NOTES point 10
+    config.disable_mkldnn()  # docs/design.md#paddle-inference-needs-onednn-off
     config.set_cpu_math_library_num_threads(threads)
     config.disable_glog_info()
     predictor = pi.create_predictor(config)

@@ -1,4 +1,4 @@
-"""maml-bench: the FLOP counter against ../shared/NOTES.md, the timing and agreement helpers, and the CLI end
+"""maml-bench: the FLOP counter against docs/benchmarks.md#the-flop-floor, the timing and agreement helpers, and the CLI end
 to end (real export, real runtimes, small --runs) plus its one-line errors.
 
 The end-to-end run uses the bundled weights when they exist, else freshly initialised ones; it runs on

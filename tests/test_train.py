@@ -96,7 +96,7 @@ def test_resume_may_lower_the_meta_lr_but_not_change_the_model(tmp_path):
 
 @needs_data
 def test_init_starts_a_new_run_from_another_runs_weights(tmp_path):
-    """--init: the first-order run's weights, fine-tuned second-order in a run of its own (issue 5)."""
+    """--init: the first-order run's weights, fine-tuned second-order in a run of its own (docs/experiments.md#5-way-bundle-history)."""
     train(MamlConfig(iterations=2, val_every=2, **SMALL), DATA, tmp_path / "fo", progress=False)
     source = load_checkpoint(tmp_path / "fo" / "latest.npz")
     second_order = {**SMALL, "first_order": False}
@@ -125,7 +125,7 @@ def test_init_starts_a_new_run_from_another_runs_weights(tmp_path):
 
 @needs_data
 def test_init_with_zero_head_takes_a_backbone_to_another_number_of_ways(tmp_path):
-    """--init --zero-head --ways 3 from a 5-way run: its backbone, a zero 3-way head (issue 5's 20-way)."""
+    """--init --zero-head --ways 3 from a 5-way run: its backbone, a zero 3-way head (docs/experiments.md#20-way-bundle-history)."""
     train(MamlConfig(iterations=1, val_every=5, **SMALL), DATA, tmp_path / "5way", progress=False)
     source = load_checkpoint(tmp_path / "5way" / "latest.npz")
     config = MamlConfig(iterations=1, val_every=5, ways=3, zero_head=True,
@@ -144,7 +144,7 @@ def test_init_with_zero_head_takes_a_backbone_to_another_number_of_ways(tmp_path
 
 @needs_data
 def test_resume_may_change_how_checkpoints_are_chosen(tmp_path):
-    """Validating at the step size the weights will be deployed with chooses a new best (issue 5: at the
+    """Validating at the step size the weights will be deployed with chooses a new best (docs/experiments.md#validating-at-the-deployed-step-size: at the
     training step size 0.4 the run's best was 2800; at the deployed 0.15 a later checkpoint did better)."""
     train(MamlConfig(iterations=2, val_every=1, **SMALL), DATA, tmp_path, progress=False)
     train(MamlConfig(**SMALL), DATA, tmp_path, resume=True, overrides={"iterations": 3, "val_inner_lr": 0.1},
@@ -165,7 +165,7 @@ def test_resume_may_change_how_checkpoints_are_chosen(tmp_path):
 
 @needs_data
 def test_val_ways_chooses_and_ships_the_checkpoint_for_the_ways_it_will_be_deployed_with(tmp_path):
-    """Train 3-way, validate and ship 2-way (issue 5: 20-way training for a 5-way deployment): validation
+    """Train 3-way, validate and ship 2-way (docs/pretrained.md#omniglot-5w1s: 20-way training for a 5-way deployment): validation
     adapts the backbone from a zero 2-way head on 2-way tasks, and the bundle is a 2-way model. Likewise the
     number of steps: trained with 2, validated and shipped with 3 (`--val-steps`)."""
     from maml_export.data import TaskSampler, load_omniglot, split_characters
