@@ -150,7 +150,7 @@ class BatchNorm(Layer):
                       parameters "mean" and "var", shape (T, C)): a query's logits depend on the support
                       set and on that image alone, so one image is classified as it is in any batch;
       "transductive"  the query batch's own statistics, as the MAML paper's code does: a query's class can
-                      change with its batch-mates (docs/design.md, "Query normalisation").
+                      change with its batch-mates (docs/design.md#query-normalisation).
     The statistics are computed with mean ops, not `F.batch_norm`, because `paddle.jit.save` silently
     turns training-mode batch norm into inference mode (docs/design.md#saving-makes-batch-norm-inference-mode).
     """

@@ -346,7 +346,7 @@ def calibrate(ckpt: Checkpoint, data, tasks: int = 200, query: int = 15, progres
     return temperature, {"temperature": temperature, "split": "val", "tasks": tasks, "query": query,
                          "seed": CALIBRATION_SEED, "query_norm": config.query_norm,
                          "ece_before": before["ece"], "ece_after": after["ece"], "nll_before": before["nll"],
-                         "nll_after": after["nll"]}
+                         "nll_after": after["nll"], "below_after": after["below"]}
 
 
 def evaluate_export(export: str | os.PathLike, data, tasks: int = 600, split: str = "test", seed: int = TEST_SEED,
