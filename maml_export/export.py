@@ -181,7 +181,10 @@ def graph_specs(model: Model, params: dict, config, steps: int, inner_lr: float,
     names = graph_state_names(model)
     adapt = GraphSpec(
         "adapt", Adapt(model, params, steps, inner_lr),
-        fused.specs[:2], list(ADAPT_INPUTS), names, {SUPPORT_IMAGES: {0: "S"}, SUPPORT_LABELS: {0: "S"}},
+        fused.specs[:2], list(ADAPT_INPUTS), names,
+        # the state's shapes are static; the prototype head's would read as dynamic in the converted graph
+        {SUPPORT_IMAGES: {0: "S"}, SUPPORT_LABELS: {0: "S"},
+         **{spec_name: dict(enumerate(spec.shape)) for spec_name, spec in zip(names, state_specs(model))}},
         "MAML adaptation, first half: SGD on (x_spt, y_spt) -> the task's state (fast weights"
         + (", support statistics)" if model.query_norm == "support" else ")"))
     predict = GraphSpec(
