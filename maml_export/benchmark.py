@@ -10,6 +10,14 @@ the same T tasks: `onnxruntime-batch`, one call of the graph exported with --tas
 weights), and `onnxruntime-loop`, T calls of the single-task graph; their ms are per call (T tasks),
 their tasks/s per task.
 
+Adapt once, predict many: per config, onnxruntime (adapt.onnx, predict.onnx) and the PyTorch peer also
+adapt and predict in separate calls (`split_calls`; `runtimes.SPLITS`): rows `NAME adapt` (the support set
+-> the task's state), `NAME predict x1` (one query) and `NAME predict xQ` (the config's Q = ways x 15
+queries) under that state, with `queries_per_s`. Their `ratio_to_fastest` compares rows of the same call
+(`same_call`), their floor is their own FLOPs' (`flops`), and their classes are checked against eager
+Paddle's as every row's (one query alone only where queries are normalised with the support's statistics).
+A predict row's `tasks_per_s` is its calls per second (it adapts no task; the table shows "-").
+
 Each is warmed up, then each call is timed with perf_counter, the runtimes of a config round-robin (a
 burst of load on a shared machine then hits them alike, not one row's ratio). Eager Paddle is the
 reference: a runtime that predicts other classes (argmax) than eager float32 *and* eager float64 is a
@@ -36,8 +44,8 @@ import numpy as np
 from .errors import ConfigError, MamlError
 from .kit import read_kit
 from .machine import GemmWorker, available_cores, count_flops, gpu_gemm_gflops, gpu_name, machine_info
-from .runtimes import (GPU_ROWS, RUNTIMES, Exported, batched, check_provider, export_checkpoint, host, load_exported,
-                       onnxruntime, open_session, paddle_eager, reheaded)
+from .runtimes import (GPU_ROWS, RUNTIMES, SPLITS, Exported, batched, check_provider, export_checkpoint, host,
+                       load_exported, onnxruntime, open_session, paddle_eager, query_norm, reheaded)
 
 QUERY = 15  # query images per class, as the protocol reports accuracy
 NEAR_TIE = 1e-4  # a class difference where the reference's top-2 logits are closer (relative) is a tie
@@ -184,10 +192,47 @@ def prepare_models(model: Path | None, configs: list, steps: int | None, workdir
     return models
 
 
+# The agreement fields of a row whose logits have no reference to be compared with (`split_calls`)
+UNCHECKED = {"max_rel_vs_eager": None, "same_class": 0, "queries": 0, "disagreements": 0}
+
+
+def _why(e: Exception) -> str:
+    """Why a runtime cannot run, for its `skipped` entry: the exception in one line."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
+def split_calls(name: str, split: tuple, exp: Exported, xs, ys, xq) -> dict:
+    """The rows of one runtime's adaptation in two calls (`runtimes.SPLITS`): `NAME adapt` (the support set ->
+    the task's state), `NAME predict x1` (one query) and `NAME predict xQ` (the task's Q queries), both
+    predicting under the state of a first, untimed adapt call. Returns row name -> (call, the row's fields,
+    check): `check(output)` gives the logits to compare with eager Paddle's and which rows of eager Paddle's
+    they are, or None where nothing compares: under transductive query normalisation one query alone is
+    normalised with its own statistics, another function than the batch's that eager Paddle computed."""
+    bind_adapt, bind_predict = split
+    layers, size, S, Q = exp.config.layers, exp.config.image_size, len(xs), len(xq)
+    adapt = bind_adapt(xs, ys)
+    state = adapt()
+    one, every = bind_predict(state, xq[:1]), bind_predict(state, xq)
+    alone = query_norm(exp.config) == "support"  # a query's logits do not depend on its batch-mates
+    return {
+        # the adapt row's state is checked by the classes it gives the task's queries (one untimed predict)
+        f"{name} adapt": (adapt, {"stage": "adapt", "flops": count_flops(layers, S, 0, exp.steps, size)},
+                          lambda out: (host(bind_predict(out, xq)()), slice(None))),
+        f"{name} predict x1": (one, {"stage": "predict", "queries_per_call": 1,
+                                     "flops": count_flops(layers, 0, 1, exp.steps, size)},
+                               lambda out: (host(out), slice(0, 1)) if alone else None),
+        f"{name} predict xQ": (every, {"stage": "predict", "queries_per_call": Q, "detail": f"{Q} queries",
+                                       "flops": count_flops(layers, 0, Q, exp.steps, size)},
+                               lambda out: (host(out), slice(None))),
+    }
+
+
 def bench_config(c: BenchConfig, exp: Exported, binders: dict, report: dict, images, warmup, runs, max_seconds,
                  task: dict | None = None):
-    """Time each runtime on one task of config `c`; add its rows (or why a runtime cannot run) to `report`.
-    With `task` (from a kit, maml_export.kit): its inputs and eager Paddle's logits; no Paddle runtime runs."""
+    """Time each runtime on one task of config `c`, adapting and predicting in one call, and (`split_calls`)
+    onnxruntime and the PyTorch peer adapting and predicting in separate calls; add their rows (or why a
+    runtime cannot run) to `report`. With `task` (from a kit, maml_export.kit): its inputs and eager Paddle's
+    logits; no Paddle runtime runs."""
     provider, threads = report["settings"]["provider"], report["settings"]["threads"]
     if task is None:
         xs, ys, xq, _ = task_inputs(c, exp.config.channels, exp.config.image_size, images)
@@ -195,10 +240,12 @@ def bench_config(c: BenchConfig, exp: Exported, binders: dict, report: dict, ima
     else:
         xs, ys, xq, flops = task["x_spt"], task["y_spt"], task["x_qry"], task["flops"]
     report["models"][c.name] = {"weights": exp.source, "flops": flops, "steps": exp.steps}
-    outs, calls = {} if task is None else {"paddle-eager": task["float32"]}, {}
+    ref = {} if task is None else {"paddle-eager": task["float32"]}
+    fused = lambda out: (host(out), slice(None))  # noqa: E731 - a row's logits of every query, in order
+    calls = {}  # row name -> (call, the row's fields, check), as split_calls
     for name, runtime in RUNTIMES.items():
         # Paddle here computes on the CPU only; from a kit there is no Paddle at all
-        timed = name in ("onnxruntime", "pytorch-eager") or (provider == "cpu" and task is None)
+        timed = name in GPU_ROWS or (provider == "cpu" and task is None)
         if not timed and (name != "paddle-eager" or task is not None):
             continue
         try:  # bind and call once: a runtime that cannot run says why in its row, before any timing
@@ -209,14 +256,23 @@ def bench_config(c: BenchConfig, exp: Exported, binders: dict, report: dict, ima
             optional = name == "paddle-inference" or (name == "pytorch-eager" and isinstance(e, ImportError))
             if not optional or isinstance(e, MamlError):
                 raise
-            why = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
-            report["skipped"].append({"runtime": name, "config": c.name, "reason": why})
+            report["skipped"].append({"runtime": name, "config": c.name, "reason": _why(e)})
             continue
-        outs[name] = host(out)
+        if name == "paddle-eager":
+            ref[name] = host(out)
         if timed:
-            calls[name] = call
+            calls[name] = (call, {"stage": "adapt+predict"}, fused)
+    for name, runtime in SPLITS.items():
+        try:
+            split = binders[name, "split", c.ways] = binders.get((name, "split", c.ways)) or runtime(exp, provider, threads)
+            calls.update(split_calls(name, split, exp, xs, ys, xq))
+        except (ImportError, ValueError) as e:  # no PyTorch; an export without adapt.onnx and predict.onnx
+            if isinstance(e, MamlError):
+                raise
+            report["skipped"].append({"runtime": f"{name} adapt/predict", "config": c.name, "reason": _why(e)})
     gemm = binders.get("gemm")  # CPU: the floor's GEMM, timed round-robin with the rows (machine.GemmWorker)
-    timed = time_interleaved({**calls, **({"gemm": gemm} if gemm else {})}, warmup, runs, max_seconds)
+    timed = time_interleaved({**{name: call for name, (call, _, _) in calls.items()}, **({"gemm": gemm} if gemm else {})},
+                             warmup, runs, max_seconds)
     rate = report["gemm_gflops"]
     if gemm:
         stats, _ = timed.pop("gemm")
@@ -224,16 +280,28 @@ def bench_config(c: BenchConfig, exp: Exported, binders: dict, report: dict, ima
         report["gemm_round_robin"][c.name] = {"p50_gflops": rate, "best_gflops": gemm.flops / stats["min_ms"] / 1e6,
                                               "runs": stats["runs"]}
     report["flop_floor_ms"][c.name] = flops / rate / 1e6 if rate else None
+    compared = {}  # row name -> (logits, eager Paddle's rows they are)
     for name, (stats, out) in timed.items():
-        outs[name] = host(out)
-        report["results"].append({"runtime": name, "provider": provider if name in GPU_ROWS else "cpu",
-                                  "config": c.name, "steps": exp.steps, **stats, "detail": getattr(calls[name], "detail", ""),
-                                  **agreement(outs[name], outs["paddle-eager"])})
+        call, fields, check = calls[name]
+        runtime = name.split()[0]  # a split row's name starts with its runtime's
+        detail = ", ".join(d for d in (fields.get("detail"), getattr(call, "detail", "")) if d)  # what, then how
+        row = {"runtime": name, "provider": provider if runtime in GPU_ROWS else "cpu", "config": c.name,
+               "steps": exp.steps, **stats, **fields, "detail": detail}
+        if "queries_per_call" in fields:
+            row["queries_per_s"] = fields["queries_per_call"] * 1e3 / row["mean_ms"]
+        compared[name] = check(out)
+        if compared[name] is None:
+            row.update(UNCHECKED)
+        else:
+            logits, rows = compared[name]
+            row.update(agreement(logits, ref["paddle-eager"][rows]))
+        report["results"].append(row)
     rows = [r for r in report["results"] if r["config"] == c.name and r["disagreements"]]
     if rows:  # did eager float32 round a max-pool near-tie the other way? float64 decides, as in the export
         f64 = paddle_eager(exp, dtype="float64")(xs, ys, xq)() if task is None else task["float64"]
         for r in rows:
-            r["settled_by_float64"] = agreement(outs[r["runtime"]], f64)["disagreements"] == 0
+            logits, which = compared[r["runtime"]]
+            r["settled_by_float64"] = agreement(logits, f64[which])["disagreements"] == 0
 
 
 def _eager_logits(exp: Exported, tasks: list, dtype: str) -> np.ndarray:
@@ -291,7 +359,8 @@ def bench_task_batch(c: BenchConfig, exp: Exported, tasks: dict, binders: dict, 
         out = host(out)
         stats["tasks_per_s"] *= T  # per task: a call adapts T tasks
         rows[name] = {"runtime": name, "provider": provider, "config": c.name, "steps": exp.steps, **stats,
-                      "detail": detail, "task_batch": T, **agreement_per_task(out, tasks["float32"])}
+                      "detail": detail, "stage": "adapt+predict", "task_batch": T,
+                      **agreement_per_task(out, tasks["float32"])}
         if rows[name]["disagreements"]:  # float64 decides, as in bench_config
             f64 = tasks.get("float64")
             if f64 is None:  # not computed up front (batch_tasks(float64=False)): eager Paddle is here
@@ -300,6 +369,13 @@ def bench_task_batch(c: BenchConfig, exp: Exported, tasks: dict, binders: dict, 
     rows["onnxruntime-batch"]["speedup_vs_loop"] = (rows["onnxruntime-batch"]["tasks_per_s"]
                                                     / rows["onnxruntime-loop"]["tasks_per_s"])
     report["results"] += rows.values()
+
+
+def same_call(a: dict, b: dict) -> bool:
+    """Whether rows `a` and `b` time the same work (config, stage and queries per call), so that their
+    ratio means something: adapt-and-predict rows against each other, adapt rows against adapt rows, ..."""
+    key = lambda r: (r["config"], r["stage"], r.get("queries_per_call"))  # noqa: E731
+    return key(a) == key(b)
 
 
 def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str | None = None, steps: int | None = None,
@@ -366,9 +442,10 @@ def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str 
                 report["accuracy"].append(meta_test_accuracy(models[c.ways], c, provider, threads, images, tasks))
     per_task = lambda r: r["p50_ms"] / r.get("task_batch", 1)  # noqa: E731 - rows of --task-batch time T tasks a call
     for r in report["results"]:
-        r["ratio_to_fastest"] = per_task(r) / min(per_task(x) for x in report["results"] if x["config"] == r["config"])
-        floor = report["flop_floor_ms"][r["config"]]
+        r["ratio_to_fastest"] = per_task(r) / min(per_task(x) for x in report["results"] if same_call(x, r))
+        floor, flops = report["flop_floor_ms"][r["config"]], report["models"][r["config"]]["flops"]
         on_floor_device = (r["provider"] == "cpu") == (provider == "cpu") and floor
-        r["floor_multiple"] = per_task(r) / floor if on_floor_device else None
+        # a split row's floor: its own share of the config's FLOPs at the same rate
+        r["floor_multiple"] = per_task(r) / (floor * r.get("flops", flops) / flops) if on_floor_device else None
         r["flagged"] = bool(r["disagreements"]) and not r.get("settled_by_float64")
     return report

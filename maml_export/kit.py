@@ -7,7 +7,8 @@
 
 A deployment machine has onnxruntime but rarely Paddle, which `maml-bench` needs for two things: the
 export and the reference logits every row is checked against. The kit carries both: each ways' exported
-folder with its weights as `.npz` (the PyTorch peer computes with them), and per config the task's inputs
+graphs (a folder `<ways>way/` with model.onnx, adapt.onnx and predict.onnx, for the split rows) with its
+weights as `.npz` (the PyTorch peer computes with them), and per config the task's inputs
 with eager Paddle's logits in float32 and float64 (float64 settles max-pool near-ties, as in
 `benchmark.bench_config`). Runtimes timed from a kit: onnxruntime and the optional PyTorch peer. With
 `task_batch` T the kit also holds each ways' graph exported for T tasks a call and, per config, T tasks
@@ -24,6 +25,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from .contract import ADAPT_FILE, MODEL_FILE, PREDICT_FILE
 from .errors import ConfigError
 from .runtimes import Exported
 
@@ -45,10 +47,14 @@ def write_kit(out: Path, configs: list, model: Path | None, steps: int | None, d
     index = {"format": FORMAT, "models": {}, "configs": {}, "task_batch": task_batch}
     with tempfile.TemporaryDirectory(prefix="maml-kit-") as tmp:
         models = prepare_models(model, configs, steps, Path(tmp), data, echo)
-        for ways, exp in models.items():  # the graph and its weights: all a kit's runtimes need
-            shutil.copyfile(exp.onnx, out / f"{ways}way.onnx")
+        for ways, exp in models.items():  # the graphs and their weights: all a kit's runtimes need
+            folder = out / f"{ways}way"  # model.onnx with adapt.onnx and predict.onnx beside it, as exported
+            folder.mkdir(exist_ok=True)
+            for name in (MODEL_FILE, ADAPT_FILE, PREDICT_FILE):
+                if (exp.onnx.parent / name).is_file():  # an older --model export may have no halves
+                    shutil.copyfile(exp.onnx.parent / name, folder / name)
             np.savez(out / f"{ways}way-params.npz", **exp.params)
-            index["models"][str(ways)] = {"onnx": f"{ways}way.onnx", "config": exp.config.to_dict(),
+            index["models"][str(ways)] = {"onnx": f"{ways}way/{MODEL_FILE}", "config": exp.config.to_dict(),
                                           "inner_lr": exp.inner_lr, "steps": exp.steps, "source": exp.source}
             if task_batch:
                 echo(f"exporting the {ways}-way graph for {task_batch} tasks per call ...")

@@ -10,6 +10,10 @@ task) gives a call that returns the query logits, all K SGD steps and tensor con
     paddle-inference   the exported static program (model.json/.pdiparams), oneDNN off (docs/design.md#paddle-inference-needs-onednn-off)
     pytorch-eager      a learn2learn-style functional conv-4, torch.autograd.grad per step (optional)
 
+`SPLITS[name](exported, provider, threads)` returns the same adaptation in two calls, adapt (support set ->
+the task's state) and predict (state, queries -> logits), for onnxruntime (adapt.onnx, predict.onnx) and
+the PyTorch peer (see "adapt once, predict many" below).
+
 `Exported` is what they share: the graph, its config and weights (checked against the ONNX metadata).
 """
 from __future__ import annotations
@@ -21,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .contract import (ADAPT_FILE, FUSED_INPUTS, LOGITS, PREDICT_FILE, QUERY_IMAGES, SUPPORT_IMAGES,
+                       SUPPORT_LABELS)
 from .errors import ConfigError, MamlError
 
 GPU = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -184,14 +190,14 @@ def check_provider(provider: str) -> None:
                             f"{', '.join(ort.get_available_providers())}); install the GPU build{libs}: {INSTALL}")
 
 
-def open_session(exp: Exported, provider: str, threads: int, options: dict | None = None):
-    """An Adapter on the provider; a GPU session that fell back to the CPU is a ProviderError, never a CPU row."""
+def on_provider(load, provider: str, options: dict | None = None):
+    """`load(providers)` (something that opens an onnxruntime session: an Adapter, an InferenceSession) on
+    --provider's device; a GPU session that fell back to the CPU is a ProviderError, never a CPU row."""
     import contextlib
     import io
     import onnxruntime as ort
-    from .adapter import Adapter
     if provider == "cpu":
-        return Adapter(exp.onnx, ["CPUExecutionProvider"], threads)
+        return load(["CPUExecutionProvider"])
     wanted = [(GPU[provider], options or {})] + (["CUDAExecutionProvider"] if provider == "tensorrt" else [])
     # onnxruntime reports a provider that cannot load by itself, in C++ error logs and a Python print of
     # "EP Error ... Falling back" (seen with TensorRT absent on an H100 box): keep that out of the output
@@ -199,104 +205,204 @@ def open_session(exp: Exported, provider: str, threads: int, options: dict | Non
     ort.set_default_logger_severity(4)
     try:
         with contextlib.redirect_stdout(io.StringIO()) as said:
-            adapter = Adapter(exp.onnx, wanted + ["CPUExecutionProvider"], threads)
+            loaded = load(wanted + ["CPUExecutionProvider"])
     finally:
         ort.set_default_logger_severity(2)
-    if adapter.providers[0] != GPU[provider]:
+    got = getattr(loaded, "session", loaded).get_providers()[0]  # an Adapter holds its session
+    if got != GPU[provider]:
         missing = re.search(r"(lib[\w.+-]+\.so[\d.]*): cannot open shared object file", said.getvalue())
         why = f"{missing[1]} not found" if missing else (
             "TensorRT's libraries missing?" if provider == "tensorrt" else "CUDA/cuDNN libraries missing or mismatched?")
         raise ProviderError(f"--provider {provider}: onnxruntime could not load {GPU[provider]} ({why}) and fell back "
-                            f"to {adapter.providers[0]}; {INSTALL}")
-    return adapter
+                            f"to {got}; {INSTALL}")
+    return loaded
+
+
+def open_session(exp: Exported, provider: str, threads: int, options: dict | None = None):
+    """An Adapter of `exp`'s model.onnx on the provider (`on_provider`)."""
+    from .adapter import Adapter
+    return on_provider(lambda providers: Adapter(exp.onnx, providers, threads), provider, options)
 
 
 def fixed_shapes(onnx_path: Path, feeds: dict, out: Path) -> Path:
-    """A copy of the graph with its inputs' dynamic dimensions set to those of `feeds`. onnxruntime then
-    folds the shape arithmetic into constants; left dynamic, those nodes run on the CPU provider (84 of them
-    in the 5-way graph, seen on an H100) and a CUDA graph cannot be captured."""
+    """A copy of the graph with the dynamic dimensions of the inputs in `feeds` set to theirs (other inputs as
+    they are). onnxruntime then folds the shape arithmetic into constants; left dynamic, those nodes run on
+    the CPU provider (84 of them in the 5-way graph, seen on an H100) and a CUDA graph cannot be captured."""
     import onnx
     model = onnx.load(str(onnx_path))
     for value in model.graph.input:
-        for dim, n in zip(value.type.tensor_type.shape.dim, feeds[value.name].shape):
-            dim.dim_value = n  # clears dim_param (a oneof)
+        if value.name in feeds:
+            for dim, n in zip(value.type.tensor_type.shape.dim, feeds[value.name].shape):
+                dim.dim_value = n  # clears dim_param (a oneof)
     onnx.save(model, str(out))
     return out
 
 
-def onnxruntime(exp: Exported, provider: str, threads: int):
-    """CPU: session.run. GPU: IO binding on device buffers, in a CUDA graph where onnxruntime can capture one
-    (on a copy of the graph with this task's shapes fixed); TF32 off, as in the exactness checks."""
-    import dataclasses
-    import tempfile
+def device_call(onnx_path: Path, feeds: dict, outputs: dict, provider: str, threads: int, workdir):
+    """A call of the graph `onnx_path` on the GPU with IO binding, returning its outputs as device OrtValues
+    (a list in `outputs`' order). `feeds`: input name -> numpy array (copied to the device once) or an
+    OrtValue already there (another call's output: it is read in place); `outputs`: name -> shape, written
+    into device buffers allocated here. Runs in a CUDA graph where onnxruntime can capture one, on a copy
+    of the graph with the numpy inputs' shapes fixed (in `workdir`, a TemporaryDirectory the call keeps
+    alive); TF32 off, as in the exactness checks. `call.feed(*arrays)` refills the numpy inputs in place
+    (another task of the same shapes); `call.detail` says how it runs."""
     import onnxruntime as ort
+    arrays = {k: v for k, v in feeds.items() if isinstance(v, np.ndarray)}
+    shapes = "-".join("x".join(map(str, a.shape)) for a in arrays.values())
+    fixed = fixed_shapes(onnx_path, arrays, Path(workdir.name) / f"{onnx_path.stem}-{shapes}.onnx")  # one per shape
+    fp32 = {"use_tf32": "0"} if provider == "cuda" else {}  # onnxruntime's CUDA default is TF32: 3e-3 off
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    for graph in [True, False] if provider == "cuda" else [False]:
+        try:
+            session = on_provider(lambda providers: ort.InferenceSession(str(fixed), options, providers=providers),
+                                  provider, {**fp32, **({"enable_cuda_graph": "1"} if graph else {})})
+            binding = session.io_binding()
+            inputs = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) if k in arrays else v for k, v in feeds.items()}
+            for name, value in inputs.items():
+                binding.bind_ortvalue_input(name, value)
+            outs = [ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.float32, "cuda", 0)
+                    for shape in outputs.values()]
+            for name, value in zip(outputs, outs):
+                binding.bind_ortvalue_output(name, value)
+            session.run_with_iobinding(binding)  # with a CUDA graph: the capture
+        except Exception as e:  # noqa: BLE001 - a node off the CUDA provider: no graph, plain IO binding
+            if graph and not isinstance(e, ProviderError):
+                continue
+            raise
+
+        def call(session=session, binding=binding, outs=outs):
+            session.run_with_iobinding(binding)  # returns once the run's stream is synchronized
+            return outs
+
+        def feed(*new, values=[inputs[k] for k in arrays]):  # into the same device buffers
+            for value, a in zip(values, new):
+                value.update_inplace(np.ascontiguousarray(a))
+        call.feed = feed
+        call.detail = "IO binding" + (", CUDA graph" if graph else "")
+        call.workdir = workdir  # the fixed-shape copies live as long as a call needs them
+        call.inputs = inputs  # the device buffers the call reads
+        return call
+
+
+def onnxruntime(exp: Exported, provider: str, threads: int):
+    """model.onnx. CPU: session.run. GPU: `device_call` (IO binding, inputs and logits on the device)."""
+    import tempfile
     if provider == "cpu":
         session = open_session(exp, provider, threads).session
-        return lambda xs, ys, xq: lambda: session.run(["logits"], {"x_spt": xs, "y_spt": ys, "x_qry": xq})[0]
+        return lambda xs, ys, xq: lambda: session.run([LOGITS], dict(zip(FUSED_INPUTS, (xs, ys, xq))))[0]
     workdir = tempfile.TemporaryDirectory(prefix="maml-bench-gpu-")
-    fp32 = {"use_tf32": "0"} if provider == "cuda" else {}  # onnxruntime's CUDA default is TF32: 3e-3 off
 
     def bind(xs, ys, xq):  # a session per shape: a CUDA graph or a TensorRT engine holds one
-        feeds = {"x_spt": xs, "y_spt": ys, "x_qry": xq}
-        name = "x".join(map(str, xs.shape + xq.shape))  # one copy per shape
-        fixed = fixed_shapes(exp.onnx, feeds, Path(workdir.name) / f"{name}.onnx")
-        for graph in [True, False] if provider == "cuda" else [False]:
-            try:
-                options = {**fp32, **({"enable_cuda_graph": "1"} if graph else {})}
-                session = open_session(dataclasses.replace(exp, onnx=fixed), provider, threads, options).session
-                binding, keep = session.io_binding(), [ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for a in feeds.values()]
-                for name, value in zip(feeds, keep):
-                    binding.bind_ortvalue_input(name, value)
-                logits = list(xq.shape[:-3]) + [exp.config.ways]  # [Q, ways], or [T, Q, ways] for a batched graph
-                keep.append(ort.OrtValue.ortvalue_from_shape_and_type(logits, np.float32, "cuda", 0))
-                binding.bind_ortvalue_output("logits", keep[-1])
-                session.run_with_iobinding(binding)  # with a CUDA graph: the capture
-            except Exception as e:  # noqa: BLE001 - a node off the CUDA provider: no graph, plain IO binding
-                if graph and not isinstance(e, ProviderError):
-                    continue
-                raise
-
-            def call(session=session, binding=binding, keep=keep):
-                session.run_with_iobinding(binding)  # returns once the run's stream is synchronized
-                return keep[-1]
-
-            def feed(*arrays, keep=keep):  # another task of the bound shapes, into the same device buffers
-                for value, a in zip(keep, arrays):
-                    value.update_inplace(np.ascontiguousarray(a))
-            call.feed = feed
-            call.detail = "IO binding" + (", CUDA graph" if graph else "")
-            call.workdir = workdir  # the fixed-shape copies live as long as a call needs them
-            return call
+        logits = list(xq.shape[:-3]) + [exp.config.ways]  # [Q, ways], or [T, Q, ways] for a batched graph
+        outs = device_call(exp.onnx, dict(zip(FUSED_INPUTS, (xs, ys, xq))), {LOGITS: logits}, provider,
+                           threads, workdir)
+        call = lambda: outs()[0]  # noqa: E731
+        call.feed, call.detail = outs.feed, outs.detail
+        return call
     return bind
 
 
-def pytorch_eager(exp: Exported, provider="cpu", threads=None):
-    """The peer a PyTorch user would write (learn2learn-style): functional conv-4, `torch.autograd.grad`
-    per step. On --provider cuda/tensorrt it runs on the GPU, inputs and logits on the device (as
-    onnxruntime's IO binding), TF32 off (onnxruntime's CUDA provider computes in full fp32). Optional:
-    `pip install "maml-export[torch]"`; without it (or without a CUDA device) the row says why."""
-    try:
-        import torch
-        import torch.nn.functional as tf
-    except ImportError:
-        raise ImportError('PyTorch is not installed (optional peer: pip install "maml-export[torch]")') from None
-    device = "cuda" if provider in GPU else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ImportError(f"this PyTorch {torch.__version__} sees no CUDA device")
-    if threads:
-        torch.set_num_threads(threads)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    specs = exp.config.layers
-    meta = [torch.from_numpy(np.ascontiguousarray(v)).to(device) for v in exp.params.values()]  # layer order
+# --- adapt once, predict many: the split rows ------------------------------------------------------------------
+#
+# `SPLITS[name](exported, provider, threads)` returns two binders, `bind_adapt(x_spt, y_spt)` -> a call returning
+# the task's adapted state (in the runtime's own tensors) and `bind_predict(state, x_qry)` -> a call returning the
+# logits of x_qry under that state, conversions of the inputs done at bind time as for the fused rows.
 
-    def forward(params, x, specs=specs):
-        it = iter(params)
-        for spec in specs:
+def onnxruntime_split(exp: Exported, provider: str, threads: int):
+    """adapt.onnx and predict.onnx beside `exp`'s model.onnx (the state: their tensors, by name). CPU:
+    session.run; GPU: `device_call`, the state staying on the device between the two. A ValueError (one
+    line) when the export has no halves."""
+    import tempfile
+    # on the CPU (on a GPU only for the halves' names and shapes): checks that they exist and hold model.onnx's weights
+    adapter = open_session(exp, "cpu", threads)
+    adapt, predict = adapter._split()
+    names = [o.name for o in adapt.get_outputs()]
+    if provider == "cpu":
+        def bind_adapt(xs, ys):
+            return lambda: adapt.run(None, {SUPPORT_IMAGES: xs, SUPPORT_LABELS: ys})
+
+        def bind_predict(state, xq):
+            feeds = {**dict(zip(names, state)), QUERY_IMAGES: xq}
+            return lambda: predict.run([LOGITS], feeds)[0]
+        return bind_adapt, bind_predict
+    workdir, folder = tempfile.TemporaryDirectory(prefix="maml-bench-gpu-"), exp.onnx.parent
+
+    def bind_adapt(xs, ys):
+        shapes = {name: adapter.state_shapes[name] for name in names}  # in adapt's output order
+        return device_call(folder / ADAPT_FILE, {SUPPORT_IMAGES: xs, SUPPORT_LABELS: ys}, shapes, provider, threads,
+                           workdir)
+
+    def bind_predict(state, xq):  # state: OrtValues on the device, an adapt call's outputs
+        outs = device_call(folder / PREDICT_FILE, {**dict(zip(names, state)), QUERY_IMAGES: xq},
+                           {LOGITS: [len(xq), exp.config.ways]}, provider, threads, workdir)
+        call = lambda: outs()[0]  # noqa: E731
+        call.detail = outs.detail
+        return call
+    return bind_adapt, bind_predict
+
+
+def query_norm(config) -> str:
+    """How `config`'s batch norms normalise the queries of an adapted task, "support" or "transductive", read
+    from its layer specs as `model.Model.query_norm` reads the layers, without Paddle (a kit's config is a
+    plain namespace). A spec without the key was written before it existed, when queries were transductive."""
+    norms = {s.get("query_norm", "transductive") for s in config.layers if s["type"] == "BatchNorm"}
+    if len(norms) > 1:
+        raise ValueError(f"the batch norm layers disagree on query_norm: {sorted(norms)}")
+    return norms.pop() if norms else "transductive"
+
+
+class TorchMAML:
+    """The PyTorch peer a PyTorch user would write (learn2learn-style): a functional conv-4 from the layer
+    specs, `torch.autograd.grad` per SGD step. `adapt` -> the state (fast weights and, under query_norm
+    "support", each batch norm's support statistics), `predict` -> logits, on torch tensors. On --provider
+    cuda/tensorrt it runs on the GPU, inputs and outputs on the device (as onnxruntime's IO binding), TF32
+    off (onnxruntime's CUDA provider computes in full fp32). Optional: `pip install "maml-export[torch]"`;
+    without it (or without a CUDA device) an ImportError says why, and the rows say it."""
+
+    def __init__(self, exp: Exported, provider="cpu", threads=None):
+        try:
+            import torch
+            import torch.nn.functional as tf
+        except ImportError:
+            raise ImportError('PyTorch is not installed (optional peer: pip install "maml-export[torch]")') from None
+        self.torch, self.tf = torch, tf
+        self.device = "cuda" if provider in GPU else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ImportError(f"this PyTorch {torch.__version__} sees no CUDA device")
+        if threads:
+            torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        self.exp, self.specs = exp, exp.config.layers
+        self.meta = [torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for v in exp.params.values()]
+        self.support_norm = query_norm(exp.config) == "support"
+        # the layers the support statistics need: up to the last batch norm (model.Model.support_stats)
+        self.stats_upto = max(i for i, s in enumerate(self.specs) if s["type"] == "BatchNorm") + 1
+        self.temperature = self.specs[-1].get("temperature", 1.0)  # layers.Linear's
+
+    def tensor(self, a: np.ndarray):
+        return self.torch.from_numpy(a).to(self.device)
+
+    def forward(self, params, x, specs=None, stats=None, record=None):
+        """The layers `specs` (default: all) on x (N, C, H, W). Batch norm normalises with the (mean, var) of
+        `stats` where given (queries under the support's statistics), else with x's own statistics, which
+        `record` (a list), where given, collects."""
+        tf, it, given = self.tf, iter(params), iter(stats or ())
+        for spec in self.specs if specs is None else specs:
             kind = spec["type"]
             if kind == "Conv2d":
                 x = tf.conv2d(x, next(it), stride=spec["stride"], padding=spec["padding"])
-            elif kind == "BatchNorm":  # the batch's own statistics, as MAML uses them
-                x = tf.batch_norm(x, None, None, next(it), next(it), training=True, eps=spec["eps"])
+            elif kind == "BatchNorm":
+                weight, bias = next(it), next(it)
+                if stats is None and record is None:  # the batch's own statistics, as MAML adapts with them
+                    x = tf.batch_norm(x, None, None, weight, bias, training=True, eps=spec["eps"])
+                else:  # per channel over (N, H, W), the variance biased, as batch norm normalises
+                    mean, var = next(given) if stats is not None else (x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False))
+                    if record is not None:
+                        record.append((mean, var))
+                    x = tf.batch_norm(x, mean, var, weight, bias, training=False, eps=spec["eps"])
             elif kind == "MaxPool2":
                 x = tf.max_pool2d(x, 2, 2)
             elif kind == "ReLU":
@@ -307,27 +413,62 @@ def pytorch_eager(exp: Exported, provider="cpu", threads=None):
                 x = x @ next(it) + next(it)  # weight stored (in, out)
         return x
 
-    def call(xs, ys, xq):
-        params = [p.clone().requires_grad_() for p in meta]
+    def adapt(self, xs, ys) -> tuple:
+        """(fast weights, support statistics or None) after the SGD steps on the support set (xs, ys)."""
+        torch, tf, exp = self.torch, self.tf, self.exp
+        params = [p.clone().requires_grad_() for p in self.meta]
         if exp.config.head_init == "prototypes":  # the head from the support's Euclidean prototypes
             with torch.no_grad():
                 onehot = tf.one_hot(ys, exp.config.ways).to(xs.dtype)  # (S, ways)
-                prototypes = onehot.T @ forward(params[:-2], xs, specs[:-1]) / onehot.sum(0)[:, None]  # (ways, F)
+                prototypes = onehot.T @ self.forward(params[:-2], xs, self.specs[:-1]) / onehot.sum(0)[:, None]
             params[-2:] = [(2 * prototypes.T).requires_grad_(), (-(prototypes ** 2).sum(1)).requires_grad_()]
         for _ in range(exp.steps):
-            grads = torch.autograd.grad(tf.cross_entropy(forward(params, xs), ys), params)
+            grads = torch.autograd.grad(tf.cross_entropy(self.forward(params, xs), ys), params)
             params = [(p - exp.inner_lr * g).detach().requires_grad_() for p, g in zip(params, grads)]
-        with torch.no_grad():
-            logits = forward(params, xq)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return logits
+        params, stats = [p.detach() for p in params], None
+        if self.support_norm:  # the support set's statistics under the fast weights, for the queries
+            stats = []
+            with torch.no_grad():
+                self.forward(params, xs, self.specs[:self.stats_upto], record=stats)
+        return self._done((params, stats))
+
+    def predict(self, state: tuple, xq):
+        """Logits of the queries xq under `adapt`'s state, divided by the head's temperature."""
+        params, stats = state
+        with self.torch.no_grad():
+            logits = self.forward(params, xq, stats=stats)
+        return self._done(logits if self.temperature == 1.0 else logits / self.temperature)
+
+    def _done(self, out):
+        if self.device == "cuda":  # a call's time includes its kernels, as onnxruntime's run does
+            self.torch.cuda.synchronize()
+        return out
+
+
+def pytorch_eager(exp: Exported, provider="cpu", threads=None):
+    """The PyTorch peer (`TorchMAML`) adapting and predicting in one call."""
+    peer = TorchMAML(exp, provider, threads)
 
     def bind(xs, ys, xq):
-        xs, ys, xq = (torch.from_numpy(a).to(device) for a in (xs, ys, xq))
-        return lambda: call(xs, ys.long(), xq)
+        xs, ys, xq = peer.tensor(xs), peer.tensor(ys).long(), peer.tensor(xq)
+        return lambda: peer.predict(peer.adapt(xs, ys), xq)
     return bind
+
+
+def pytorch_split(exp: Exported, provider="cpu", threads=None):
+    """The PyTorch peer (`TorchMAML`): adapt, then predict, as two calls."""
+    peer = TorchMAML(exp, provider, threads)
+
+    def bind_adapt(xs, ys):
+        xs, ys = peer.tensor(xs), peer.tensor(ys).long()
+        return lambda: peer.adapt(xs, ys)
+
+    def bind_predict(state, xq):
+        xq = peer.tensor(xq)
+        return lambda: peer.predict(state, xq)
+    return bind_adapt, bind_predict
 
 
 RUNTIMES = {"paddle-eager": paddle_eager, "onnxruntime": onnxruntime, "paddlerec-loop": paddlerec_loop,
             "paddle-inference": paddle_inference, "pytorch-eager": pytorch_eager}  # eager first: the reference
+SPLITS = {"onnxruntime": onnxruntime_split, "pytorch-eager": pytorch_split}  # GPU_ROWS both

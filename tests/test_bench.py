@@ -23,7 +23,9 @@ from maml_export.model import conv4_specs
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 RUNTIMES = {"onnxruntime", "paddle-eager", "paddlerec-loop", "paddle-inference", "pytorch-eager"}
-ROW_KEYS = {"runtime", "provider", "config", "steps", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "tasks_per_s"}
+ROW_KEYS = {"runtime", "provider", "config", "steps", "stage", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "tasks_per_s"}
+SPLIT_ROWS = ("adapt", "predict x1", "predict xQ")  # per runtime of runtimes.SPLITS: "onnxruntime adapt", ...
+HAS_TORCH = importlib.util.find_spec("torch") is not None
 
 
 def bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -139,8 +141,7 @@ def test_time_interleaved_calls_runtimes_round_robin_each_with_its_own_budget():
 
 # --- the CLI -----------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
+def _export(tmp_path_factory, query_norm: str | None = None) -> Path:
     from maml_export.checkpoint import Checkpoint, default_checkpoint, save_checkpoint
     from maml_export.config import MamlConfig
     from maml_export.export import export_model
@@ -151,8 +152,20 @@ def exported(tmp_path_factory) -> Path:
         ckpt = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "init.npz",
                                Checkpoint(config, Model.from_specs(config.layers).init_params(0)))
     out = tmp_path_factory.mktemp("export")
-    export_model(ckpt, out, steps=5, tasks=1)
+    export_model(ckpt, out, steps=5, tasks=1, query_norm=query_norm)
     return out / "model.onnx"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """The bundled weights, queries normalised together (transductive), as they were trained."""
+    return _export(tmp_path_factory, query_norm="transductive")
+
+
+@pytest.fixture(scope="module")
+def exported_support(tmp_path_factory) -> Path:
+    """The same weights with queries normalised with the support set's statistics, as new runs are."""
+    return _export(tmp_path_factory, query_norm="support")
 
 
 def test_cli_end_to_end_writes_the_json_schema_and_all_peers_agree(exported, tmp_path):
@@ -166,10 +179,10 @@ def test_cli_end_to_end_writes_the_json_schema_and_all_peers_agree(exported, tmp
     gemm = doc["gemm_round_robin"]["5w1s"]  # the floor's GEMM, timed round-robin with the rows
     assert gemm["runs"] == 3 and 1 < gemm["p50_gflops"] <= gemm["best_gflops"] < 1e5
     assert doc["flop_floor_ms"]["5w1s"] == pytest.approx(2.922028800e9 / gemm["p50_gflops"] / 1e6)
-    rows = {r["runtime"]: r for r in doc["results"]}
-    skipped = {s["runtime"]: s["reason"] for s in doc["skipped"]}
+    rows = {r["runtime"]: r for r in doc["results"] if r["stage"] == "adapt+predict"}  # the split rows: below
+    skipped = {s["runtime"]: s["reason"] for s in doc["skipped"] if s["runtime"] in RUNTIMES}
     assert set(rows) | set(skipped) == RUNTIMES and {"onnxruntime", "paddle-eager", "paddlerec-loop"} <= set(rows)
-    if importlib.util.find_spec("torch") is None:  # the optional PyTorch peer says how to get it
+    if not HAS_TORCH:  # the optional PyTorch peer says how to get it
         assert 'pip install "maml-export[torch]"' in skipped["pytorch-eager"]
     else:
         assert "pytorch-eager" in rows
@@ -183,6 +196,70 @@ def test_cli_end_to_end_writes_the_json_schema_and_all_peers_agree(exported, tmp
         assert np.isfinite(r["max_rel_vs_eager"]), r
     assert min(r["ratio_to_fastest"] for r in rows.values()) == 1
     assert "5w1s" in result.stdout and "x floor" in result.stdout and "onnxruntime" in result.stdout
+
+
+def test_cli_split_rows_time_adapt_once_predict_many_beside_the_pytorch_peer(exported_support, tmp_path):
+    result = bench("--provider", "cpu", "--model", str(exported_support), "--configs", "5w1s", "--runs", "2",
+                   "--warmup", "1", "--max-seconds", "5", "--json", str(tmp_path / "bench.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    rows, model = {r["runtime"]: r for r in doc["results"]}, doc["models"]["5w1s"]
+    peers = ["onnxruntime"] + ["pytorch-eager"] * HAS_TORCH
+    if not HAS_TORCH:  # the split rows of the optional peer say how to get it, as its fused row does
+        skipped = {s["runtime"]: s["reason"] for s in doc["skipped"]}
+        assert 'pip install "maml-export[torch]"' in skipped["pytorch-eager adapt/predict"]
+    for peer in peers:
+        adapt, one, every = (rows[f"{peer} {stage}"] for stage in SPLIT_ROWS)
+        for r in (adapt, one, every):
+            assert ROW_KEYS <= set(r) and r["config"] == "5w1s" and r["runs"] == 2 and r["provider"] == "cpu", r
+            assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+            # eager Paddle's classes (the fused graph's: the same function) and nearly its logits
+            assert not r["flagged"] and r["max_rel_vs_eager"] < 1e-3, r
+            floor = doc["flop_floor_ms"]["5w1s"] * r["flops"] / model["flops"]  # the row's own work
+            assert r["floor_multiple"] == pytest.approx(r["p50_ms"] / floor)
+        # the adapt row is checked by the classes its state gives the task's 75 queries
+        assert adapt["stage"] == "adapt" and "queries_per_s" not in adapt and adapt["queries"] == 75
+        assert adapt["flops"] + every["flops"] == model["flops"]  # the fused call's work, in two
+        for r, q in ((one, 1), (every, 75)):  # one query alone: the first query's row of the batch
+            assert r["stage"] == "predict" and r["queries_per_call"] == q and r["queries"] == q, r
+            assert r["queries_per_s"] == pytest.approx(q * 1e3 / r["mean_ms"])
+    for stage in ("adapt+predict",) + SPLIT_ROWS:  # vs fastest: among the rows of the same call only
+        same = [r for r in doc["results"] if r["stage"] == stage.split()[0]
+                and r.get("queries_per_call") == {"predict x1": 1, "predict xQ": 75}.get(stage)]
+        assert same and min(r["ratio_to_fastest"] for r in same) == 1, stage
+    for label in ("onnxruntime adapt", "onnxruntime predict x1", "onnxruntime predict xQ (75 queries)", "queries/s"):
+        assert label in result.stdout
+
+
+@pytest.mark.parametrize("query_norm", ["support", "transductive"])
+def test_split_runtimes_predict_what_the_fused_graph_predicts(query_norm, request):
+    """Each runtime's adapt -> predict gives the fused graph's logits; under support statistics one query alone
+    gives its row of the batch, as the rows `predict x1` and `predict xQ` assume."""
+    from maml_export.contract import SPLIT_RTOL
+    from maml_export.data import synthetic_tasks
+    from maml_export.runtimes import SPLITS, host, load_exported, onnxruntime, pytorch_eager
+    exp = load_exported(request.getfixturevalue("exported_support" if query_norm == "support" else "exported"))
+    assert exp.config.query_norm == query_norm
+    t = synthetic_tasks(1, 5, 1, 4, seed=3)
+    xs, ys, xq = t.x_spt[0], t.y_spt[0], t.x_qry[0]
+    fused = onnxruntime(exp, "cpu", 1)(xs, ys, xq)()
+    scale = np.abs(fused).max()
+    if HAS_TORCH:  # the peer's one call: the same normalisation as the graph's
+        assert np.abs(host(pytorch_eager(exp, "cpu", 1)(xs, ys, xq)()) - fused).max() <= 1e-4 * scale
+    for name, split in SPLITS.items():
+        if name == "pytorch-eager" and not HAS_TORCH:
+            continue
+        tol = SPLIT_RTOL if name == "onnxruntime" else 1e-4  # the same kernels as model.onnx, or another library's
+        bind_adapt, bind_predict = split(exp, "cpu", 1)
+        state = bind_adapt(xs, ys)()
+        batch = host(bind_predict(state, xq)())
+        assert batch.shape == fused.shape and np.abs(batch - fused).max() <= tol * scale, name
+        assert (batch.argmax(-1) == fused.argmax(-1)).all(), name
+        alone = np.concatenate([host(bind_predict(state, xq[i:i + 1])()) for i in range(len(xq))])
+        if query_norm == "support":
+            assert np.abs(alone - batch).max() <= tol * scale, name
+        else:  # each query normalised with its own statistics: another function (the rows do not check it)
+            assert np.abs(alone - batch).max() > 1e-3 * scale, name
 
 
 def test_cli_task_batch_rows_time_one_batched_call_against_single_calls(exported, tmp_path):
@@ -229,6 +306,7 @@ def test_kit_times_the_graph_without_paddle_against_eager_paddles_logits(exporte
     kit = tmp_path / "kit"
     result = bench("--write-kit", str(kit), "--model", str(exported), "--configs", "5w1s", "--task-batch", "2")
     assert result.returncode == 0 and "wrote the kit" in result.stdout, result.stderr[-3000:]
+    assert all((kit / "5way" / name).is_file() for name in ("model.onnx", "adapt.onnx", "predict.onnx"))
     with np.load(kit / "5w1s.npz") as z:
         assert z["x_spt"].shape == (5, 1, 28, 28) and z["x_qry"].shape == (75, 1, 28, 28)
         assert z["float32"].shape == z["float64"].shape == (75, 5)
@@ -246,6 +324,10 @@ def test_kit_times_the_graph_without_paddle_against_eager_paddles_logits(exporte
     assert r["queries"] == 75 and not r["flagged"] and r["max_rel_vs_eager"] < 1e-3, r
     for name in ("onnxruntime-batch", "onnxruntime-loop"):  # both tasks checked against their own logits
         assert rows[name]["queries"] == 150 and not rows[name]["flagged"] and rows[name]["task_batch"] == 2, rows[name]
+    for name in ("onnxruntime adapt", "onnxruntime predict xQ"):  # the kit's halves, against the same logits
+        assert rows[name]["queries"] == 75 and not rows[name]["flagged"], rows[name]
+    # a transductive export's query alone is normalised with its own statistics: no reference to check it with
+    assert rows["onnxruntime predict x1"]["max_rel_vs_eager"] is None and "not checked" in run.stdout
     other = bench("--kit", str(kit), "--configs", "5w1s", "--task-batch", "3")
     assert other.returncode != 0 and "holds 2 tasks a call" in other.stderr and "--task-batch 3" in other.stderr
     gemm = doc["gemm_round_robin"]["5w1s"]
