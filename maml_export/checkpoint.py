@@ -138,7 +138,8 @@ def as_deployed(ckpt: Checkpoint, ways: int | None = None, inner_lr: float | Non
                 head_init: str | None = None, query_norm: str | None = None,
                 temperature: float | None = None) -> Checkpoint:
     """The checkpoint as validation adapted it, i.e. as it is deployed: its config's `deployed_ways`,
-    `deployed_inner_lr` and `deployed_steps` become its `ways`, `inner_lr` and `inner_steps` (the `val_*`
+    `deployed_inner_lr`, `deployed_steps` and `deployed_head_init` become its `ways`, `inner_lr`, `inner_steps`
+    and `head_init` (the `val_*`
     options cleared), and a backbone validated on other ways than it trained on (`--val-ways`, with
     `--zero-head`) gets a zero head of those ways. `ways` or `inner_lr`, if given, override the deployed
     ones; `head_init`, if given, makes adaptation start the head that way (`--head-init`; "meta" needs a
@@ -158,7 +159,9 @@ def as_deployed(ckpt: Checkpoint, ways: int | None = None, inner_lr: float | Non
     c = ckpt.config
     ways = c.deployed_ways if ways is None else ways
     config = dataclasses.replace(c, inner_lr=c.deployed_inner_lr if inner_lr is None else inner_lr,
-                                 inner_steps=c.deployed_steps, val_ways=None, val_inner_lr=None, val_steps=None)
+                                 inner_steps=c.deployed_steps, val_ways=None, val_inner_lr=None, val_steps=None,
+                                 val_head_init=None)
+    head_init = c.deployed_head_init if head_init is None else head_init
     params = ckpt.params
     if ways != c.ways:  # deployed for other ways: the backbone with a zero head of that size
         if not c.zero_head:

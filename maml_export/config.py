@@ -20,9 +20,9 @@ PROTOCOL = "omniglot/README.md protocol: RandomState(1) split 1100/100/423, (cha
 # What `--resume` may change: how long to train, the meta step size (lowering it for the tail of a long
 # run is the usual last step), and how checkpoints are chosen; the resume event in metrics.jsonl records it.
 RESUME_MAY_CHANGE = ("iterations", "val_every", "meta_lr", "val_tasks", "val_inner_lr", "val_ways", "val_query",
-                     "val_steps")
+                     "val_steps", "val_head_init")
 # Changing these makes earlier validation figures incomparable: the best is chosen afresh from then on.
-VALIDATION = ("val_tasks", "val_inner_lr", "val_ways", "val_query", "val_steps")
+VALIDATION = ("val_tasks", "val_inner_lr", "val_ways", "val_query", "val_steps", "val_head_init")
 
 
 def flag(name: str) -> str:
@@ -77,6 +77,9 @@ class MamlConfig:
     val_steps: int = _opt(None, "inner SGD steps validation adapts with, i.e. the number the checkpoint will be "
                                 "deployed with (maml-export --steps), e.g. train with 1, choose for 5 "
                                 "[default: --inner-steps]")
+    val_head_init: str = _opt(None, "where validation's adaptation starts the head, i.e. the head init the checkpoint will "
+                                    "be deployed with, e.g. train a zero head, choose for 'prototypes' (needs "
+                                    "--zero-head) [default: --head-init]")
     channels: int = _opt(1, "image channels", cli=False)
     image_size: int = _opt(28, "image height and width", cli=False)
     protocol: str = _opt(PROTOCOL, "data protocol the weights were trained under", cli=False)
@@ -96,6 +99,11 @@ class MamlConfig:
         if self.val_ways not in (None, self.ways) and not self.zero_head:
             raise ConfigError(f"--val-ways {self.val_ways} differs from --ways {self.ways}: pass --zero-head, so that "
                               f"the backbone adapts from a zero head of any number of ways")
+        if self.val_head_init not in (None, *HEAD_INITS):
+            raise ConfigError(f"--val-head-init must be one of {', '.join(HEAD_INITS)}, got {self.val_head_init!r}")
+        if self.val_head_init not in (None, self.head_init) and not self.zero_head:
+            raise ConfigError(f"--val-head-init {self.val_head_init} differs from --head-init {self.head_init}: pass "
+                              f"--zero-head, so that the head the backbone is trained with is zero or unused")
         if self.head_init not in HEAD_INITS:
             raise ConfigError(f"--head-init must be one of {', '.join(HEAD_INITS)}, got {self.head_init!r}")
         if self.query_norm not in QUERY_NORMS:
@@ -135,6 +143,10 @@ class MamlConfig:
     @property
     def deployed_inner_lr(self) -> float:
         return self.inner_lr if self.val_inner_lr is None else self.val_inner_lr
+
+    @property
+    def deployed_head_init(self) -> str:
+        return self.head_init if self.val_head_init is None else self.val_head_init
 
     @property
     def deployed_steps(self) -> int:

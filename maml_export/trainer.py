@@ -208,7 +208,8 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
     def validate(iteration: int) -> tuple[float, float]:
         inner_lr, steps = config.deployed_inner_lr, config.deployed_steps
         sampler, deployed = val_sampler(), maml
-        if val_ways != config.ways:  # --val-ways: the current backbone with a zero head, as `train bundle` ships it
+        if val_ways != config.ways or config.deployed_head_init != config.head_init:
+            # --val-ways, --val-head-init: the current backbone with a zero or prototype head, as `train bundle` ships it
             shipped = as_deployed(Checkpoint(config, {k: v.numpy() for k, v in params.items()}))
             deployed = MAML(Model.from_specs(shipped.config.layers), to_tensors(shipped.params), inner_lr, steps)
         accuracy, ci = mean_ci95(evaluate(deployed, sampler, config.val_tasks, batch=config.meta_batch, ranks=ranks,
