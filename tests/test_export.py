@@ -636,3 +636,35 @@ def test_unsupported_op_is_an_export_error_not_an_abort(tmp_path):
     with pytest.raises(ExportError, match="paddle2onnx failed.*unsupported operators"):
         convert(tmp_path / "m", tmp_path / "m.onnx", 17)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_view_chains_fold_to_one_reshape_or_none():
+    """fold_view_chains: Unsqueeze -> Reshape back to the source's shape disappears; Unsqueeze -> Reshape to another
+    static shape becomes one Reshape; a dynamic-shaped chain stays; onnxruntime gives the same values."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from maml_export.onnx_convert import fold_view_chains
+    nodes = [helper.make_node("Unsqueeze", ["w", "axis0"], ["w1"]),
+             helper.make_node("Reshape", ["w1", "shape_w"], ["w2"]),          # back to [4, 3]: identity
+             helper.make_node("Unsqueeze", ["b", "axis0"], ["b1"]),
+             helper.make_node("Reshape", ["b1", "col"], ["b2"]),              # [3] -> [3, 1]
+             helper.make_node("MatMul", ["x", "w2"], ["y"]),                  # x [Q, 4] @ [4, 3]
+             helper.make_node("Unsqueeze", ["y", "axis0"], ["y1"]),           # dynamic Q: stays
+             helper.make_node("Squeeze", ["y1", "axis0"], ["y2"]),
+             helper.make_node("MatMul", ["y2", "b2"], ["out"])]
+    inits = [numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+             numpy_helper.from_array(np.array([4, 3], np.int64), "shape_w"),
+             numpy_helper.from_array(np.array([-1, 1], np.int64), "col")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["Q", 4]),
+                                           helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 3]),
+                                           helper.make_tensor_value_info("b", TensorProto.FLOAT, [3])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["Q", 1])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.random((2, 4), np.float32), "w": rng.random((4, 3), np.float32), "b": rng.random(3, np.float32)}
+    before = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
+    folded = fold_view_chains(model)
+    onnx.checker.check_model(folded, full_check=True)
+    ops = [n.op_type for n in folded.graph.node]
+    assert ops.count("Reshape") == 1 and ops.count("MatMul") == 2 and "Squeeze" in ops, ops
+    np.testing.assert_array_equal(ort.InferenceSession(folded.SerializeToString()).run(None, feeds)[0], before)
