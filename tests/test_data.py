@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from conftest import DATA
 from maml_export.data import TaskSampler, Tasks, load_omniglot, split_characters
 from maml_export.errors import DataError
 
@@ -203,14 +204,13 @@ def test_unusable_data_is_one_clear_data_error(case, tiny, tmp_path):
 # The shared full dataset
 # ---------------------------------------------------------------------------------------------
 
-SHARED = Path(os.environ.get("OMNIGLOT_DIR") or Path(__file__).resolve().parents[1].parent
-              / "shared" / "omniglot")
+SHARED = Path(DATA) if DATA else None
 
 
 @pytest.fixture(scope="module")
-def full(tmp_path_factory):
+def full(omniglot_dir, tmp_path_factory):
     if not (SHARED / "images_background.npz").is_file():
-        pytest.skip(f"the full Omniglot npz is not at {SHARED} (set OMNIGLOT_DIR)")
+        pytest.skip(f"the spot check reads images_background.npz; {SHARED} holds another form")
     cache = tmp_path_factory.mktemp("full-cache")
     return load_omniglot(SHARED, cache_dir=cache), cache
 

@@ -29,7 +29,7 @@ from maml_export.maml import MAML
 from maml_export.model import Model, to_tensors
 from maml_export.parity import RTOL, compare
 
-DATA = os.environ.get("OMNIGLOT_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "omniglot"))
+from conftest import DATA
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
@@ -51,7 +51,7 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exported(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
-    report = export_model(checkpoint, out, steps=5, tasks=6, data=DATA if os.path.isdir(DATA) else None)
+    report = export_model(checkpoint, out, steps=5, tasks=6, data=DATA)
     return out, report
 
 
@@ -62,17 +62,15 @@ TASK_BATCH = 3
 def exported_batch(checkpoint, tmp_path_factory):
     """The same weights and steps as `exported`, as a graph for TASK_BATCH tasks per call (parity: one call)."""
     out = tmp_path_factory.mktemp("export-batch")
-    report = export_model(checkpoint, out, steps=5, tasks=2, data=DATA if os.path.isdir(DATA) else None,
+    report = export_model(checkpoint, out, steps=5, tasks=2, data=DATA,
                           task_batch=TASK_BATCH)
     return out, report
 
 
 @pytest.fixture(scope="module")
-def omniglot():
-    if not os.path.isdir(DATA):
-        pytest.skip(f"shared Omniglot not found at {DATA} (set OMNIGLOT_DIR)")
+def omniglot(omniglot_dir):
     from maml_export.data import load_omniglot, split_characters
-    return load_omniglot(DATA), split_characters()["test"]
+    return load_omniglot(omniglot_dir), split_characters()["test"]
 
 
 def sample(omniglot, tasks, shots=1, seed=123):

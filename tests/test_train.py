@@ -15,8 +15,8 @@ from maml_export.optim import Adam
 from maml_export.model import Model
 from maml_export.trainer import VAL_SEED, initial_params, train
 
-DATA = os.environ.get("OMNIGLOT_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "omniglot"))
-needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason=f"shared Omniglot not found at {DATA}")
+from conftest import DATA, needs_omniglot as needs_data, require_omniglot
+
 SMALL = dict(hidden=16, meta_batch=4, query=3, inner_steps=2, val_tasks=20, first_order=True)
 
 
@@ -224,6 +224,7 @@ def test_val_ways_chooses_and_ships_the_checkpoint_for_the_ways_it_will_be_deplo
         train(plain, DATA, tmp_path / "plain", resume=True, overrides={"val_ways": 2}, progress=False)
 
 
+@needs_data
 def test_bundle_ships_the_best_checkpoint_with_the_command_that_reproduces_the_run(tmp_path):
     run = tmp_path / "run"
     train(MamlConfig(iterations=2, val_every=1, **SMALL), DATA, run, progress=False)
@@ -325,9 +326,9 @@ def test_head_init_prototypes_trains_second_order_and_ships_from_a_zero_head_run
     (["--val-ways", "1", "--zero-head"], "--val-ways must be at least 2"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, args, message):
-    if "/nonexistent/omniglot" not in args and not os.path.isdir(DATA):
-        pytest.skip("needs the shared Omniglot")
-    result = cli("--out", str(tmp_path / "run"), "--iterations", "1", *args, env={"OMNIGLOT_DIR": DATA})
+    if "/nonexistent/omniglot" not in args:
+        require_omniglot()
+    result = cli("--out", str(tmp_path / "run"), "--iterations", "1", *args)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
@@ -337,9 +338,9 @@ def test_cli_bad_input_is_one_line(tmp_path, args, message):
 def test_cli_refuses_to_overwrite_a_run_and_evaluate_rejects_corrupt_checkpoint(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "latest.npz").write_bytes(b"precious")
-    result = cli("--out", str(tmp_path / "run"), "--iterations", "1", env={"OMNIGLOT_DIR": DATA})
+    result = cli("--out", str(tmp_path / "run"), "--iterations", "1")
     assert result.returncode != 0 and "--resume" in result.stderr
     assert (tmp_path / "run" / "latest.npz").read_bytes() == b"precious"  # nothing lost
-    result = cli("evaluate", "--checkpoint", str(tmp_path / "run" / "latest.npz"), "--data", DATA)
+    result = cli("evaluate", "--checkpoint", str(tmp_path / "run" / "latest.npz"))  # read before any data
     assert result.returncode != 0 and result.stderr.startswith("error: ") and "corrupt" in result.stderr
     assert "Traceback" not in result.stderr
