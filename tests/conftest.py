@@ -72,3 +72,25 @@ def pytest_collection_modifyitems(items):
     for item in items:  # fixturenames: the whole closure, so a fixture built on omniglot_dir marks its users
         if "omniglot_dir" in getattr(item, "fixturenames", ()):
             item.add_marker(needs_omniglot)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder in which no file can be created: a chmod 555 one, or /sys/fs for root (who ignores the
+    permission bits); skips if there is neither."""
+    import tempfile
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        for candidate in (folder, Path("/sys/fs")):
+            try:
+                fd, probe = tempfile.mkstemp(dir=candidate)
+            except OSError:
+                yield candidate
+                return
+            os.close(fd)
+            os.unlink(probe)
+        pytest.skip("no read-only folder here")
+    finally:
+        folder.chmod(0o755)
