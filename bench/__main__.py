@@ -138,11 +138,16 @@ def cli(provider, model, configs, steps, threads, warmup, runs, max_seconds, dat
     (2 on a usage error).
     """
     from maml_export.benchmark import parse_configs, run_benchmark
+    from maml_export.outputs import check_writable_dir, check_writable_file
 
     parsed = parse_configs(configs)
     data = data or os.environ.get("OMNIGLOT_DIR")
     if write_kit and kit:
         raise click.UsageError("--write-kit and --kit: write a kit here, time it (--kit) where it is to run")
+    if json_file:  # now, not after minutes of timing
+        check_writable_file(json_file, "--json")
+    if write_kit:
+        check_writable_dir(write_kit, "--write-kit")
     if write_kit:
         from maml_export.kit import write_kit as write
         index = write(Path(write_kit), parsed, model and Path(model), steps, data, task_batch,
