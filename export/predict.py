@@ -75,14 +75,24 @@ def read_support(folder: Path, ways: int, size: int) -> tuple[list[str], np.ndar
               help="Folder with one sub-folder of example images per class (sorted names = labels 0..n-1).")
 @click.option("--query", type=str, required=True, help="Folder of images to classify.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
-@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads. [default: all cores]")
-def cli(model_path, support, query, as_json, threads):
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="onnxruntime intra-op threads. [default: all cores]")
+@click.option("--no-pixel-check", is_flag=True,
+              help="Classify images that look blank (one color throughout) or inverted (light ink on a dark "
+                   "background: mostly ink once prepared) instead of reporting them.")
+def cli(model_path, support, query, as_json, threads, no_pixel_check):
     """Adapt a MAML model to the support examples (in the graph: `steps` SGD steps) and classify
-    the query images. Prints each query file with its predicted class and probability."""
-    from maml_export.adapter import Adapter
+    the query images. Prints each query file with its predicted class and probability.
+
+    A query file that cannot be read, or looks blank or inverted, is reported on stderr (one `error:`
+    line each; with --json also under "failed"); the other query images are classified all the same,
+    and the exit code is then 1. A support image with such a problem stops the command (exit 1).
+    """
+    from maml_export.adapter import Adapter, pixel_problem
+    from maml_export.cli import fail
 
     try:
-        adapter = Adapter(model_path, threads=threads)
+        adapter = Adapter(model_path, threads=threads, check_pixels=not no_pixel_check)
     except ValueError as e:
         raise ValueError(f"--model: {e}") from None
     if adapter.task_batch:
@@ -92,13 +102,36 @@ def cli(model_path, support, query, as_json, threads):
         raise ValueError(f"--model {model_path} takes {adapter.channels}-channel images; maml-predict "
                          "prepares grayscale drawings (channels=1) only")
     classes, x_spt, y_spt = read_support(Path(support), adapter.ways, adapter.image_size)
+    check = adapter.input_range if adapter.check_pixels else ""
+    problems = ((f, pixel_problem(x, check)) for f, x in zip(
+        [f for name in classes for f in image_files(Path(support) / name)], x_spt))  # read_support's order
+    for f, problem in problems:
+        if problem:
+            raise ValueError(f"--support image {f} is {problem}: maml-predict reads dark ink on light paper "
+                             "(--no-pixel-check classifies it anyway)")
     query_dir = Path(query)
     if not query_dir.is_dir():
         raise ValueError(f"--query {query_dir} is not a directory")
-    files = image_files(query_dir)
-    if not files:
+    found = image_files(query_dir)
+    if not found:
         raise ValueError(f"--query {query_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    x_qry = np.stack([load_image(f, adapter.image_size) for f in files])
+    files, images, failed = [], [], {}  # a bad file is reported and left out; the others are classified
+    for f in found:
+        try:
+            x = load_image(f, adapter.image_size)
+            problem = pixel_problem(x, check)
+            if problem:
+                raise ValueError(f"{f} is {problem}: maml-predict reads dark ink on light paper "
+                                 "(--no-pixel-check classifies it anyway)")
+        except ValueError as e:
+            failed[f.name] = " ".join(str(e).split())
+            fail(failed[f.name], 1)
+            continue
+        files.append(f)
+        images.append(x)
+    if not files:
+        raise ValueError(f"--query {query_dir}: none of its {len(found)} images can be classified (each said above)")
+    x_qry = np.stack(images)
     proba = adapter.predict_proba(x_spt, y_spt, x_qry)
     best = proba.argmax(axis=1)
     if as_json:
@@ -106,13 +139,15 @@ def cli(model_path, support, query, as_json, threads):
                "support": {c: int((y_spt == i).sum()) for i, c in enumerate(classes)},
                "predictions": [{"file": f.name, "class": classes[k], "label": int(k), "probability": float(p[k]),
                                 "probabilities": {c: float(v) for c, v in zip(classes, p)}}
-                               for f, k, p in zip(files, best, proba)]}
+                               for f, k, p in zip(files, best, proba)],
+               "failed": [{"file": name, "error": error} for name, error in failed.items()]}
         click.echo(json.dumps(doc, indent=1))
-        return
+        return 1 if failed else 0
     width = max(len(f.name) for f in files)
     cwidth = max(len(c) for c in classes)
     for f, k, p in zip(files, best, proba):
         click.echo(f"{f.name:<{width}}  {classes[k]:<{cwidth}}  {p[k]:.3f}")
+    return 1 if failed else 0
 
 
 def main(args: list[str] | None = None) -> None:
