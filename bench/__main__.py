@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from maml_export.cli import run
+from maml_export.cli import GPU_INSTALL, run
 
 
 COLUMNS = ("p50 ms", "p90 ms", "p99 ms", "mean ms", "tasks/s", "vs fastest", "x floor", "runs", "rel diff",
@@ -90,8 +90,8 @@ def table(report: dict) -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
-              help="onnxruntime execution provider. cuda/tensorrt need onnxruntime-gpu (pip uninstall onnxruntime "
-                   "&& pip install \"maml-export[gpu]\") and run with IO binding (and a CUDA graph where possible); "
+              help=f"onnxruntime execution provider. cuda/tensorrt need onnxruntime-gpu in place of onnxruntime "
+                   f"({GPU_INSTALL}) and run with IO binding (and a CUDA graph where possible); "
                    "the Paddle peers, CPU-only here, are then not timed.")
 @click.option("--model", type=str, default=None,
               help="An exported model.onnx (or its folder), with model.json/model.pdiparams beside it. "

@@ -24,7 +24,7 @@ import numpy as np
 from .errors import ConfigError, MamlError
 
 GPU = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-INSTALL = 'pip uninstall onnxruntime && pip install "maml-export[gpu]"'
+from .cli import GPU_INSTALL as INSTALL  # noqa: E402
 
 
 GPU_ROWS = ("onnxruntime", "pytorch-eager")  # the runtimes that compute on --provider's device

@@ -214,7 +214,7 @@ def test_cli_cuda_without_the_provider_is_one_line_and_no_cpu_numbers():
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "CUDAExecutionProvider" in lines[0], result.stderr
-    assert 'pip install "maml-export[gpu]"' in lines[0]
+    assert 'pip uninstall -y onnxruntime onnxruntime-gpu && pip install "onnxruntime-gpu>=1.21"' in lines[0]
     assert result.stdout == ""  # no table, no CPU figures passed off as GPU ones
 
 
