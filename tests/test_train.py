@@ -357,10 +357,12 @@ SMALL_ARGS = ["--hidden", "16", "--meta-batch", "4", "--query", "3", "--inner-st
 NO_DATA_ENV = {k: v for k, v in os.environ.items() if k != "OMNIGLOT_DIR"}  # the run must find its data itself
 
 
-def train_cli(*args, popen=False):
+def train_cli(*args, output=None):
+    """`python -m train ARGS`, finished; with `output` (a file), started, writing stdout and stderr there (a
+    pipe nobody reads would fill with the progress bar and stop the run)."""
     command = [sys.executable, "-m", "train", *args]
-    if popen:
-        return subprocess.Popen(command, env=NO_DATA_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if output:
+        return subprocess.Popen(command, env=NO_DATA_ENV, stdout=output, stderr=subprocess.STDOUT, text=True)
     return subprocess.run(command, capture_output=True, text=True, env=NO_DATA_ENV, timeout=300)
 
 
@@ -368,20 +370,25 @@ def log(run) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def wait_for_rows(run, proc, rows: int) -> None:
-    while not (run / "latest.npz").exists() or sum("loss" in r for r in log(run)) < rows:
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
+def wait_for_rows(run, proc, rows: int, latest: bool = True) -> None:
+    """Until the run has logged `rows` iterations (and saved `latest`)."""
+    while (latest and not (run / "latest.npz").exists()) or not (run / "metrics.jsonl").exists() or sum(
+            "loss" in r for r in log(run)) < rows:
+        assert proc.poll() is None, "the run ended"
         time.sleep(0.05)
 
 
 @needs_data
 def test_a_run_remembers_its_data_and_ctrl_c_says_how_to_continue(tmp_path):
     run = tmp_path / "run"
-    proc = train_cli("--data", DATA, "--out", str(run), "--iterations", "1000", "--val-every", "1000", *SMALL_ARGS,
-                     popen=True)
-    wait_for_rows(run, proc, 1)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    with open(tmp_path / "output", "w+") as output:
+        proc = train_cli("--data", DATA, "--out", str(run), "--iterations", "1000", "--val-every", "1000", *SMALL_ARGS,
+                         output=output)
+        wait_for_rows(run, proc, 1, latest=False)  # Ctrl-C saves it
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+        output.seek(0)
+        err = output.read()
     again = f"python -m train --out {run} --resume"
     assert proc.returncode == 130 and err.splitlines()[-1] == (
         f"error: interrupted; the last completed iteration is saved: continue with {again}"), err[-2000:]
@@ -407,11 +414,12 @@ def test_sigkill_at_a_random_moment_then_resume_ends_as_an_uninterrupted_run(tmp
     straight = train_cli("--data", DATA, "--out", str(tmp_path / "a"), *args)
     assert straight.returncode == 0, straight.stderr[-2000:]
     killed = tmp_path / "b"
-    proc = train_cli("--data", DATA, "--out", str(killed), *args, "--save-every-seconds", "0", popen=True)
-    wait_for_rows(killed, proc, rng.randint(1, 5))
-    time.sleep(rng.uniform(0, 0.3))
-    proc.kill()  # SIGKILL: nothing is saved on the way out
-    proc.communicate()
+    with open(tmp_path / "output", "w") as output:
+        proc = train_cli("--data", DATA, "--out", str(killed), *args, "--save-every-seconds", "0", output=output)
+        wait_for_rows(killed, proc, rng.randint(1, 5))
+        time.sleep(rng.uniform(0, 0.3))
+        proc.kill()  # SIGKILL: nothing is saved on the way out
+        proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, f"seed {seed}: the run ended before the kill"
     lost = log(killed)
     resumed = train_cli("--out", str(killed), "--resume", "--threads", "1")  # its own data, recorded; the same
