@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from maml_export.cli import run
+from maml_export.cli import GPU_INSTALL, run
 
 
 COLUMNS = ("p50 ms", "p90 ms", "p99 ms", "mean ms", "tasks/s", "queries/s", "vs fastest", "x floor", "runs",
@@ -109,8 +109,8 @@ def table(report: dict) -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--provider", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
-              help="onnxruntime execution provider. cuda/tensorrt need onnxruntime-gpu (pip uninstall onnxruntime "
-                   "&& pip install \"maml-export[gpu]\") and run with IO binding (and a CUDA graph where possible); "
+              help=f"onnxruntime execution provider. cuda/tensorrt need onnxruntime-gpu in place of onnxruntime "
+                   f"({GPU_INSTALL}) and run with IO binding (and a CUDA graph where possible); "
                    "the Paddle peers, CPU-only here, are then not timed.")
 @click.option("--model", type=str, default=None,
               help="An exported model.onnx (or its folder), with model.json/model.pdiparams beside it. "
@@ -159,11 +159,16 @@ def cli(provider, model, configs, steps, threads, warmup, runs, max_seconds, dat
     Exits 3 on a disagreement, 1 on an error (2 on a usage error).
     """
     from maml_export.benchmark import parse_configs, run_benchmark
+    from maml_export.outputs import check_writable_dir, check_writable_file
 
     parsed = parse_configs(configs)
     data = data or os.environ.get("OMNIGLOT_DIR")
     if write_kit and kit:
         raise click.UsageError("--write-kit and --kit: write a kit here, time it (--kit) where it is to run")
+    if json_file:  # now, not after minutes of timing
+        check_writable_file(json_file, "--json")
+    if write_kit:
+        check_writable_dir(write_kit, "--write-kit")
     if write_kit:
         from maml_export.kit import write_kit as write
         index = write(Path(write_kit), parsed, model and Path(model), steps, data, task_batch,

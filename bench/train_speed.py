@@ -14,13 +14,13 @@ import click
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--data", type=click.Path(), default=None, help="Omniglot folder [default: $OMNIGLOT_DIR]")
-@click.option("--ways", default=5, show_default=True)
+@click.option("--ways", type=click.IntRange(min=2), default=5, show_default=True)
 @click.option("--shots", default=1, show_default=True)
 @click.option("--query", default=15, show_default=True, help="query images per class")
 @click.option("--steps", default=5, show_default=True, help="inner SGD steps")
 @click.option("--meta-batch", default=32, show_default=True, help="tasks per meta-iteration")
 @click.option("--repeats", default=3, show_default=True, help="timed meta-iterations per runtime")
-@click.option("--threads", type=int, default=None, help="CPU threads [default: all cores]")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores]")
 @click.option("--skip-paddlerec", is_flag=True, help="do not time the (slow) PaddleRec-style loop")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None, help="also write results here")
 def main(data, ways, shots, query, steps, meta_batch, repeats, threads, skip_paddlerec, json_file):

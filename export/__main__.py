@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import click
 
-from maml_export.cli import run
+from maml_export.cli import checkpoint_argument, run
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--checkpoint", type=str, default=None,
-              help="Checkpoint (.npz written by `python -m train`, a run folder: its latest.npz, or a bundled "
-                   "one by name: omniglot-5w1s, omniglot-20w1s). [default: the bundled omniglot-5w1s]")
-@click.option("--steps", type=int, default=5, show_default=True,
+              help="Checkpoint (.npz written by `maml-train`; a run folder: its best.npz, the checkpoint chosen on "
+                   "validation (pass RUN/latest.npz for where training stopped); or a bundled one by name: "
+                   "omniglot-5w1s, omniglot-20w1s). [default: the bundled omniglot-5w1s]")
+@click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True,
               help="Inner SGD steps on the support set, unrolled into the graph.")
 @click.option("--inner-lr", type=float, default=None,
               help="Inner SGD step size. [default: the checkpoint's deployed one: a bundle's, a run's "
@@ -30,11 +31,11 @@ from maml_export.cli import run
                    "query's class depends on it alone: classify one image at a time); 'transductive', the query "
                    "batch's own, as the MAML paper's code does. [default: the checkpoint's; models trained before "
                    "--query-norm existed: transductive]")
-@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset version (13 to 21).")
+@click.option("--opset", type=click.IntRange(13, 21), default=17, show_default=True, help="ONNX opset version (13 to 21).")
 @click.option("--out", type=str, default="exported", show_default=True,
               help="Output folder for model.onnx, adapt.onnx, predict.onnx (and their Paddle programs) and "
                    "export.json.")
-@click.option("--tasks", type=int, default=8, show_default=True,
+@click.option("--tasks", type=click.IntRange(min=1), default=8, show_default=True,
               help="Tasks for the parity check (eager Paddle vs static program vs onnxruntime).")
 @click.option("--data", type=str, default=None,
               help="Omniglot folder (images_*.npz, the official zips or folders): parity runs on real "
@@ -57,6 +58,10 @@ def cli(checkpoint, steps, inner_lr, head_init, query_norm, opset, out, tasks, d
     when eager Paddle, the static program and onnxruntime disagree beyond the tolerance, or the split
     graphs differ from the fused one (figures in export.json).
     """
+    from maml_export.outputs import check_writable_dir
+
+    checkpoint = checkpoint_argument(checkpoint)
+    check_writable_dir(out, "--out")  # before the minute of tracing and converting, not after it
     from maml_export.export import export_model
 
     report = export_model(checkpoint, out, steps=steps, inner_lr=inner_lr, opset=opset, tasks=tasks, data=data,

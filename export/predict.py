@@ -85,13 +85,21 @@ def read_support(folder: Path, ways: int, size: int) -> tuple[list[str], np.ndar
 @click.option("--query", type=str, default=None, help="Folder of images to classify.")
 @click.option("--unknown-below", type=click.FloatRange(0, 1), default=None,
               help="Answer 'unknown' when the top probability is below this (probabilities are calibrated on "
-                   "validation tasks; docs/deploy.md lists how often correct answers fall below each threshold).")
+                   "validation tasks; docs/deploy.md lists how often right answers fall below each threshold).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
-@click.option("--threads", type=int, default=None, help="onnxruntime intra-op threads. [default: all cores]")
-def cli(model_path, support, task_file, save_file, query, unknown_below, as_json, threads):
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="onnxruntime intra-op threads. [default: all cores]")
+@click.option("--no-pixel-check", is_flag=True,
+              help="Classify images that look blank (one color throughout) or inverted (light ink on a dark "
+                   "background: mostly ink once prepared) instead of reporting them.")
+def cli(model_path, support, task_file, save_file, query, unknown_below, as_json, threads, no_pixel_check):
     """Learn the classes of a support folder once (the model's SGD steps, in adapt.onnx) and classify
     the query images (predict.onnx), each on its own. Prints each query file with its predicted class
     and probability.
+
+    A query file that cannot be read, or looks blank or inverted, is reported on stderr (one `error:`
+    line each; with --json also under "failed"); the other query images are classified all the same,
+    and the exit code is then 1. A support image with such a problem stops the command (exit 1).
 
     \b
     Examples:
@@ -99,7 +107,8 @@ def cli(model_path, support, task_file, save_file, query, unknown_below, as_json
       maml-predict --model exported --support support/ --save-task task.npz     # learn once
       maml-predict --model exported --task task.npz --query query/              # classify later
     """
-    from maml_export.adapter import Adapter
+    from maml_export.adapter import Adapter, pixel_problem
+    from maml_export.cli import fail
 
     if (support is None) == (task_file is None):
         raise click.UsageError("pass exactly one of --support (classes to learn) and --task (a saved task)")
@@ -108,7 +117,7 @@ def cli(model_path, support, task_file, save_file, query, unknown_below, as_json
     if save_file is not None and support is None:
         raise click.UsageError("--save-task saves what --support teaches: pass --support")
     try:
-        adapter = Adapter(model_path, threads=threads)
+        adapter = Adapter(model_path, threads=threads, check_pixels=not no_pixel_check)
     except ValueError as e:
         raise ValueError(f"--model: {e}") from None
     if adapter.task_batch:
@@ -117,8 +126,15 @@ def cli(model_path, support, task_file, save_file, query, unknown_below, as_json
     if adapter.channels != 1:
         raise ValueError(f"--model {model_path} takes {adapter.channels}-channel images; maml-predict "
                          "prepares grayscale drawings (channels=1) only")
+    check = adapter.input_range if adapter.check_pixels else ""
     if support is not None:
         classes, x_spt, y_spt = read_support(Path(support), adapter.ways, adapter.image_size)
+        problems = ((f, pixel_problem(x, check)) for f, x in zip(
+            [f for name in classes for f in image_files(Path(support) / name)], x_spt))  # read_support's order
+        for f, problem in problems:
+            if problem:
+                raise ValueError(f"--support image {f} is {problem}: maml-predict reads dark ink on light paper "
+                                 "(--no-pixel-check classifies it anyway)")
         task = adapter.adapt(x_spt, y_spt, classes=classes)
         if save_file is not None:
             task.save(save_file)
@@ -133,15 +149,30 @@ def cli(model_path, support, task_file, save_file, query, unknown_below, as_json
     if query is None:
         if as_json:
             click.echo(json.dumps({"model": os.fspath(model_path), "saved_task": save_file, "classes": classes}))
-        return
+        return 0
     query_dir = Path(query)
     if not query_dir.is_dir():
         raise ValueError(f"--query {query_dir} is not a directory")
-    files = image_files(query_dir)
-    if not files:
+    found = image_files(query_dir)
+    if not found:
         raise ValueError(f"--query {query_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    x_qry = np.stack([load_image(f, adapter.image_size) for f in files])
-    proba = task.predict_proba(x_qry)
+    files, images, failed = [], [], {}  # a bad file is reported and left out; the others are classified
+    for f in found:
+        try:
+            x = load_image(f, adapter.image_size)
+            problem = pixel_problem(x, check)
+            if problem:
+                raise ValueError(f"{f} is {problem}: maml-predict reads dark ink on light paper "
+                                 "(--no-pixel-check classifies it anyway)")
+        except ValueError as e:
+            failed[f.name] = " ".join(str(e).split())
+            fail(failed[f.name], 1)
+            continue
+        files.append(f)
+        images.append(x)
+    if not files:
+        raise ValueError(f"--query {query_dir}: none of its {len(found)} images can be classified (each said above)")
+    proba = task.predict_proba(np.stack(images))  # each image on its own (query_norm "support")
     best = proba.argmax(axis=1)
     names = [classes[k] if unknown_below is None or p[k] >= unknown_below else "unknown" for k, p in zip(best, proba)]
     if as_json:
@@ -149,15 +180,17 @@ def cli(model_path, support, task_file, save_file, query, unknown_below, as_json
                "task": task_file, "unknown_below": unknown_below,
                "predictions": [{"file": f.name, "class": name, "label": int(k), "probability": float(p[k]),
                                 "probabilities": {c: float(v) for c, v in zip(classes, p)}}
-                               for f, name, k, p in zip(files, names, best, proba)]}
+                               for f, name, k, p in zip(files, names, best, proba)],
+               "failed": [{"file": name, "error": error} for name, error in failed.items()]}
         if support is not None:
             doc["support"] = {c: int((y_spt == i).sum()) for i, c in enumerate(classes)}
         click.echo(json.dumps(doc, indent=1))
-        return
+        return 1 if failed else 0
     width = max(len(f.name) for f in files)
     cwidth = max(len(c) for c in classes + ["unknown"])
     for f, name, k, p in zip(files, names, best, proba):
         click.echo(f"{f.name:<{width}}  {name:<{cwidth}}  {p[k]:.3f}")
+    return 1 if failed else 0
 
 
 def main(args: list[str] | None = None) -> None:

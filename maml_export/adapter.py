@@ -55,10 +55,13 @@ class Adapter:
         providers: onnxruntime execution providers, default `["CPUExecutionProvider"]` (a CUDA
             provider that cannot load falls back to CPU with only a warning: check `.providers`).
         threads: onnxruntime intra-op threads (default: onnxruntime's choice, one per core).
+        check_pixels: refuse images clearly outside the metadata's `input_range` (inverted, blank, not in
+            [0, 1]: see `check_input_pixels`); False classifies them anyway.
     """
 
-    def __init__(self, model_path: str | os.PathLike, providers: list | None = None, threads: int | None = None):
-        self.path = os.fspath(model_path)
+    def __init__(self, model_path: str | os.PathLike, providers: list | None = None, threads: int | None = None,
+                 check_pixels: bool = True):
+        self.path, self.check_pixels = os.fspath(model_path), check_pixels
         if os.path.isdir(self.path):
             self.path = os.path.join(self.path, MODEL_FILE)
         if not os.path.isfile(self.path):
@@ -132,6 +135,7 @@ class Adapter:
         a = a.astype(np.float32)
         if not np.isfinite(a).all():
             raise ValueError(f"{name} holds NaN or infinite values")
+        check_input_pixels(name, a, self.input_range if self.check_pixels else "", k)  # "": no check
         return np.ascontiguousarray(a)
 
     def check(self, x_spt, y_spt, x_qry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -269,3 +273,46 @@ class Task:
 
     def __repr__(self) -> str:
         return f"Task(ways={self.adapter.ways}, classes={self.classes}, model={self.adapter.config_name!r})"
+
+
+# What `check_input_pixels` calls clearly outside "[0, 1], ink 1.0, paper 0.0" (the metadata's `input_range`): most
+# pixels of an Omniglot drawing are paper, 0.0 (a few percent are ink), while most pixels of an inverted one
+# (dark ink on light paper read as it is, or light ink on a dark background inverted) are near 1.0.
+RANGE_SLACK = 0.01  # resampling overshoot (LANCZOS) of pixels already in [0, 1] stays well inside this
+INKED = 0.75  # an image with more of its pixels at or above 0.5 than this is not ink on paper
+BLANK = 0.05  # an image whose pixels span less than this holds no drawing
+
+
+def pixel_problem(image: np.ndarray, input_range: str) -> str | None:
+    """What is clearly wrong with one image [C, H, W] for a model taking `input_range`, as words that follow
+    "is" ("blank (...)"), or None. Only the protocol's "[0, 1], ink 1.0, paper 0.0" is checked: values outside
+    [0, 1] (0-255 pixels, standardised ones), a blank image (one value throughout: all paper, all ink), an
+    inverted one (mostly ink). Each would be classified silently and meaninglessly."""
+    if "[0, 1]" not in input_range:
+        return None
+    low, high = float(image.min()), float(image.max())
+    if low < -RANGE_SLACK or high > 1 + RANGE_SLACK:
+        return f"outside [0, 1] (values {low:g} to {high:g}{'; divide 0-255 pixels by 255' if high > 2 else ''})"
+    if "paper 0" not in input_range:
+        return None
+    if high - low < BLANK:
+        return f"blank (every pixel {low:.2f}: {'nothing drawn' if low < 0.5 else 'all ink'})"
+    inked = float((image >= 0.5).mean())
+    if inked > INKED:
+        return f"inverted ({100 * inked:.0f}% of its pixels are ink, >= 0.5, where a drawing is mostly paper, 0.0)"
+    return None
+
+
+def check_input_pixels(name: str, a: np.ndarray, input_range: str, lead: int = 0) -> None:
+    """One-line ValueError if an image of `a` [..., N, C, H, W] (`lead` task axes before N) has a
+    `pixel_problem`; nothing if `input_range` is empty (not checked)."""
+    if not input_range:
+        return
+    images = a.reshape((-1,) + a.shape[lead + 1:])
+    problems = [(i, p) for i, p in enumerate(pixel_problem(x, input_range) for x in images) if p]
+    if problems:
+        (i, problem), more = problems[0], len(problems) - 1
+        *task, image = np.unravel_index(i, a.shape[:lead + 1])
+        where = f"task {', '.join(map(str, task))} image {image}" if task else f"image {image}"
+        raise ValueError(f"{name} {where} is {problem}{f' (and {more} more of {len(images)})' if more else ''}: "
+                         f"the model takes {input_range} (check_pixels=False classifies such images anyway)")

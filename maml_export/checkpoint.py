@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import MamlConfig, flag
-from .errors import CheckpointError, MamlError
+from .errors import CheckpointError, MamlError, reason
 from .model import Model, with_head, with_query_norm
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
@@ -113,7 +113,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} has an invalid config: {e}") from None
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a maml-export checkpoint "
-                              f"({type(e).__name__}: {e})") from None
+                              f"({reason(e)})") from None
     check_params(Model.from_specs(config.layers), params, str(path))
     return ckpt
 

@@ -1,5 +1,9 @@
 """What the console scripts share: one `error: ...` line and a non-zero exit for every failure a
-user can cause, never a traceback (maml-export, maml-predict, maml-bench)."""
+user can cause, never a traceback (maml-train, maml-export, maml-predict, maml-bench).
+
+Exit codes, as click's: 2 for a usage error (click's own, and a `ConfigError`: options out of range or
+contradicting each other), 1 for a failure at run time (missing data, an unwritable --out, a corrupt
+checkpoint...), 130 on Ctrl-C."""
 from __future__ import annotations
 
 import os
@@ -12,10 +16,17 @@ import click
 # so this module is imported before anything imports paddle.
 os.environ.setdefault("GLOG_minloglevel", "2")
 
+# How to get onnxruntime's CUDA and TensorRT providers, from a checkout or a wheel alike: onnxruntime-gpu in
+# place of onnxruntime, never beside it (both install the module `onnxruntime`, and uninstalling either
+# one of a pair deletes files of the other; see https://onnxruntime.ai/docs/install/). Uninstalling both
+# first makes the command right from any state; pip skips the one that is not installed.
+GPU_REQUIREMENT = "onnxruntime-gpu>=1.21"
+GPU_INSTALL = f'pip uninstall -y onnxruntime onnxruntime-gpu && pip install "{GPU_REQUIREMENT}"'
+
 
 def run(command: click.Command, args: list[str] | None, prog_name: str) -> None:
     """Run a click command: exit 1 on a project error, 2 (click's code) on a usage error, 130 on Ctrl-C."""
-    from .errors import MamlError
+    from .errors import ConfigError, MamlError
 
     try:
         code = command.main(args=args, prog_name=prog_name, standalone_mode=False)
@@ -23,6 +34,8 @@ def run(command: click.Command, args: list[str] | None, prog_name: str) -> None:
         code = fail("interrupted", 130)
     except click.ClickException as e:  # usage errors: missing option, bad type...
         code = fail(e.format_message(), e.exit_code)
+    except ConfigError as e:  # an option's value: a usage error, as click's own checks are
+        code = fail(str(e), 2)
     except (MamlError, ValueError, OSError) as e:
         code = fail(str(e), 1)
     sys.exit(code if isinstance(code, int) else 0)
@@ -32,3 +45,16 @@ def fail(message: str, code: int) -> int:
     """Print `error: <message>` on one line (whitespace folded) to stderr; return the exit code."""
     click.echo(f"error: {' '.join(message.split())}", err=True)
     return code
+
+
+def checkpoint_argument(value: str | None) -> str | None:
+    """--checkpoint as the CLIs read it: a run folder means its best.npz, the checkpoint chosen on
+    validation (not latest.npz, wherever training stopped); anything else as given."""
+    if value is None or not os.path.isdir(value):
+        return value
+    best = os.path.join(value, "best.npz")
+    if not os.path.isfile(best):
+        from .errors import CheckpointError
+        raise CheckpointError(f"--checkpoint {value}: the run folder has no best.npz yet (no validation so far); "
+                              f"pass {os.path.join(value, 'latest.npz')} for its latest weights")
+    return best

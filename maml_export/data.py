@@ -30,7 +30,7 @@ import numpy
 import PIL
 from PIL import Image
 
-from maml_export.errors import DataError
+from maml_export.errors import DataError, reason
 
 OFFICIAL_URL = "https://github.com/brendenlake/omniglot/tree/master/python"
 # Changing the preprocessing must change this, so old caches are never reused.
@@ -47,8 +47,8 @@ _PNG_NAME = re.compile(r"^(\d+)_(\d+)\.png$", re.IGNORECASE)
 
 def _fail(what: str, error: BaseException | None = None) -> DataError:
     """A one-line DataError: what went wrong (plus the library's reason), then how to fix it."""
-    reason = f" ({type(error).__name__}: {error})" if error is not None else ""
-    return DataError(" ".join(f"{what}{reason}; {_HINT}".split()))  # collapse any newlines
+    why = f" ({reason(error)})" if error is not None else ""
+    return DataError(" ".join(f"{what}{why}; {_HINT}".split()))  # collapse any newlines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,12 +127,27 @@ def _fingerprint(kind: str, path: Path) -> list:
     return stats
 
 
+def _npz_images(path: Path) -> numpy.ndarray:
+    """The 'images' array of an Omniglot .npz. A file numpy can only read as a pickle (not a .npz at all,
+    or one holding objects) is refused as what it is, never with numpy's advice to load it unsafely."""
+    try:
+        archive = numpy.load(path, allow_pickle=False)
+    except ValueError:  # numpy: "This file contains pickled (object) data. If you trust the file..."
+        raise _fail(f"{path} is not an Omniglot archive (not a .npz: no zip of arrays)") from None
+    if not isinstance(archive, numpy.lib.npyio.NpzFile):
+        raise _fail(f"{path} is not an Omniglot archive (a single .npy array, not a .npz holding 'images')")
+    with archive:
+        try:
+            return archive["images"]
+        except ValueError:  # "Object arrays cannot be loaded when allow_pickle=False"
+            raise _fail(f"{path} is not an Omniglot archive ('images' holds Python objects, not booleans)") from None
+
+
 def _load_half(kind: str, path: Path) -> numpy.ndarray:
     """One half of Omniglot -> uint8 [characters, drawings, 28, 28] (ink 255)."""
     try:
         if kind == "npz":
-            with numpy.load(path, allow_pickle=False) as archive:
-                paper = archive["images"]  # bool [C, 20, 105, 105], True = paper
+            paper = _npz_images(path)  # bool [C, 20, 105, 105], True = paper
             if paper.dtype != numpy.bool_ or paper.ndim != 4 or 0 in paper.shape:
                 raise _fail(f"{path}: 'images' is {paper.dtype} {list(paper.shape)}, "
                             "expected bool [characters, drawings, height, width]")
@@ -319,9 +334,9 @@ class TaskSampler:
             raise DataError(f"the {split_name} split names characters outside 0..{len(images) - 1}")
         if len(numpy.unique(characters)) != len(characters):
             raise DataError(f"the {split_name} split lists a character twice")
-        for option, value in (("--ways", ways), ("--shots", shots), ("--query", query)):
-            if int(value) < 1:
-                raise DataError(f"{option} must be at least 1 (got {value})")
+        for option, value, least in (("--ways", ways, 2), ("--shots", shots, 1), ("--query", query, 1)):
+            if int(value) < least:  # --ways: at least 2, as everywhere (MamlConfig, maml-bench --configs)
+                raise DataError(f"{option} must be at least {least} (got {value})")
         num_classes, drawings = 4 * len(characters), images.shape[1]
         if ways > num_classes:
             raise DataError(f"--ways {ways} is larger than the {num_classes} classes of the "

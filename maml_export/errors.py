@@ -23,3 +23,16 @@ class ConfigError(MamlError, ValueError):
 
 class ExportError(MamlError):
     """The static graph or ONNX conversion failed, or the export does not match eager Paddle."""
+
+
+class OutputError(MamlError):
+    """An output path (--out, --json) cannot be written: read-only, a file where a folder is needed, ..."""
+
+
+def reason(error: BaseException) -> str:
+    """`Type: message` of a library's exception, for an error line. numpy's answer to a file that is not a
+    .npz ("This file contains pickled (object) data. If you trust the file you can load it unsafely...") is
+    said as what it means: advice to unpickle a file from who knows where is never repeated."""
+    if "allow_pickle" in str(error):
+        return "not a .npz of plain arrays: numpy could only read it as pickled Python objects"
+    return f"{type(error).__name__}: {error}"

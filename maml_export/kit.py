@@ -26,7 +26,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from .contract import ADAPT_FILE, MODEL_FILE, PREDICT_FILE
-from .errors import ConfigError
+from .errors import ConfigError, reason
 from .runtimes import Exported
 
 FORMAT = "maml-export-bench-kit-v1"
@@ -103,6 +103,6 @@ def read_kit(kit: Path) -> tuple[dict, dict, int | None]:
                                         if k.startswith("batch_")}
                 tasks[name]["batch"]["graph"] = batches[c["ways"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"--kit {kit}: not a readable benchmark kit ({type(e).__name__}: {' '.join(str(e).split())[:160]}); "
+        raise ConfigError(f"--kit {kit}: not a readable benchmark kit ({' '.join(reason(e).split())[:160]}); "
                           "write one with maml-bench --write-kit DIR on a machine with Paddle") from None
     return models, tasks, index.get("task_batch")

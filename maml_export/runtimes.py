@@ -30,7 +30,7 @@ from .contract import (ADAPT_FILE, FUSED_INPUTS, LOGITS, PREDICT_FILE, QUERY_IMA
 from .errors import ConfigError, MamlError
 
 GPU = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-INSTALL = 'pip uninstall onnxruntime && pip install "maml-export[gpu]"'
+from .cli import GPU_INSTALL as INSTALL  # noqa: E402
 
 
 GPU_ROWS = ("onnxruntime", "pytorch-eager")  # the runtimes that compute on --provider's device

@@ -28,6 +28,7 @@ from .errors import ConfigError, DataError, MamlError
 from .maml import MAML, zero_head
 from .model import Model, to_tensors, with_query_norm
 from .optim import Adam
+from .outputs import check_writable_dir
 
 VAL_SEED = 1_000_003  # the validation tasks are the same at every validation, and across runs
 TEST_SEED = 2_000_003
@@ -113,6 +114,28 @@ class Run:
         with open(self.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def truncate(self, iteration: int) -> int:
+        """Drop the metric rows after `iteration` (the checkpoint a resume continues from: a hard kill loses
+        the iterations after it, which the resume redoes) and a last line cut short by the kill, so that
+        the log reads as one run; returns how many lines were dropped."""
+        if not self.metrics.exists():
+            return 0
+        kept, dropped = [], 0
+        for line in self.metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and record.get("iteration", 0) <= iteration:
+                kept.append(line + "\n")
+            elif line.strip():
+                dropped += 1
+        if dropped:
+            tmp = self.metrics.with_name(self.metrics.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.metrics)
+        return dropped
+
 
 def _start(config: MamlConfig, run: Run, resume: bool, overrides: dict):
     """(config, checkpoint or None, {option: value before} of the overrides applied): a new run, or the run
@@ -155,14 +178,23 @@ def initial_params(model: Model, config: MamlConfig) -> tuple[dict, dict]:
 
 
 def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.PathLike, resume: bool = False,
-          overrides: dict | None = None, threads: int | None = None, progress: bool = True) -> dict:
-    """Meta-train (or resume) a run; returns a summary. Ctrl-C saves `latest` before stopping."""
+          overrides: dict | None = None, threads: int | None = None, progress: bool = True,
+          save_every_seconds: float | None = 60.0) -> dict:
+    """Meta-train (or resume) a run; returns a summary: `train_seconds`, the meta-iterations' compute time
+    over the whole run (the `seconds` of metrics.jsonl), and `wall_seconds`, this call's. `latest` is saved
+    at each validation, after the first iteration that ends `save_every_seconds` after the last save (0:
+    every iteration; None: only at validations), and on Ctrl-C or SIGTERM. The data folder is recorded in
+    the checkpoints: a resume without `data` reads the run's own."""
+    wall = time.perf_counter()
     ranks = Ranks()
     set_threads(threads or max(1, (os.cpu_count() or 1) // ranks.world))
     run = Run(out)
     config, ckpt, changed = _start(config, run, resume, overrides or {})
     ranks.check_meta_batch(config.meta_batch)
-    images = load_omniglot(data_dir(data))
+    if ranks.main:
+        check_writable_dir(run.out, "--out")
+    data = os.path.abspath(data_dir(data, ckpt.state.get("data") if ckpt else None))
+    images = load_omniglot(data)
     splits = split_characters(len(images))
     sampler = TaskSampler(images, splits["train"], config.ways, config.shots, config.query, config.seed,
                           split_name="train")
@@ -181,23 +213,26 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
     adam = Adam(params, config.meta_lr)
     if config.head_is_zero:
         zero_head(model, params)
-    state = {"best_val_accuracy": None, "best_iteration": None, "seconds": 0.0}
+    state = {"best_val_accuracy": None, "best_iteration": None, "seconds": 0.0, "data": data}
     start, rechoose = 0, False
     if ckpt:
         adam.load_state_arrays(ckpt.optimizer)
         sampler.load_state_dict(ckpt.state["sampler"])
-        state.update({k: ckpt.state[k] for k in state if k in ckpt.state})
+        state.update({k: ckpt.state[k] for k in state if k in ckpt.state and k != "data"})
         start = ckpt.iteration
         rechoose = any(k in changed for k in VALIDATION)
         if rechoose:  # best.npz keeps the old best until a validation under the new settings replaces it
             state.update(best_val_accuracy=None, best_iteration=None)
         if ranks.main:
+            dropped = run.truncate(start)  # rows of iterations after the checkpoint: redone now
             run.log({"event": "resume", "iteration": start, "ranks": ranks.world, "meta_lr": config.meta_lr,
+                     "data": data, **({"dropped_rows": dropped} if dropped else {}),
                      "changed": {k: [v, getattr(config, k)] for k, v in changed.items()},  # option: [before, now]
                      **({"best": "chosen afresh: validation changed"} if rechoose else {})})
     run.out.mkdir(parents=True, exist_ok=True)
     if not ckpt and ranks.main:  # the config the run starts with, so a bundle can say how it was trained
-        run.log({"event": "start", "iteration": 0, "ranks": ranks.world, "config": config.to_dict(), "weights": origin})
+        run.log({"event": "start", "iteration": 0, "ranks": ranks.world, "config": config.to_dict(), "weights": origin,
+                 "data": data})
 
     def checkpoint(path: Path, iteration: int, sampler_state: dict):
         if not ranks.main:
@@ -228,6 +263,7 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
             state.update(best_val_accuracy=accuracy, best_iteration=iteration)
             checkpoint(run.best, iteration, sampler_state)
         checkpoint(run.latest, iteration, sampler_state)
+        saved[0] = time.perf_counter()
         if ranks.main and progress:
             bar.write(f"iteration {iteration}: validation accuracy {100 * accuracy:.2f} ± {100 * ci:.2f} % "
                       f"(best {100 * state['best_val_accuracy']:.2f} % at {state['best_iteration']})")
@@ -240,6 +276,7 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
     bar = tqdm(total=config.iterations, initial=start, desc=config.name, unit="it",
                disable=not (progress and ranks.main), dynamic_ncols=True)
     sampler_state = sampler.state_dict()
+    saved = [time.perf_counter()]  # when `latest` was last written
     try:
         # the weights a run starts from compete first when they are not this run's own: after a change of
         # validation on resume, or --init's (a fine-tune's baseline, on the same tasks; best never below it)
@@ -255,6 +292,7 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
             if config.zero_head:
                 zero_head(model, params)
             iteration += 1
+            sampler_state = sampler.state_dict()  # the tasks after `iteration`'s: its resume point
             state["seconds"] += time.perf_counter() - began
             metrics = ranks.mean_of_blocks({"loss": paddle.to_tensor([step.loss]),
                                             "accuracy": paddle.to_tensor([step.accuracy])}, config.meta_batch)
@@ -262,11 +300,14 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
             if ranks.main:
                 run.log({"iteration": iteration, "loss": round(loss, 5), "accuracy": round(accuracy, 4),
                          "seconds": round(state["seconds"], 2)})
-            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}",
-                            val=f"{state['best_val_accuracy'] or 0:.3f}")
+            best = state["best_val_accuracy"]  # none before a first validation
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", **({} if best is None else {"val": f"{best:.3f}"}))
             bar.update(1)
             if iteration % config.val_every == 0 or iteration == config.iterations:
                 sampler_state = validate_and_keep(iteration)
+            elif save_every_seconds is not None and time.perf_counter() - saved[0] >= save_every_seconds:
+                checkpoint(run.latest, iteration, sampler_state)  # a hard kill loses at most this long
+                saved[0] = time.perf_counter()
     except (KeyboardInterrupt, RankLostError, Terminated):
         # the interrupted iteration is redone on resume: save the weights and sampler state before it
         checkpoint(run.latest, iteration, sampler_state)
@@ -276,10 +317,16 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous_sigterm)
     return {"iterations": iteration, "best_val_accuracy": state["best_val_accuracy"],
-            "best_iteration": state["best_iteration"], "seconds": state["seconds"], "out": str(run.out)}
+            "best_iteration": state["best_iteration"], "train_seconds": state["seconds"],
+            "wall_seconds": time.perf_counter() - wall, "out": str(run.out)}
 
 
-def data_dir(data) -> str:
+def data_dir(data, recorded: str | None = None) -> str:
+    """The Omniglot folder: `data` (--data) if given, else `recorded` (the one a resumed run was trained on)
+    if it is still there, else $OMNIGLOT_DIR."""
+    if not data and recorded:
+        if os.path.isdir(recorded) or not os.environ.get("OMNIGLOT_DIR"):
+            return recorded  # gone and nothing else given: load_omniglot says it is missing, naming it
     data = data or os.environ.get("OMNIGLOT_DIR")
     if not data:
         raise DataError("no Omniglot data: pass --data DIR or set OMNIGLOT_DIR (the official "

@@ -291,7 +291,7 @@ def test_cli_cuda_without_the_provider_is_one_line_and_no_cpu_numbers():
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "CUDAExecutionProvider" in lines[0], result.stderr
-    assert 'pip install "maml-export[gpu]"' in lines[0]
+    assert 'pip uninstall -y onnxruntime onnxruntime-gpu && pip install "onnxruntime-gpu>=1.21"' in lines[0]
     assert result.stdout == ""  # no table, no CPU figures passed off as GPU ones
 
 
@@ -430,3 +430,14 @@ def test_other_ways_use_the_bundled_checkpoint_of_those_ways(exported, tmp_path)
         pytest.skip("no bundled 20-way checkpoint")
     got = reheaded(load_exported(exported), 20, tmp_path, None)
     assert got.source == "bundled omniglot-20w1s.npz" and got.config.ways == 20
+
+
+def test_cli_json_that_cannot_be_written_is_one_line_before_the_benchmark(tmp_path, read_only_dir):
+    (tmp_path / "a-file").write_text("")
+    for path, reason in ((read_only_dir / "bench.json", "cannot write there"),
+                         (tmp_path / "a-file" / "bench.json", "lies under the file"),
+                         (tmp_path / "missing" / "bench.json", "does not exist")):
+        result = bench("--configs", "5w1s", "--runs", "1", "--json", str(path))
+        assert result.returncode == 1 and result.stdout == "", result.stderr  # no table: nothing was timed
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: --json {path}")
+        assert reason in result.stderr

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from conftest import DATA
 from maml_export.data import TaskSampler, Tasks, load_omniglot, split_characters
 from maml_export.errors import DataError
 
@@ -160,7 +161,8 @@ def test_unequal_drawing_counts_are_refused(tiny, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", ["missing", "empty", "bad-zip", "bad-npz", "truncated-npz",
-                                  "npz-without-images", "bad-png", "half-missing"])
+                                  "npz-without-images", "bad-png", "half-missing", "garbage-npz", "object-npz",
+                                  "npy-as-npz"])
 def test_unusable_data_is_one_clear_data_error(case, tiny, tmp_path):
     roots, _ = tiny
     root = tmp_path / "data"
@@ -169,7 +171,7 @@ def test_unusable_data_is_one_clear_data_error(case, tiny, tmp_path):
     if case == "bad-zip":
         for half in ("background", "evaluation"):
             (root / f"images_{half}.zip").write_bytes(os.urandom(2000))
-    if case in ("bad-npz", "truncated-npz", "npz-without-images"):
+    if case in ("bad-npz", "truncated-npz", "npz-without-images", "garbage-npz", "object-npz", "npy-as-npz"):
         good = (roots["npz"] / "images_background.npz").read_bytes()
         (root / "images_evaluation.npz").write_bytes((roots["npz"] / "images_evaluation.npz")
                                                      .read_bytes())
@@ -177,6 +179,14 @@ def test_unusable_data_is_one_clear_data_error(case, tiny, tmp_path):
             broken = b"PK\x03\x04" + os.urandom(3000)
         elif case == "truncated-npz":
             broken = good[: len(good) // 2]
+        elif case == "garbage-npz":  # numpy can only try it as a pickle
+            broken = b"not an archive at all " + os.urandom(3000)
+        elif case == "object-npz":
+            np.savez(root / "other.npz", images=np.array([{"a": 1}], dtype=object))
+            broken = (root / "other.npz").read_bytes()
+        elif case == "npy-as-npz":
+            np.save(root / "other.npy", np.zeros((2, 20, 105, 105), bool))
+            broken = (root / "other.npy").read_bytes()
         else:
             np.savez(root / "other.npz", labels=np.zeros(3))
             broken = (root / "other.npz").read_bytes()
@@ -194,6 +204,9 @@ def test_unusable_data_is_one_clear_data_error(case, tiny, tmp_path):
     message = one_line_error(excinfo)
     assert URL in message and "--data" in message and "OMNIGLOT_DIR" in message
     assert str(root) in message
+    assert "unsafe" not in message and "allow_pickle" not in message and "pickle.load" not in message
+    if case in ("garbage-npz", "object-npz", "npy-as-npz"):
+        assert "images_background.npz is not an Omniglot archive" in message
     if case in ("bad-zip", "bad-npz", "truncated-npz", "npz-without-images", "bad-png"):
         assert ("images_background" if "npz" in case or case == "bad-zip"
                 else "images_evaluation") in message  # names the file that is broken
@@ -203,14 +216,13 @@ def test_unusable_data_is_one_clear_data_error(case, tiny, tmp_path):
 # The shared full dataset
 # ---------------------------------------------------------------------------------------------
 
-SHARED = Path(os.environ.get("OMNIGLOT_DIR") or Path(__file__).resolve().parents[1].parent
-              / "shared" / "omniglot")
+SHARED = Path(DATA) if DATA else None
 
 
 @pytest.fixture(scope="module")
-def full(tmp_path_factory):
+def full(omniglot_dir, tmp_path_factory):
     if not (SHARED / "images_background.npz").is_file():
-        pytest.skip(f"the full Omniglot npz is not at {SHARED} (set OMNIGLOT_DIR)")
+        pytest.skip(f"the spot check reads images_background.npz; {SHARED} holds another form")
     cache = tmp_path_factory.mktemp("full-cache")
     return load_omniglot(SHARED, cache_dir=cache), cache
 
@@ -329,7 +341,7 @@ def test_state_dict_resumes_the_identical_stream(images):
 @pytest.mark.parametrize("ways, shots, query, option", [
     (9, 1, 1, "--ways 9 is larger than the 8 classes of the train split"),
     (2, 6, 15, "--shots 6 + --query 15 = 21 is above the 20 drawings per character"),
-    (0, 1, 1, "--ways"), (2, 0, 1, "--shots"), (2, 1, 0, "--query"),
+    (1, 1, 1, "--ways must be at least 2"), (2, 0, 1, "--shots"), (2, 1, 0, "--query"),
 ])
 def test_impossible_tasks_are_refused(images, ways, shots, query, option):
     with pytest.raises(DataError) as excinfo:

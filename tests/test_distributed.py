@@ -12,8 +12,9 @@ from maml_export.checkpoint import load_checkpoint
 from maml_export.config import MamlConfig
 from maml_export.trainer import train
 
-DATA = os.environ.get("OMNIGLOT_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "omniglot"))
-pytestmark = pytest.mark.skipif(not os.path.isdir(DATA), reason=f"shared Omniglot not found at {DATA}")
+from conftest import DATA, needs_omniglot
+
+pytestmark = needs_omniglot
 TRAIN = str(Path(__file__).parent.parent / "train" / "__main__.py")
 SMALL = ["--hidden", "16", "--meta-batch", "4", "--query", "3", "--inner-steps", "2", "--val-tasks", "8",
          "--first-order"]

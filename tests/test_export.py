@@ -30,7 +30,7 @@ from maml_export.maml import MAML
 from maml_export.model import Model, to_tensors
 from maml_export.parity import RTOL, compare
 
-DATA = os.environ.get("OMNIGLOT_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "omniglot"))
+from conftest import DATA
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
@@ -53,8 +53,7 @@ def checkpoint(tmp_path_factory) -> Path:
 def exported(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
     # query_norm "support": the default of every model trained since it exists (a no-op for such a checkpoint)
-    report = export_model(checkpoint, out, steps=5, tasks=6, data=DATA if os.path.isdir(DATA) else None,
-                          query_norm="support")
+    report = export_model(checkpoint, out, steps=5, tasks=6, data=DATA, query_norm="support")
     return out, report
 
 
@@ -70,17 +69,14 @@ TASK_BATCH = 3
 def exported_batch(checkpoint, tmp_path_factory):
     """The same weights and steps as `exported`, as a graph for TASK_BATCH tasks per call (parity: one call)."""
     out = tmp_path_factory.mktemp("export-batch")
-    report = export_model(checkpoint, out, steps=5, tasks=2, data=DATA if os.path.isdir(DATA) else None,
-                          task_batch=TASK_BATCH, query_norm="support")
+    report = export_model(checkpoint, out, steps=5, tasks=2, data=DATA, task_batch=TASK_BATCH, query_norm="support")
     return out, report
 
 
 @pytest.fixture(scope="module")
-def omniglot():
-    if not os.path.isdir(DATA):
-        pytest.skip(f"shared Omniglot not found at {DATA} (set OMNIGLOT_DIR)")
+def omniglot(omniglot_dir):
     from maml_export.data import load_omniglot, split_characters
-    return load_omniglot(DATA), split_characters()["test"]
+    return load_omniglot(omniglot_dir), split_characters()["test"]
 
 
 def sample(omniglot, tasks, shots=1, seed=123):
@@ -612,8 +608,8 @@ def test_maml_export_with_a_corrupt_checkpoint_is_one_line(tmp_path):
     assert "corrupt" in done.stderr and "Traceback" not in done.stderr
     usage = run_cli("export", "--steps", "many")
     assert usage.returncode == 2 and usage.stderr.startswith("error:") and usage.stderr.count("\n") == 1
-    zero = run_cli("export", "--checkpoint", str(bad), "--steps", "0")
-    assert zero.returncode == 1 and "--steps" in zero.stderr
+    zero = run_cli("export", "--checkpoint", str(bad), "--steps", "0")  # an option out of range: a usage error
+    assert zero.returncode == 2 and "--steps" in zero.stderr
 
 
 class Unpool(paddle.nn.Layer):
@@ -668,3 +664,102 @@ def test_view_chains_fold_to_one_reshape_or_none():
     ops = [n.op_type for n in folded.graph.node]
     assert ops.count("Reshape") == 1 and ops.count("MatMul") == 2 and "Squeeze" in ops, ops
     np.testing.assert_array_equal(ort.InferenceSession(folded.SerializeToString()).run(None, feeds)[0], before)
+
+
+# --- what a new user hit: write failures, meaningless inputs, one bad file, a run folder's checkpoint ------------
+
+def test_maml_export_out_that_cannot_be_written_is_one_line_before_any_work(tmp_path, read_only_dir):
+    (tmp_path / "a-file").write_text("")
+    for out, reason in ((tmp_path / "a-file", "is a file, not a folder"), (tmp_path / "a-file" / "sub", "lies under the file"),
+                        (read_only_dir, "cannot write there"), (read_only_dir / "new", "cannot write there")):
+        done = run_cli("export", "--out", str(out), "--steps", "1", "--tasks", "1")
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"error: --out {out}") and reason in done.stderr
+        assert "[1/6]" not in done.stdout  # refused before tracing, not after
+
+
+def test_maml_export_takes_a_run_folders_best_checkpoint(checkpoint, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "latest.npz").write_bytes(Path(checkpoint).read_bytes())
+    (run / "best.npz").write_bytes(b"PK\x03\x04 not the latest: the best")  # so that reading it shows
+    done = run_cli("export", "--checkpoint", str(run), "--out", str(tmp_path / "exp"))
+    assert done.returncode == 1 and f"{run / 'best.npz'} is corrupt" in done.stderr, done.stderr
+    (run / "best.npz").unlink()  # a run stopped before its first validation
+    done = run_cli("export", "--checkpoint", str(run), "--out", str(tmp_path / "exp"))
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "no best.npz yet" in done.stderr and str(run / "latest.npz") in done.stderr
+    assert "its best.npz" in " ".join(run_cli("export", "--help").stdout.split())
+
+
+def synthetic_task(ways=5, shots=1, query=3, seed=0):
+    from maml_export.data import synthetic_tasks
+    return tuple(a[0] for a in synthetic_tasks(1, ways, shots, query, seed))
+
+
+def test_adapter_refuses_inverted_blank_and_out_of_range_images(exported, exported_batch):
+    a = Adapter(exported[0] / "model.onnx")
+    xs, ys, xq, _ = synthetic_task()
+    assert a.predict(xs, ys, xq).shape == (15, 5)
+    inverted, blank, black = xq.copy(), xq.copy(), xq.copy()
+    inverted[2] = 1 - inverted[2]  # white paper read as it is: ink 0, paper 1
+    blank[4], black[[4, 7]] = 0, 1
+    for args, message in (((xs, ys, inverted), "x_qry image 2 is inverted"),
+                          ((xs, ys, blank), "x_qry image 4 is blank (every pixel 0.00: nothing drawn)"),
+                          ((xs, ys, black), "x_qry image 4 is blank (every pixel 1.00: all ink) (and 1 more of 15)"),
+                          ((xs * 255, ys, xq), "x_spt image 0 is outside [0, 1]"),
+                          ((1 - xs, ys, xq), "x_spt image 0 is inverted")):
+        with pytest.raises(ValueError, match=re.escape(message)) as e:
+            a.predict(*args)
+        assert "\n" not in str(e.value) and "check_pixels=False" in str(e.value)
+    as_is = Adapter(exported[0] / "model.onnx", check_pixels=False)  # the override classifies them all the same
+    assert np.array_equal(as_is.predict(xs, ys, inverted),
+                          as_is.session.run(["logits"], {"x_spt": xs, "y_spt": ys, "x_qry": inverted})[0])
+    batch = Adapter(exported_batch[0] / "model.onnx")
+    xs, ys, xq = (np.stack([x] * TASK_BATCH) for x in (xs, ys, inverted))
+    with pytest.raises(ValueError, match=r"x_qry task 0 image 2 is inverted \(.*\) \(and 2 more of 45\)"):
+        batch.predict(xs, ys, xq)
+
+
+def drawing_file(x: np.ndarray, path: Path, inverted: bool = False) -> None:
+    """A [1, H, W] drawing (ink 1.0) as a PNG of dark ink on white paper (or light ink on black, inverted)."""
+    ink = np.round(x[0] * 255).astype(np.uint8)
+    Image.fromarray(ink if inverted else 255 - ink).save(path)
+
+
+def test_maml_predict_reports_each_bad_query_file_and_classifies_the_others(exported, tmp_path):
+    xs, ys, xq, yq = synthetic_task()
+    for i, label in enumerate(ys):
+        (tmp_path / "support" / f"class{label}").mkdir(parents=True, exist_ok=True)
+        drawing_file(xs[i], tmp_path / "support" / f"class{label}" / f"{i}.png")
+    good, query = tmp_path / "good", tmp_path / "query"
+    good.mkdir(), query.mkdir()
+    for i, x in enumerate(xq):
+        drawing_file(x, good / f"q{i:02d}.png")
+        drawing_file(x, query / f"q{i:02d}.png")
+    drawing_file(xq[0], query / "inverted.png", inverted=True)  # white ink on black
+    Image.new("L", (28, 28), 255).save(query / "blank.png")
+    Image.new("L", (40, 40), 0).save(query / "black.png")
+    (query / "broken.png").write_bytes(b"\x89PNG not really")
+    model = ["--model", str(exported[0] / "model.onnx"), "--support", str(tmp_path / "support")]
+    alone = run_cli("export.predict", *model, "--query", str(good))
+    assert alone.returncode == 0, alone.stderr
+    done = run_cli("export.predict", *model, "--query", str(query))
+    assert done.returncode == 1 and done.stdout == alone.stdout  # the good files, classified as on their own
+    errors = done.stderr.splitlines()
+    assert len(errors) == 4 and all(line.startswith("error: ") for line in errors), done.stderr
+    for name, reason in (("black.png", "is blank"), ("blank.png", "is blank"), ("broken.png", "cannot read image"),
+                         ("inverted.png", "is inverted")):
+        assert any(str(query / name) in line and reason in line for line in errors), (name, errors)
+    doc = json.loads(run_cli("export.predict", *model, "--query", str(query), "--json").stdout)
+    assert len(doc["predictions"]) == 15 and sorted(f["file"] for f in doc["failed"]) == [
+        "black.png", "blank.png", "broken.png", "inverted.png"]
+    forced = run_cli("export.predict", *model, "--query", str(query), "--no-pixel-check", "--json")
+    assert forced.returncode == 1 and [f["file"] for f in json.loads(forced.stdout)["failed"]] == ["broken.png"]
+    assert len(json.loads(forced.stdout)["predictions"]) == 18
+    drawing_file(xs[0], tmp_path / "support" / "class0" / "0.png", inverted=True)  # a support image: no adapting
+    bad = run_cli("export.predict", *model, "--query", str(good))
+    assert bad.returncode == 1 and bad.stdout == "" and bad.stderr.count("\n") == 1
+    assert bad.stderr.startswith(f"error: --support image {tmp_path / 'support' / 'class0' / '0.png'} is inverted")
+    usage = " ".join(run_cli("export.predict", "--help").stdout.split())
+    assert "the other query images are classified all the same, and the exit code is then 1" in usage

@@ -1,6 +1,4 @@
 """Adaptation and meta-gradients against independent references: PaddleRec's loop, finite differences."""
-import os
-
 import numpy as np
 import paddle
 import pytest
@@ -11,14 +9,10 @@ from maml_export.layers import softmax_cross_entropy
 from maml_export.maml import MAML, expand_to_tasks, loss_and_grads, prototype_head, query_loss_and_grads
 from maml_export.model import Model, conv4_specs, to_tensors
 
-DATA = os.environ.get("OMNIGLOT_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "omniglot"))
-
 
 @pytest.fixture(scope="module")
-def omniglot_tasks():
-    if not os.path.isdir(DATA):
-        pytest.skip(f"shared Omniglot not found at {DATA} (set OMNIGLOT_DIR)")
-    images = load_omniglot(DATA)
+def omniglot_tasks(omniglot_dir):
+    images = load_omniglot(omniglot_dir)
     sampler = TaskSampler(images, split_characters()["train"], ways=5, shots=1, query=3, seed=7)
     return sampler.sample(2)
 

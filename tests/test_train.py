@@ -1,8 +1,12 @@
 """Meta-training on real Omniglot: it learns, resumes exactly, and rejects bad input in one line."""
 import json
 import os
+import random
+import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import paddle
@@ -15,8 +19,8 @@ from maml_export.optim import Adam
 from maml_export.model import Model
 from maml_export.trainer import VAL_SEED, initial_params, train
 
-DATA = os.environ.get("OMNIGLOT_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "omniglot"))
-needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason=f"shared Omniglot not found at {DATA}")
+from conftest import DATA, needs_omniglot as needs_data, require_omniglot
+
 SMALL = dict(hidden=16, meta_batch=4, query=3, inner_steps=2, val_tasks=20, first_order=True)
 
 
@@ -224,6 +228,7 @@ def test_val_ways_chooses_and_ships_the_checkpoint_for_the_ways_it_will_be_deplo
         train(plain, DATA, tmp_path / "plain", resume=True, overrides={"val_ways": 2}, progress=False)
 
 
+@needs_data
 def test_bundle_ships_the_best_checkpoint_with_the_command_that_reproduces_the_run(tmp_path):
     run = tmp_path / "run"
     train(MamlConfig(iterations=2, val_every=1, **SMALL), DATA, run, progress=False)
@@ -325,9 +330,9 @@ def test_head_init_prototypes_trains_second_order_and_ships_from_a_zero_head_run
     (["--val-ways", "1", "--zero-head"], "--val-ways must be at least 2"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, args, message):
-    if "/nonexistent/omniglot" not in args and not os.path.isdir(DATA):
-        pytest.skip("needs the shared Omniglot")
-    result = cli("--out", str(tmp_path / "run"), "--iterations", "1", *args, env={"OMNIGLOT_DIR": DATA})
+    if "/nonexistent/omniglot" not in args:
+        require_omniglot()
+    result = cli("--out", str(tmp_path / "run"), "--iterations", "1", *args)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
@@ -337,9 +342,113 @@ def test_cli_bad_input_is_one_line(tmp_path, args, message):
 def test_cli_refuses_to_overwrite_a_run_and_evaluate_rejects_corrupt_checkpoint(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "latest.npz").write_bytes(b"precious")
-    result = cli("--out", str(tmp_path / "run"), "--iterations", "1", env={"OMNIGLOT_DIR": DATA})
+    result = cli("--out", str(tmp_path / "run"), "--iterations", "1")
     assert result.returncode != 0 and "--resume" in result.stderr
     assert (tmp_path / "run" / "latest.npz").read_bytes() == b"precious"  # nothing lost
-    result = cli("evaluate", "--checkpoint", str(tmp_path / "run" / "latest.npz"), "--data", DATA)
+    result = cli("evaluate", "--checkpoint", str(tmp_path / "run" / "latest.npz"))  # read before any data
     assert result.returncode != 0 and result.stderr.startswith("error: ") and "corrupt" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- what a new user hit: resume without --data, hard kills, write failures ----------------------------------------
+
+SMALL_ARGS = ["--hidden", "16", "--meta-batch", "4", "--query", "3", "--inner-steps", "2", "--val-tasks", "20",
+              "--first-order", "--threads", "1"]
+NO_DATA_ENV = {k: v for k, v in os.environ.items() if k != "OMNIGLOT_DIR"}  # the run must find its data itself
+
+
+def train_cli(*args, output=None):
+    """`python -m train ARGS`, finished; with `output` (a file), started, writing stdout and stderr there (a
+    pipe nobody reads would fill with the progress bar and stop the run)."""
+    command = [sys.executable, "-m", "train", *args]
+    if output:
+        return subprocess.Popen(command, env=NO_DATA_ENV, stdout=output, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(command, capture_output=True, text=True, env=NO_DATA_ENV, timeout=300)
+
+
+def log(run) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def wait_for_rows(run, proc, rows: int, latest: bool = True) -> None:
+    """Until the run has logged `rows` iterations (and saved `latest`)."""
+    while (latest and not (run / "latest.npz").exists()) or not (run / "metrics.jsonl").exists() or sum(
+            "loss" in r for r in log(run)) < rows:
+        assert proc.poll() is None, "the run ended"
+        time.sleep(0.05)
+
+
+@needs_data
+def test_a_run_remembers_its_data_and_ctrl_c_says_how_to_continue(tmp_path):
+    run = tmp_path / "run"
+    with open(tmp_path / "output", "w+") as output:
+        proc = train_cli("--data", DATA, "--out", str(run), "--iterations", "1000", "--val-every", "1000", *SMALL_ARGS,
+                         output=output)
+        wait_for_rows(run, proc, 1, latest=False)  # Ctrl-C saves it
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+        output.seek(0)
+        err = output.read()
+    again = f"python -m train --out {run} --resume"
+    assert proc.returncode == 130 and err.splitlines()[-1] == (
+        f"error: interrupted; the last completed iteration is saved: continue with {again}"), err[-2000:]
+    assert "loss=" in err and "val=" not in err  # the progress bar, with no validation figure before there is one
+    assert log(run)[0]["data"] == os.path.abspath(DATA)
+    stopped = load_checkpoint(run / "latest.npz").iteration
+    done = train_cli(*shlex.split(again)[3:], "--iterations", str(stopped + 1))  # no --data, no OMNIGLOT_DIR
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.splitlines()[-1])
+    assert summary["iterations"] == stopped + 1 and "seconds" not in summary
+    assert 0 < summary["train_seconds"] and 0 < summary["wall_seconds"]  # named for what they count
+    assert [r["data"] for r in log(run) if r.get("event") == "resume"] == [os.path.abspath(DATA)]
+    elsewhere = str(tmp_path / "elsewhere")  # an explicit --data still wins over the recorded one
+    moved = train_cli("--out", str(run), "--resume", "--iterations", str(stopped + 2), "--data", elsewhere)
+    assert moved.returncode == 1 and f"Omniglot directory {elsewhere} does not exist" in moved.stderr, moved.stderr
+
+
+@needs_data
+def test_sigkill_at_a_random_moment_then_resume_ends_as_an_uninterrupted_run(tmp_path):
+    seed = random.randrange(2 ** 32)
+    rng = random.Random(seed)
+    args = [*SMALL_ARGS, "--iterations", "8", "--val-every", "4"]
+    straight = train_cli("--data", DATA, "--out", str(tmp_path / "a"), *args)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = tmp_path / "b"
+    with open(tmp_path / "output", "w") as output:
+        proc = train_cli("--data", DATA, "--out", str(killed), *args, "--save-every-seconds", "0", output=output)
+        wait_for_rows(killed, proc, rng.randint(1, 5))
+        time.sleep(rng.uniform(0, 0.3))
+        proc.kill()  # SIGKILL: nothing is saved on the way out
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"seed {seed}: the run ended before the kill"
+    lost = log(killed)
+    resumed = train_cli("--out", str(killed), "--resume", "--threads", "1")  # its own data, recorded; the same
+    # threads as the uninterrupted run (float sums in another order round differently)
+    assert resumed.returncode == 0, f"seed {seed}: {resumed.stderr[-2000:]}"
+    for name in ("latest", "best"):
+        a, b = load_checkpoint(tmp_path / "a" / f"{name}.npz"), load_checkpoint(killed / f"{name}.npz")
+        assert a.iteration == b.iteration and a.state["best_val_accuracy"] == b.state["best_val_accuracy"], seed
+        for key in a.params:
+            np.testing.assert_array_equal(a.params[key], b.params[key], err_msg=f"seed {seed}: {name} {key}")
+        for key in a.optimizer:
+            np.testing.assert_array_equal(a.optimizer[key], b.optimizer[key], err_msg=f"seed {seed}: {name} {key}")
+    # the log reads as one run: each iteration and validation once, with the uninterrupted run's figures
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "data")} for r in rows  # noqa: E731
+                          if r.get("event") in (None, "validation")]
+    assert strip(log(killed)) == strip(log(tmp_path / "a")), f"seed {seed}; log before the resume: {lost}"
+    assert [r["iteration"] for r in log(killed) if "loss" in r] == list(range(1, 9))
+
+
+def test_train_out_that_cannot_be_written_is_one_line_before_the_data_is_read(tmp_path, read_only_dir):
+    (tmp_path / "a-file").write_text("")
+    for out, reason in ((read_only_dir / "run", "cannot write there"), (tmp_path / "a-file" / "run", "lies under the file")):
+        done = train_cli("--out", str(out), "--iterations", "1")  # no data given: refused before it is looked for
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith(f"error: --out {out}") and reason in done.stderr
+
+
+def test_a_garbage_checkpoint_is_refused_without_advice_to_unpickle_it(tmp_path):
+    (tmp_path / "c.npz").write_bytes(b"certainly not a checkpoint " + os.urandom(2000))
+    with pytest.raises(CheckpointError, match="not a .npz of plain arrays") as e:
+        load_checkpoint(tmp_path / "c.npz")
+    assert "unsafe" not in str(e.value) and "allow_pickle" not in str(e.value)

@@ -1,63 +1,69 @@
-"""`python -m train`: meta-train MAML on Omniglot; `python -m train evaluate`: meta-test accuracy."""
+"""`maml-train` or `python -m train`: meta-train MAML on Omniglot; `evaluate`: meta-test accuracy; `bundle`.
+
+`maml-train` is the installed console script: it runs this same CLI from any folder, where `python -m
+train` would run a `train.py` of the current folder instead, if there is one.
+"""
 import json
 import sys
 
 import click
 
+from maml_export.cli import checkpoint_argument, fail, run
 from maml_export.config import RESUME_MAY_CHANGE, MamlConfig, click_options, flag, given
-from maml_export.errors import MamlError
 from maml_export.layers import HEAD_INITS, QUERY_NORMS
-
-
-def fail(message: str, code: int = 2):
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--data", type=click.Path(), default=None,
               help="Omniglot folder: the .npz pair, the official zips or their extracted folders "
-                   "[default: $OMNIGLOT_DIR]")
+                   "[default: with --resume, the run's own (recorded in its checkpoints); else $OMNIGLOT_DIR]")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/default", show_default=True,
               help="run folder: checkpoints latest/best (.npz + .json) and metrics.jsonl")
 @click.option("--resume", is_flag=True, help="continue the run in --out (weights, Adam and task stream); only "
               + ", ".join(map(flag, RESUME_MAY_CHANGE)) + " may differ from the run's")
-@click.option("--threads", type=int, default=None, help="CPU threads for Paddle [default: all cores]")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for Paddle [default: all cores]")
+@click.option("--save-every-seconds", type=click.FloatRange(min=0), default=60, show_default=True,
+              help="also save `latest` after the first iteration this long after the last save, so that a hard "
+                   "kill (power, OOM killer, SIGKILL) loses at most about this much; 0: after every iteration")
 @click_options(MamlConfig)
 @click.pass_context
-def main(ctx, data, out, resume, threads, **options):
+def cli(ctx, data, out, resume, threads, save_every_seconds, **options):
     """Meta-train a conv-4 MAML on Omniglot (5-way 1-shot by default).
 
     \b
-    Examples:
-      python -m train --data ../shared/omniglot --iterations 200 --first-order --out runs/quick
-      python -m train --out runs/quick --resume --iterations 400
-      python -m train --out runs/quick --resume --iterations 600 --meta-lr 1e-4
-      python -m train evaluate --checkpoint runs/quick/best.npz --tasks 600
+    Examples (`python -m train` runs the same):
+      maml-train --data ../shared/omniglot --iterations 200 --first-order --out runs/quick
+      maml-train --out runs/quick --resume --iterations 400    (the run remembers its --data)
+      maml-train --out runs/quick --resume --iterations 600 --meta-lr 1e-4
+      maml-train evaluate --checkpoint runs/quick --tasks 600    (a run folder: its best.npz)
+
+    Prints a JSON summary: `train_seconds` is the meta-iterations' compute time over the whole run
+    (validation excluded, as the `seconds` of metrics.jsonl), `wall_seconds` this command's wall time.
     """
     if ctx.invoked_subcommand is not None:
         return
     options = given(options)
     from maml_export.distributed import RankLostError  # these import paddle: keep --help fast
     from maml_export.trainer import Terminated, train
+    import shlex
+    again = f"{ctx.find_root().info_name} --out {shlex.quote(out)} --resume"  # the run remembers its data
+    config = MamlConfig(**options)
     try:
-        config = MamlConfig(**options)
-        summary = train(config, data, out, resume=resume, overrides=options, threads=threads)
+        summary = train(config, data, out, resume=resume, overrides=options, threads=threads,
+                        save_every_seconds=save_every_seconds)
     except (RankLostError, Terminated) as e:
-        fail(f"{e}; the last completed iteration is saved: continue with --out {out} --resume")
-    except MamlError as e:
-        fail(str(e))
+        sys.exit(fail(f"{e}; the last completed iteration is saved: continue with {again}", 1))
     except KeyboardInterrupt:
-        fail(f"interrupted; the last completed iteration is saved: continue with --out {out} --resume", 130)
+        sys.exit(fail(f"interrupted; the last completed iteration is saved: continue with {again}", 130))
     click.echo(json.dumps(summary))
 
 
-@main.command()
+@cli.command()
 @click.option("--checkpoint", type=click.Path(), default=None,
-              help="checkpoint .npz, a run folder, or a bundled one by name (omniglot-20w1s) "
-                   "[default: the bundled omniglot-5w1s]")
+              help="checkpoint .npz, a run folder (its best.npz, chosen on validation), or a bundled one by name "
+                   "(omniglot-20w1s) [default: the bundled omniglot-5w1s]")
 @click.option("--data", type=click.Path(), default=None, help="Omniglot folder [default: $OMNIGLOT_DIR]")
-@click.option("--tasks", type=int, default=600, show_default=True, help="test tasks to average over")
+@click.option("--tasks", type=click.IntRange(min=1), default=600, show_default=True, help="test tasks to average over")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
 @click.option("--steps", type=int, default=None,
               help="inner SGD steps [default: the checkpoint's deployed ones: its --val-steps if it has them]")
@@ -67,17 +73,17 @@ def main(ctx, data, out, resume, threads, **options):
               help="where adaptation starts the head (see `python -m train --help`) [default: the checkpoint's]")
 @click.option("--query-norm", type=click.Choice(QUERY_NORMS), default=None,
               help="how queries are normalised (see `python -m train --help`) [default: the checkpoint's]")
-@click.option("--ways", type=int, default=None,
+@click.option("--ways", type=click.IntRange(min=2), default=None,
               help="classes per task: a --zero-head checkpoint's backbone with a zero head of that size "
                    "[default: the checkpoint's deployed ways]")
 @click.option("--export", "export_dir", type=click.Path(file_okay=False), default=None,
               help="evaluate this maml-export folder instead, as a deployment runs it: onnxruntime, adapt.onnx once "
                    "per task, then predict.onnx on one query image at a time (--checkpoint and the adaptation "
                    "options do not apply)")
-@click.option("--shots", type=int, default=None, help="support images per class [default: the checkpoint's]")
-@click.option("--query", type=int, default=15, show_default=True, help="query images per class")
+@click.option("--shots", type=click.IntRange(min=1), default=None, help="support images per class [default: the checkpoint's]")
+@click.option("--query", type=click.IntRange(min=1), default=15, show_default=True, help="query images per class")
 @click.option("--seed", type=int, default=None, help="seed of the test tasks [default: fixed]")
-@click.option("--threads", type=int, default=None, help="CPU threads [default: all cores]")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores]")
 @click.option("--json", "as_json", is_flag=True, help="print only the JSON result")
 def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_norm, ways, export_dir, shots, query,
              seed, threads, as_json):
@@ -85,19 +91,14 @@ def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_n
     calibration of its probabilities (ECE, 15 bins)."""
     from maml_export.checkpoint import default_checkpoint
     from maml_export.trainer import TEST_SEED, evaluate_checkpoint, evaluate_export
-    if tasks < 1:
-        fail("--tasks must be at least 1")
     seed = TEST_SEED if seed is None else seed
-    try:
-        if export_dir:
-            result = evaluate_export(export_dir, data, tasks, split, seed, query, threads, progress=not as_json,
-                                     shots=shots)
-        else:
-            result = evaluate_checkpoint(checkpoint or default_checkpoint(), data, tasks, split, steps, inner_lr,
-                                         seed, query, threads, progress=not as_json, head_init=head_init,
-                                         query_norm=query_norm, ways=ways, shots=shots)
-    except (MamlError, ValueError) as e:
-        fail(str(e), 1)
+    if export_dir:
+        result = evaluate_export(export_dir, data, tasks, split, seed, query, threads, progress=not as_json,
+                                 shots=shots)
+    else:
+        result = evaluate_checkpoint(checkpoint_argument(checkpoint) or default_checkpoint(), data, tasks, split,
+                                     steps, inner_lr, seed, query, threads, progress=not as_json, head_init=head_init,
+                                     query_norm=query_norm, ways=ways, shots=shots)
     if not as_json:
         head = f"{result['head_init']} head, " if "head_init" in result else ""
         click.echo(f"{result['config']}: {result['ways']}-way {result['shots']}-shot, {result['steps']} steps, {head}"
@@ -106,7 +107,7 @@ def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_n
     click.echo(json.dumps(result))
 
 
-@main.command()
+@cli.command()
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--out", type=click.Path(dir_okay=False), required=True,
               help="bundle to write (.npz; .json and .metrics.jsonl beside it), e.g. "
@@ -122,7 +123,7 @@ def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_n
 @click.option("--head-init", type=click.Choice(HEAD_INITS), default=None,
               help="ship with this head initialisation, e.g. 'prototypes' chosen on the validation split with "
                    "`evaluate --split val --head-init` [default: the run's]")
-@click.option("--calibration-tasks", type=int, default=200, show_default=True,
+@click.option("--calibration-tasks", type=click.IntRange(min=0), default=200, show_default=True,
               help="validation tasks (15 queries per class) the temperature is fitted on, so that the shipped model's "
                    "probabilities are calibrated; 0: ship without one (temperature 1)")
 @click.option("--data", type=click.Path(), default=None,
@@ -132,18 +133,19 @@ def bundle(run, out, inner_lr, note, ways, head_init, calibration_tasks, data):
     optimizer state, the temperature that calibrates its probabilities, the command that reproduces the run,
     and its metrics log up to that iteration."""
     from maml_export.checkpoint import bundle_run
-    if calibration_tasks < 0:
-        fail("--calibration-tasks must be 0 or more")
     calibrate = None
     if calibration_tasks:
         from maml_export.trainer import calibrate as fit
         calibrate = lambda deployed: fit(deployed, data, calibration_tasks)  # noqa: E731
-    try:  # --inner-lr and --ways are checked by the shipped config (MamlConfig), as for training
-        ckpt = bundle_run(run, out, inner_lr, note, ways, head_init, calibrate)
-    except MamlError as e:
-        fail(str(e))
+    # --inner-lr, --ways: checked by the shipped config (MamlConfig), as for training
+    ckpt = bundle_run(run, out, inner_lr, note, ways, head_init, calibrate)
     click.echo(json.dumps({"out": out, "iteration": ckpt.iteration, **ckpt.state}))
 
 
+def main(args: list[str] | None = None, prog_name: str = "maml-train") -> None:
+    """The `maml-train` console script (exit 1 on a failure, 2 on a usage error, 130 on Ctrl-C)."""
+    run(cli, args, prog_name)
+
+
 if __name__ == "__main__":
-    main()
+    main(prog_name="python -m train")
