@@ -86,7 +86,9 @@ class MamlConfig:
     layers: list = _opt(None, "layer specs (derived from the fields above when empty)", cli=False)
 
     def __post_init__(self):
-        for name in ("ways", "shots", "query", "inner_steps", "meta_batch", "iterations", "hidden", "val_tasks",
+        if self.iterations < 0:  # 0: no meta-training (a bundle of an --init run's starting weights)
+            raise ConfigError(f"--iterations must be at least 0, got {self.iterations}")
+        for name in ("ways", "shots", "query", "inner_steps", "meta_batch", "hidden", "val_tasks",
                      "val_every", "val_query", "val_steps"):  # None: an optional one not given
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
