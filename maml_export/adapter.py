@@ -140,7 +140,12 @@ class Adapter:
 
     def check(self, x_spt, y_spt, x_qry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The inputs as float32/int64 arrays, or a one-line ValueError saying what is wrong."""
-        xs, xq = self._images("x_spt", x_spt), self._images("x_qry", x_qry)
+        xs, y = self.check_support(x_spt, y_spt)
+        return xs, y, self._images("x_qry", x_qry)
+
+    def check_support(self, x_spt, y_spt) -> tuple[np.ndarray, np.ndarray]:
+        """The support set as float32/int64 arrays, or a one-line ValueError saying what is wrong."""
+        xs = self._images("x_spt", x_spt)
         y = np.asarray(y_spt)
         if y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all():
             y = y.astype(np.int64)  # 1.0 is a fine label; 1.5 is not
@@ -159,7 +164,7 @@ class Adapter:
                 where = f"task {t}'s support set" if k else "the support set"
                 raise ValueError(f"{where} has no image of class {', '.join(map(str, absent))}: "
                                  f"a {self.ways}-way model needs every class 0..{self.ways - 1} in y_spt")
-        return xs, y.astype(np.int64), xq
+        return xs, y.astype(np.int64)
 
     def predict(self, x_spt, y_spt, x_qry) -> np.ndarray:
         """Adapt to (x_spt, y_spt) with `steps` SGD steps, then query logits, float32 [Q, ways] ([T, Q, ways]
@@ -199,8 +204,7 @@ class Adapter:
         """Learn a task from its support set (adapt.onnx: the `steps` SGD steps, once) -> a `Task` that
         classifies any number of images later. `classes`, optional: a name per label, kept with the task."""
         adapt, _ = self._split()
-        one_query = np.zeros((1,) + self.image_shape, np.float32)  # check() wants queries; adapt takes none
-        xs, ys, _ = self.check(x_spt, y_spt, one_query)
+        xs, ys = self.check_support(x_spt, y_spt)
         state = dict(zip(self.state_names, adapt.run(None, {SUPPORT_IMAGES: xs, SUPPORT_LABELS: ys})))
         return Task(self, state, classes, support_size=len(ys))
 
