@@ -120,13 +120,15 @@ def reheaded(base: Exported, ways: int, workdir: Path, data) -> Exported:
         specs = with_head(base.config.layers, ways)
     except ValueError as e:
         raise ConfigError(f"--configs: {e}") from None
+    same = lambda layers: with_head(layers, init="meta", temperature=1.0)  # noqa: E731 - the network, not its head's use
     for path in sorted(PRETRAINED_DIR.glob(f"*-{ways}w*s.npz")):  # the same network, whichever head init
-        if with_head(load_checkpoint(path).config.layers, init="meta") == with_head(specs, init="meta"):
+        if same(load_checkpoint(path).config.layers) == same(specs):
             return export_checkpoint(path, workdir / f"{ways}way", base.steps, None, data, f"bundled {path.name}")
     c, model = base.config, Model.from_specs(specs)
     params = model.with_zero_head(base.params)
     config = MamlConfig(name=f"{c.name}-backbone-{ways}w", ways=ways, inner_lr=base.inner_lr, hidden=c.hidden,
-                        channels=c.channels, image_size=c.image_size, head_init=c.head_init, layers=specs)
+                        channels=c.channels, image_size=c.image_size, head_init=c.head_init, query_norm=c.query_norm,
+                        temperature=c.temperature, layers=specs)
     path = save_checkpoint(workdir / f"{ways}way.npz", Checkpoint(config, params))
     return export_checkpoint(path, workdir / f"{ways}way", base.steps, base.inner_lr, data,
                              f"{base.source.removeprefix('bundled ')}'s backbone, zero {ways}-way head")

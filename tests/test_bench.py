@@ -38,7 +38,7 @@ def bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("ways, shots, notes", [(5, 1, 2.92), (5, 5, 8.72), (20, 1, 11.69), (20, 5, 34.88)])
 def test_flop_counter_reproduces_the_notes(ways, shots, notes):
     flops = count_flops(conv4_specs(ways), support=ways * shots, query=ways * 15, steps=5)
-    # NOTES gives two decimals; 20w5s counts 34.887 GFLOP, which NOTES writes as 34.88 (truncated)
+    # docs/benchmarks.md#the-flop-floor gives two decimals; 20w5s counts 34.887 GFLOP, first written as 34.88 (truncated)
     assert abs(flops / 1e9 - notes) < 0.01, flops
 
 
