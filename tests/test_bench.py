@@ -441,3 +441,14 @@ def test_cli_json_that_cannot_be_written_is_one_line_before_the_benchmark(tmp_pa
         assert result.returncode == 1 and result.stdout == "", result.stderr  # no table: nothing was timed
         assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: --json {path}")
         assert reason in result.stderr
+
+
+def test_stream_times_one_image_after_another_on_one_learned_task(exported_support):
+    """python -m bench.stream: predict.onnx back to back on one adapted state; JSON with the per-image figures."""
+    done = subprocess.run([sys.executable, "-m", "bench.stream", str(exported_support.parent), "--images", "20",
+                           "--warmup", "2", "--threads", "1"], capture_output=True, text=True, env=ENV, cwd=ROOT,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["images"] == 20 and 0 < doc["predict_one_p50_ms"] <= doc["predict_one_p90_ms"]
+    assert doc["adapt_p50_ms"] > doc["predict_one_p50_ms"] and doc["images_per_s"] > 0
