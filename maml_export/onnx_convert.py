@@ -191,17 +191,7 @@ def clean_graph(model: onnx.ModelProto, inputs: list[str], outputs: list[str],
         init.name = rename.get(init.name, init.name)
     for vi, name in list(zip(g.input, inputs)) + list(zip(g.output, outputs)):
         vi.name = name
-    # Dead nodes: walk back from the outputs; a node is live when one of its outputs is needed.
-    needed, live = set(outputs), []
-    for n in reversed(keep):
-        if any(o in needed for o in n.output):
-            live.append(n)
-            needed.update(i for i in n.input if i)
-    del g.node[:]
-    g.node.extend(reversed(live))
-    used = [t for t in g.initializer if t.name in needed]
-    del g.initializer[:]
-    g.initializer.extend(used)
+    keep_live(g, keep)
     del g.value_info[:]  # intermediate shapes of the raw graph refer to removed names
     for vi in list(g.input) + list(g.output):
         for axis, value in dims.get(vi.name, {}).items():
@@ -265,7 +255,13 @@ def fold_view_chains(model: onnx.ModelProto) -> onnx.ModelProto:
     nodes = [swap.get(id(n), n) for n in g.node if n.output[0] not in replace]
     for n in nodes:
         n.input[:] = [replace.get(i, i) for i in n.input]
-    # drop what no output needs any more (the chains' interiors)
+    keep_live(g, nodes)  # drops the chains' interiors, which no output needs any more
+    return model
+
+
+def keep_live(g: onnx.GraphProto, nodes: list) -> None:
+    """Set the graph's nodes to those of `nodes` (in order) that an output needs, and its initializers to the
+    used ones: walk back from the outputs; a node is live when one of its outputs is needed."""
     needed, live = {o.name for o in g.output}, []
     for n in reversed(nodes):
         if any(o in needed for o in n.output):
@@ -276,7 +272,6 @@ def fold_view_chains(model: onnx.ModelProto) -> onnx.ModelProto:
     used = [t for t in g.initializer if t.name in needed]
     del g.initializer[:]
     g.initializer.extend(used)
-    return model
 
 
 def weights_sha256(params: dict) -> str:
