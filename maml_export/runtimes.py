@@ -92,11 +92,12 @@ def load_exported(onnx_path: Path) -> Exported:
 
 
 def export_checkpoint(path: Path, out: Path, steps: int, inner_lr, data, source: str,
-                      task_batch: int | None = None) -> Exported:
-    from .checkpoint import load_checkpoint
+                      task_batch: int | None = None, query_norm: str | None = None) -> Exported:
+    from .checkpoint import as_deployed, load_checkpoint
     from .export import export_model
-    ckpt = load_checkpoint(path)
-    export_model(path, out, steps=steps, inner_lr=inner_lr, tasks=1, data=data, task_batch=task_batch)
+    ckpt = as_deployed(load_checkpoint(path), query_norm=query_norm)
+    export_model(path, out, steps=steps, inner_lr=inner_lr, tasks=1, data=data, task_batch=task_batch,
+                 query_norm=query_norm)
     lr = ckpt.config.inner_lr if inner_lr is None else inner_lr
     return Exported(out / "model.onnx", ckpt.config, ckpt.params, lr, steps, source)
 
@@ -115,15 +116,18 @@ def reheaded(base: Exported, ways: int, workdir: Path, data) -> Exported:
     keeps adaptation well-conditioned (on random weights float32 runtimes can take other paths)."""
     from .checkpoint import PRETRAINED_DIR, Checkpoint, load_checkpoint, save_checkpoint
     from .config import MamlConfig
-    from .model import Model, with_head
+    from .model import Model, with_head, with_query_norm
     try:
         specs = with_head(base.config.layers, ways)
     except ValueError as e:
         raise ConfigError(f"--configs: {e}") from None
-    same = lambda layers: with_head(layers, init="meta", temperature=1.0)  # noqa: E731 - the network, not its head's use
-    for path in sorted(PRETRAINED_DIR.glob(f"*-{ways}w*s.npz")):  # the same network, whichever head init
+    # the same network, whichever head init, temperature or query normalisation; exported with the base's
+    norm = query_norm(base.config)
+    same = lambda layers: with_head(with_query_norm(layers, norm), init="meta", temperature=1.0)  # noqa: E731
+    for path in sorted(PRETRAINED_DIR.glob(f"*-{ways}w*s.npz")):
         if same(load_checkpoint(path).config.layers) == same(specs):
-            return export_checkpoint(path, workdir / f"{ways}way", base.steps, None, data, f"bundled {path.name}")
+            return export_checkpoint(path, workdir / f"{ways}way", base.steps, None, data, f"bundled {path.name}",
+                                     query_norm=norm)
     c, model = base.config, Model.from_specs(specs)
     params = model.with_zero_head(base.params)
     config = MamlConfig(name=f"{c.name}-backbone-{ways}w", ways=ways, inner_lr=base.inner_lr, hidden=c.hidden,

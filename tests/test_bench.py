@@ -403,7 +403,9 @@ def test_peers_recover_the_weights_and_compute_the_graphs_function_for_either_he
     from maml_export.data import synthetic_tasks
     from maml_export.export import export_model
     from maml_export.runtimes import load_exported, paddle_eager, paddlerec_loop, pytorch_eager
-    ckpt = as_deployed(load_checkpoint(default_checkpoint()), head_init=head_init)
+    # transductive and uncalibrated: the function PaddleRec's loop computes (queries normalised together, raw logits)
+    ckpt = as_deployed(load_checkpoint(default_checkpoint()), head_init=head_init, query_norm="transductive",
+                       temperature=1.0)
     if head_init == "meta":  # a head the graph must carry
         rng = np.random.default_rng(0)
         head = {k: (0.01 * rng.standard_normal(v.shape)).astype("float32") for k, v in ckpt.params.items() if k.startswith("fc")}
