@@ -165,6 +165,11 @@ def test_resume_may_change_how_checkpoints_are_chosen(tmp_path):
     assert result.returncode == 0, result.stderr
     shipped = load_checkpoint(tmp_path / "ship.npz")
     assert shipped.config.inner_lr == 0.1 and shipped.state["inner_lr_trained"] == 0.4
+    # the bundle ships the temperature fitted on validation tasks: the NLL it minimised is lower there
+    calibration = shipped.state["calibration"]
+    assert shipped.config.temperature == calibration["temperature"] != 1.0 and calibration["tasks"] == 200
+    assert calibration["nll_after"] <= calibration["nll_before"] and calibration["query_norm"] == "support"
+    assert shipped.config.layers[-1]["temperature"] == shipped.config.temperature
 
 
 @needs_data
