@@ -340,6 +340,12 @@ QUERIES = {"support": "per query (each query normalised with the support set's s
            "transductive": "transductive (the queries of a task normalised together)"}
 
 
+def split_sampler(data, split: str, ways: int, shots: int, query: int, seed: int) -> TaskSampler:
+    """Tasks of the protocol's `split` ("train", "val", "test") from the Omniglot folder `data_dir(data)`."""
+    images = load_omniglot(data_dir(data))
+    return TaskSampler(images, split_characters(len(images))[split], ways, shots, query, seed, split_name=split)
+
+
 def _deployed_maml(ckpt: Checkpoint, steps: int | None = None) -> MAML:
     config = ckpt.config
     return MAML(Model.from_specs(config.layers), to_tensors(ckpt.params), config.inner_lr,
@@ -358,10 +364,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data, tasks: int = 600, s
     ckpt = as_deployed(load_checkpoint(checkpoint), ways=ways, inner_lr=inner_lr, head_init=head_init,
                        query_norm=query_norm)
     config = ckpt.config
-    images = load_omniglot(data_dir(data))
     shots = config.shots if shots is None else shots
-    sampler = TaskSampler(images, split_characters(len(images))[split], config.ways, shots, query, seed,
-                          split_name=split)
+    sampler = split_sampler(data, split, config.ways, shots, query, seed)
     maml = _deployed_maml(ckpt, steps)
     started = time.perf_counter()
     logits, labels = query_logits(maml, sampler, tasks, steps=steps, progress=progress)
@@ -383,9 +387,7 @@ def calibrate(ckpt: Checkpoint, data, tasks: int = 200, query: int = 15, progres
     of `query` queries per class (`calibration.fit_temperature`); and a report: how it was fitted, ECE and NLL
     on those tasks before and after."""
     config = ckpt.config
-    images = load_omniglot(data_dir(data))
-    sampler = TaskSampler(images, split_characters(len(images))["val"], config.ways, config.shots, query,
-                          CALIBRATION_SEED, split_name="val")
+    sampler = split_sampler(data, "val", config.ways, config.shots, query, CALIBRATION_SEED)
     logits, labels = query_logits(_deployed_maml(ckpt), sampler, tasks, progress=progress)
     raw = logits * config.temperature  # undo a temperature the checkpoint may already have
     flat, flat_labels = raw.reshape(-1, config.ways), labels.reshape(-1)
@@ -404,10 +406,8 @@ def evaluate_export(export: str | os.PathLike, data, tasks: int = 600, split: st
     whether each query's class is the one it gets in its task's batch of queries."""
     from .adapter import Adapter
     adapter = Adapter(export, threads=threads)
-    images = load_omniglot(data_dir(data))
     shots = int(adapter.metadata.get("shots_trained", 1)) if shots is None else shots
-    sampler = TaskSampler(images, split_characters(len(images))[split], adapter.ways, shots, query, seed,
-                          split_name=split)
+    sampler = split_sampler(data, split, adapter.ways, shots, query, seed)
     alone, batched, labels = [], [], []
     for _, batch in _task_batches(sampler, tasks, 16, progress, desc="evaluate (one query at a time)"):
         for xs, ys, xq, yq in zip(*batch):

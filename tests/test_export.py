@@ -763,3 +763,18 @@ def test_maml_predict_reports_each_bad_query_file_and_classifies_the_others(expo
     assert bad.stderr.startswith(f"error: --support image {tmp_path / 'support' / 'class0' / '0.png'} is inverted")
     usage = " ".join(run_cli("export.predict", "--help").stdout.split())
     assert "the other query images are classified all the same, and the exit code is then 1" in usage
+
+
+def test_evaluate_an_export_one_query_at_a_time(exported, omniglot):
+    """`maml-train evaluate --export DIR`: the deployed graphs on the protocol's test tasks, each query alone; every
+    query's class alone equals its class in its batch (query_norm "support"), and the JSON says how it was measured."""
+    out, _ = exported
+    done = subprocess.run([sys.executable, "-m", "train", "evaluate", "--export", str(out), "--tasks", "3", "--json",
+                           "--data", DATA], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    r = json.loads(done.stdout.splitlines()[-1])
+    assert (r["tasks"], r["ways"], r["answers"], r["query_norm"]) == (3, 5, 225, "support")
+    assert r["same_class_alone_and_in_batch"] == 225 and r["accuracy"] == r["batch_accuracy"]
+    assert "each query alone" in r["queries"] and 0 <= r["ece"] <= 1
+    if default_checkpoint().is_file():
+        assert r["accuracy"] > 0.9
