@@ -1,4 +1,4 @@
-"""maml-export: meta-train MAML with Paddle and export its adaptation as one static graph.
+"""maml-export: meta-train MAML with Paddle and export its adaptation as ONNX graphs (adapt, predict, both).
 
 Modules, one concern each:
   layers      layers with hand-written backward in forward ops (the core trick)
@@ -11,12 +11,15 @@ Modules, one concern each:
   trainer     the meta-training loop behind `python -m train`
   distributed splitting a meta-batch over paddle.distributed ranks
   paddlerec   the PaddleRec-style reference loop (tests and benchmarks)
-  export      static graph + ONNX export (`maml-export`)
-  parity      the export's validation: eager Paddle vs static program vs onnxruntime, per task
-  adapter     running an exported graph with onnxruntime and numpy only
+  contract    the exported graphs' file, input and output names and tolerances (numpy only)
+  export      static graphs + ONNX export (`maml-export`): model, adapt and predict
+  parity      the export's validation: eager Paddle vs static program vs onnxruntime, the halves vs the whole
+  calibration the temperature that makes deployed probabilities calibrated, and their ECE (numpy only)
+  adapter     running an export with onnxruntime and numpy only: Adapter, and Task (adapt once, predict many)
   runtimes    the runtimes maml-bench compares (onnxruntime, eager Paddle, the PaddleRec loop, ...)
   benchmark   adapt-then-predict latency beside the peers (`maml-bench`)
   profile     where an exported graph spends its time in onnxruntime (`python -m bench.profile`)
+  outputs     checking that an output path can be written, before the long work
   cli         the console scripts' shared error handling (one `error:` line, non-zero exit)
 """
 import os as _os
