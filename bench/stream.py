@@ -24,23 +24,24 @@ from maml_export.cli import run
 def cli(export_dir, threads, images, warmup):
     """Time predict.onnx on one image at a time, back to back, on one task learned by adapt.onnx."""
     from maml_export.adapter import Adapter
+    from maml_export.contract import LOGITS, QUERY_IMAGES, SUPPORT_IMAGES, SUPPORT_LABELS
     from maml_export.data import synthetic_tasks
 
     adapter = Adapter(export_dir, threads=threads)
     t = synthetic_tasks(1, adapter.ways, 1, 15, 0, adapter.image_size, adapter.channels)
     task = adapter.adapt(t.x_spt[0], t.y_spt[0])
-    _, predict = adapter._split()
-    feeds = [{**task.state, "x_qry": t.x_qry[0, i:i + 1]} for i in range(t.x_qry.shape[1])]
+    _, predict = adapter.halves()
+    feeds = [{**task.state, QUERY_IMAGES: t.x_qry[0, i:i + 1]} for i in range(t.x_qry.shape[1])]
     times = []
     for i in range(warmup + images):  # session.run itself: the Task's input checks are the caller's cost
         start = time.perf_counter()
-        predict.run(["logits"], feeds[i % len(feeds)])
+        predict.run([LOGITS], feeds[i % len(feeds)])
         times.append(time.perf_counter() - start)
-    adapt, _ = adapter._split()
+    adapt, _ = adapter.halves()
     adapt_times = []
     for _ in range(12):
         start = time.perf_counter()
-        adapt.run(None, {"x_spt": t.x_spt[0], "y_spt": t.y_spt[0]})
+        adapt.run(None, {SUPPORT_IMAGES: t.x_spt[0], SUPPORT_LABELS: t.y_spt[0]})
         adapt_times.append(time.perf_counter() - start)
     ms = 1e3 * np.array(times[warmup:])
     click.echo(json.dumps({"export": export_dir, "threads": threads, "images": images,

@@ -35,16 +35,16 @@ import zipfile
 import numpy as np
 import onnxruntime as ort
 
+from .calibration import softmax
 from .contract import (ADAPT_FILE, FUSED_INPUTS, LOGITS, MODEL_FILE, PREDICT_FILE, QUERY_IMAGES,
                        REQUIRED_METADATA, SUPPORT_IMAGES, SUPPORT_LABELS)
 
 TASK_FORMAT = "maml-export-task-v1"
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis, float32."""
-    e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis (`calibration.softmax`), float32 as the logits."""
+    return softmax(logits).astype(np.float32)
 
 
 class Adapter:
@@ -174,12 +174,13 @@ class Adapter:
 
     def predict_proba(self, x_spt, y_spt, x_qry) -> np.ndarray:
         """Class probabilities (softmax of `predict`), float32 [Q, ways] ([T, Q, ways] for a batched graph)."""
-        return softmax(self.predict(x_spt, y_spt, x_qry))
+        return probabilities(self.predict(x_spt, y_spt, x_qry))
 
     # -- adapt once, predict many (adapt.onnx, predict.onnx) ------------------------------------------------
 
-    def _split(self):
-        """The (adapt, predict) sessions beside model.onnx, loaded once."""
+    def halves(self):
+        """The (adapt, predict) onnxruntime sessions beside model.onnx, loaded and checked once: both exported
+        from model.onnx's weights. A one-line ValueError for a --task-batch export or a folder without them."""
         if self._halves is None:
             if self.task_batch:
                 raise ValueError(f"model {self.path} adapts {self.task_batch} tasks per call (--task-batch) and has "
@@ -203,7 +204,7 @@ class Adapter:
     def adapt(self, x_spt, y_spt, classes: list[str] | None = None) -> "Task":
         """Learn a task from its support set (adapt.onnx: the `steps` SGD steps, once) -> a `Task` that
         classifies any number of images later. `classes`, optional: a name per label, kept with the task."""
-        adapt, _ = self._split()
+        adapt, _ = self.halves()
         xs, ys = self.check_support(x_spt, y_spt)
         state = dict(zip(self.state_names, adapt.run(None, {SUPPORT_IMAGES: xs, SUPPORT_LABELS: ys})))
         return Task(self, state, classes, support_size=len(ys))
@@ -211,7 +212,7 @@ class Adapter:
     def load_task(self, path: str | os.PathLike) -> "Task":
         """A task saved by `Task.save`; refused (ValueError, one line) unless it was learned by this model."""
         path = os.fspath(path)
-        self._split()
+        self.halves()
         try:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
@@ -254,13 +255,13 @@ class Task:
 
     def predict(self, x_qry) -> np.ndarray:
         """Logits float32 [Q, ways] of images [Q, C, H, W] (predict.onnx)."""
-        _, predict = self.adapter._split()
+        _, predict = self.adapter.halves()
         xq = self.adapter._images("x_qry", x_qry)
         return predict.run([LOGITS], {**self.state, QUERY_IMAGES: xq})[0]
 
     def predict_proba(self, x_qry) -> np.ndarray:
         """Class probabilities float32 [Q, ways]: the softmax of `predict` (calibrated by the temperature)."""
-        return softmax(self.predict(x_qry))
+        return probabilities(self.predict(x_qry))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the task to `path` (.npz: the state and a JSON "meta" with the model's weights hash, so that

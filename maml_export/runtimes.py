@@ -324,7 +324,7 @@ def onnxruntime_split(exp: Exported, provider: str, threads: int):
     import tempfile
     # on the CPU (on a GPU only for the halves' names and shapes): checks that they exist and hold model.onnx's weights
     adapter = open_session(exp, "cpu", threads)
-    adapt, predict = adapter._split()
+    adapt, predict = adapter.halves()
     names = [o.name for o in adapt.get_outputs()]
     if provider == "cpu":
         def bind_adapt(xs, ys):
