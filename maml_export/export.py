@@ -37,7 +37,7 @@ import paddle2onnx
 from . import __version__
 from .checkpoint import as_deployed, default_checkpoint, load_checkpoint, resolve_checkpoint
 from .errors import CheckpointError, ExportError
-from .maml import MAML
+from .maml import MAML, predict
 from .model import Model
 from .contract import (ADAPT_FILE, ADAPT_INPUTS, FUSED_INPUTS, LOGITS, MODEL_FILE, PREDICT_FILE, QUERY_IMAGES, RTOL,
                        SPLIT_RTOL, SUPPORT_IMAGES, SUPPORT_LABELS, state_names)
@@ -116,7 +116,7 @@ class Predict(paddle.nn.Layer):
 @paddle.jit.not_to_static
 def _predict(net: Predict, state, x_qry):
     fast = {name: t.unsqueeze(0) for name, t in zip(graph_state_names(net.model), state)}  # T = 1
-    return MAML(net.model, {}, 0.0, 0).predict(fast, x_qry.unsqueeze(0))[0]
+    return predict(net.model, fast, x_qry.unsqueeze(0))[0]
 
 
 def graph_state_names(model: Model) -> list[str]:

@@ -67,6 +67,15 @@ def sgd_steps(model: Model, params: dict, x, y, steps: int, inner_lr: float, fir
     return params
 
 
+def predict(model: Model, fast: dict, x_qry):
+    """Query logits (T, Q, ways) under an adapted state (`MAML.adapt`), divided by the head's temperature.
+
+    Under query_norm "support" each query is normalised with the support's statistics (in `fast`), so its
+    logits do not depend on the other queries; "transductive": with the query batch's own."""
+    logits = model.forward(fast, x_qry)[0]
+    return logits if model.temperature == 1.0 else logits / model.temperature
+
+
 def prototype_head(model: Model, params: dict, x_spt, y_spt) -> dict:
     """The head a task's adaptation starts from under `head_init="prototypes"`: the Euclidean prototype
     classifier of the support set (Snell et al., 2017), as a linear layer (Proto-MAML, Triantafillou et al.,
@@ -154,12 +163,8 @@ class MAML:
         return sgd_steps(self.model, fast, x_spt, y_spt, steps, inner_lr, first_order)
 
     def predict(self, fast: dict, x_qry):
-        """Query logits (T, Q, ways) under the adapted state (`adapt`), divided by the head's temperature.
-
-        Under query_norm "support" each query is normalised with the support's statistics (in `fast`), so
-        its logits do not depend on the other queries; "transductive": with the query batch's own."""
-        logits = self.model.forward(fast, x_qry)[0]
-        return logits if self.model.temperature == 1.0 else logits / self.model.temperature
+        """Query logits (T, Q, ways) under the adapted state (`adapt`): `predict`."""
+        return predict(self.model, fast, x_qry)
 
     def meta_step(self, x_spt, y_spt, x_qry, y_qry, steps: int | None = None) -> MetaStep:
         """Meta-gradient of the mean query loss over a batch of T tasks.
