@@ -170,7 +170,7 @@ def cli(provider, model, configs, steps, threads, warmup, runs, max_seconds, dat
     if write_kit:
         check_writable_dir(write_kit, "--write-kit")
     if write_kit:
-        from maml_export.kit import write_kit as write
+        from maml_export.benchmark import write_kit as write
         index = write(Path(write_kit), parsed, model and Path(model), steps, data, task_batch,
                       echo=lambda m: click.echo(m, err=True))
         click.echo(f"wrote the kit {write_kit}: {', '.join(index['configs'])}; time it with maml-bench --kit {write_kit}")

@@ -35,7 +35,7 @@ def cli(configs, steps, hidden, threads, rounds, json_file):
     from maml_export.benchmark import parse_configs
     from maml_export.bound import product_bound
     from maml_export.machine import available_cores
-    from maml_export.model import conv4_specs
+    from maml_export.specs import conv4_specs
 
     threads = threads or available_cores()
     reports = {}

@@ -11,6 +11,8 @@ import time
 
 import click
 
+from maml_export.cli import run
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--data", type=click.Path(), default=None, help="Omniglot folder [default: $OMNIGLOT_DIR]")
@@ -23,7 +25,7 @@ import click
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores]")
 @click.option("--skip-paddlerec", is_flag=True, help="do not time the (slow) PaddleRec-style loop")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None, help="also write results here")
-def main(data, ways, shots, query, steps, meta_batch, repeats, threads, skip_paddlerec, json_file):
+def cli(data, ways, shots, query, steps, meta_batch, repeats, threads, skip_paddlerec, json_file):
     """Time one meta-iteration (adapt every task, query loss, meta-gradient) of each runtime."""
     import paddle
 
@@ -32,8 +34,10 @@ def main(data, ways, shots, query, steps, meta_batch, repeats, threads, skip_pad
     from maml_export.errors import MamlError
     from maml_export.maml import MAML
     from maml_export.machine import count_flops, gemm_gflops
-    from maml_export.model import Model, conv4_specs, to_tensors
-    from maml_export.trainer import data_dir, as_tensors, set_threads
+    from maml_export.model import Model, to_tensors
+    from maml_export.specs import conv4_specs
+    from maml_export.process import set_threads
+    from maml_export.trainer import as_tensors, data_dir
 
     threads = set_threads(threads)
     try:
@@ -104,6 +108,10 @@ def paddle_conv_gflops(images: int) -> float:
         float(F.conv2d(x, w, padding=1).sum())
         best = min(best, time.perf_counter() - began)
     return 2 * images * 64 * 64 * 9 * 14 * 14 / best / 1e9
+
+
+def main(args: list[str] | None = None) -> None:
+    run(cli, args, "python -m bench.train_speed")
 
 
 if __name__ == "__main__":

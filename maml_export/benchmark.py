@@ -32,8 +32,10 @@ the report; a graph of many small kernels still suffers more from it than one la
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -42,13 +44,15 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, MamlError
+from .contract import ADAPT_FILE, MODEL_FILE, PREDICT_FILE, RTOL, compare_logits
+from .kit import FORMAT as KIT_FORMAT
 from .kit import read_kit
 from .machine import GemmWorker, available_cores, count_flops, gpu_gemm_gflops, gpu_name, machine_info
 from .runtimes import (GPU_ROWS, RUNTIMES, SPLITS, Exported, batched, check_provider, export_checkpoint, host,
                        load_exported, onnxruntime, open_session, paddle_eager, query_norm, reheaded)
 
 QUERY = 15  # query images per class, as the protocol reports accuracy
-NEAR_TIE = 1e-4  # a class difference where the reference's top-2 logits are closer (relative) is a tie
+NEAR_TIE = RTOL  # a class difference where the reference's top-2 logits are closer (relative) is a tie
 MIN_RUNS = 3  # timed calls per row even once --max-seconds is spent
 @dataclass(frozen=True)
 class BenchConfig:
@@ -126,15 +130,11 @@ def time_interleaved(calls: dict, warmup: int, runs: int, max_seconds: float, pa
 
 
 def agreement(logits: np.ndarray, ref: np.ndarray) -> dict:
-    """Max relative logit difference (to the reference's largest |logit|) and predicted-class agreement; a
-    class difference is a disagreement unless the reference's top-2 margin is a near-tie."""
-    scale = max(float(np.abs(ref).max()), 1e-12)
-    differ = logits.argmax(-1) != ref.argmax(-1)
-    top2 = np.sort(ref, axis=-1)[:, -2:]
-    tie = (top2[:, 1] - top2[:, 0]) <= NEAR_TIE * scale
-    rel = float(np.abs(logits - ref).max()) / scale if np.isfinite(logits).all() else float("inf")
-    return {"max_rel_vs_eager": rel, "same_class": int((~differ).sum()), "queries": len(ref),
-            "disagreements": int((differ & ~tie).sum())}
+    """`contract.compare_logits` as a row reports it: max relative logit difference, predicted-class agreement,
+    and the class differences that are not near-ties of the reference (within NEAR_TIE of its top-2 margin)."""
+    c = compare_logits(logits, ref, NEAR_TIE)
+    return {"max_rel_vs_eager": c["max_rel"], "same_class": c["agree"], "queries": c["total"],
+            "disagreements": c["clear_disagreements"]}
 
 
 def agreement_per_task(logits: np.ndarray, ref: np.ndarray) -> dict:
@@ -147,9 +147,9 @@ def agreement_per_task(logits: np.ndarray, ref: np.ndarray) -> dict:
 
 def meta_test_accuracy(exp: Exported, c: BenchConfig, provider: str, threads: int, images, tasks: int) -> dict:
     """Query accuracy ± 95% interval of the exported graph and of eager adaptation on the same `tasks`
-    Omniglot test tasks (the shared protocol, the trainer's TEST_SEED)."""
+    Omniglot test tasks (the shared protocol's test stream, `protocol.TEST_SEED`)."""
     from .data import TaskSampler, split_characters
-    from .trainer import TEST_SEED, mean_ci95
+    from .protocol import TEST_SEED, mean_ci95
     sampler = TaskSampler(images, split_characters(len(images))["test"], c.ways, c.shots, c.query, TEST_SEED)
     adapter, eager = open_session(exp, provider, threads), paddle_eager(exp)
     acc, same = {"onnxruntime": [], "paddle-eager": []}, 0
@@ -398,7 +398,7 @@ def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str 
     path = model_path(model)
     threads = threads or available_cores()
     if not kit:
-        from .trainer import set_threads
+        from .process import set_threads
         set_threads(threads)
     kit_models, kit_tasks, kit_batch = read_kit(Path(kit)) if kit else ({}, {}, None)
     if kit and task_batch and task_batch != kit_batch:
@@ -454,3 +454,44 @@ def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str 
         r["floor_multiple"] = per_task(r) / (floor * r.get("flops", flops) / flops) if on_floor_device else None
         r["flagged"] = bool(r["disagreements"]) and not r.get("settled_by_float64")
     return report
+
+
+def write_kit(out: Path, configs: list, model: Path | None, steps: int | None, data: str | None,
+              task_batch: int | None = None, echo=print) -> dict:
+    """Export the graphs `configs` need into `out` (from `model`, else the bundled weights) and store each
+    config's task (an Omniglot test task with `data`, else made-up characters) with eager Paddle's logits; with
+    `task_batch` T, also the graphs for T tasks a call and T tasks per config (`batch_*` arrays)."""
+    from .data import load_omniglot
+    model = model_path(model)
+    images = load_omniglot(data) if data else None
+    out.mkdir(parents=True, exist_ok=True)
+    index = {"format": KIT_FORMAT, "models": {}, "configs": {}, "task_batch": task_batch}
+    with tempfile.TemporaryDirectory(prefix="maml-kit-") as tmp:
+        models = prepare_models(model, configs, steps, Path(tmp), data, echo)
+        for ways, exp in models.items():  # the graphs and their weights: all a kit's runtimes need
+            folder = out / f"{ways}way"  # model.onnx with adapt.onnx and predict.onnx beside it, as exported
+            folder.mkdir(exist_ok=True)
+            for name in (MODEL_FILE, ADAPT_FILE, PREDICT_FILE):
+                if (exp.onnx.parent / name).is_file():  # an older --model export may have no halves
+                    shutil.copyfile(exp.onnx.parent / name, folder / name)
+            np.savez(out / f"{ways}way-params.npz", **exp.params)
+            index["models"][str(ways)] = {"onnx": f"{ways}way/{MODEL_FILE}", "config": exp.config.to_dict(),
+                                          "inner_lr": exp.inner_lr, "steps": exp.steps, "source": exp.source}
+            if task_batch:
+                echo(f"exporting the {ways}-way graph for {task_batch} tasks per call ...")
+                shutil.copyfile(batched(exp, task_batch, Path(tmp), data).onnx, out / f"{ways}way-batch.onnx")
+                index["models"][str(ways)]["batch_onnx"] = f"{ways}way-batch.onnx"
+    for c in configs:
+        exp = models[c.ways]
+        echo(f"{c.name}: eager Paddle's reference logits (float32, float64) on {task_batch or 1} task(s) ...")
+        tasks = batch_tasks(c, exp, task_batch or 1, images)  # task 0 is the single-task rows' task
+        arrays = {k: tasks[k][0] for k in ("x_spt", "y_spt", "x_qry", "float32", "float64")}
+        if task_batch:
+            arrays.update({f"batch_{k}": v for k, v in tasks.items()})
+        np.savez_compressed(out / f"{c.name}.npz", **arrays)  # mostly-blank images: ~15x smaller
+        xs, xq = arrays["x_spt"], arrays["x_qry"]
+        index["configs"][c.name] = {"ways": c.ways, "shots": c.shots, "query": c.query,
+                                    "flops": count_flops(exp.config.layers, len(xs), len(xq), exp.steps,
+                                                         exp.config.image_size)}
+    (out / "kit.json").write_text(json.dumps(index, indent=1))
+    return index

@@ -15,7 +15,7 @@ onnxruntime's kernels on this machine. All are timed round-robin with the floor'
 rows. (docs/benchmarks.md#a-lower-bound-for-onnxruntime: the goal was 5-way 1-shot at 2x the floor.)
 
 Example:
-    >>> from maml_export.model import conv4_specs
+    >>> from maml_export.specs import conv4_specs
     >>> report = product_bound(conv4_specs(5), support=5, query=75, steps=5, threads=2, rounds=3)
     >>> report["bound_ms"] > report["products_ms"] > 0
     True

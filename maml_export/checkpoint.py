@@ -26,7 +26,8 @@ import numpy as np
 
 from .config import MamlConfig, flag
 from .errors import CheckpointError, MamlError, reason
-from .model import Model, with_head, with_query_norm
+from .model import Model
+from .specs import with_head, with_query_norm
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 

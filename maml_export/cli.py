@@ -11,11 +11,6 @@ import sys
 
 import click
 
-# Paddle logs INFO/WARNING lines through glog ("New Executor is Running", a warning from inside
-# `Tensor.mean`) that would break progress lines and tables; errors still show. Read when paddle loads,
-# so this module is imported before anything imports paddle.
-os.environ.setdefault("GLOG_minloglevel", "2")
-
 # How to get onnxruntime's CUDA and TensorRT providers, from a checkout or a wheel alike: onnxruntime-gpu in
 # place of onnxruntime, never beside it (both install the module `onnxruntime`, and uninstalling either
 # one of a pair deletes files of the other; see https://onnxruntime.ai/docs/install/). Uninstalling both
@@ -25,8 +20,12 @@ GPU_INSTALL = f'pip uninstall -y onnxruntime onnxruntime-gpu && pip install "{GP
 
 
 def run(command: click.Command, args: list[str] | None, prog_name: str) -> None:
-    """Run a click command: exit 1 on a project error, 2 (click's code) on a usage error, 130 on Ctrl-C."""
+    """Run a click command under `process.configure()`'s settings (the commands import Paddle inside, after
+    them): exit 1 on a project error, 2 (click's code) on a usage error, 130 on Ctrl-C."""
     from .errors import ConfigError, MamlError
+    from .process import configure
+
+    configure()
 
     try:
         code = command.main(args=args, prog_name=prog_name, standalone_mode=False)

@@ -12,8 +12,7 @@ from dataclasses import dataclass, field, fields
 import click
 
 from .errors import ConfigError
-from .layers import HEAD_INITS, QUERY_NORMS, layer_from_spec
-from .model import conv4_specs
+from .specs import HEAD_INITS, QUERY_NORMS, conv4_specs, layer_spec
 
 PROTOCOL = "omniglot/README.md protocol: RandomState(1) split 1100/100/423, (character, rotation) classes, 28x28 LANCZOS, ink=1"
 
@@ -117,7 +116,7 @@ class MamlConfig:
                                       query_norm=self.query_norm)
             self.layers[-1]["temperature"] = self.temperature
         try:  # every key spelled out (an older checkpoint's head has no "init": it is "meta")
-            self.layers = [layer_from_spec(s).spec() for s in self.layers]
+            self.layers = [layer_spec(s).spec() for s in self.layers]
         except (TypeError, ValueError) as e:
             raise ConfigError(f"invalid layer specs: {e}") from None
         if self.layers[-1].get("init", "meta") != self.head_init:

@@ -5,7 +5,7 @@ ops (docs/design.md#paddle2onnx-converts-no-gradient-op and #no-double-backward-
 one implementation serve eager adaptation, second-order meta-training (autograd runs *through* these
 backward functions) and the exported graph.
 
-Every layer is a small frozen dataclass with
+Every layer is a frozen dataclass (its fields, parameter shapes and initialisation in `specs.py`) with
 
     forward(params, x)              -> (y, cache)
     backward(params, cache, dy)     -> (dx, dparams)      # dx is None when need_dx=False
@@ -19,12 +19,11 @@ N (images per task) may be a dynamic dimension in a static graph: reshapes use -
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
-
 import numpy as np
 import paddle
 import paddle.nn.functional as F
+
+from . import specs
 
 
 def _tasks(params: dict) -> int:
@@ -32,43 +31,13 @@ def _tasks(params: dict) -> int:
     return next(iter(params.values())).shape[0]
 
 
-@dataclass(frozen=True)
-class Layer:
-    """Base: a layer has a type name, optional parameters, and forward/backward in forward ops."""
-
-    def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Local parameter name -> shape, without the task axis."""
-        return {}
-
-    def init_params(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        return {}
-
-    def spec(self) -> dict:
-        """JSON-able description; `layer_from_spec(layer.spec())` rebuilds the layer."""
-        return {"type": type(self).__name__, **asdict(self)}
+class Layer(specs.LayerSpec):
+    """Base: a layer spec (`specs.py`: fields, parameter shapes, initialisation) with forward and backward in
+    Paddle forward ops."""
 
 
-@dataclass(frozen=True)
-class Conv2d(Layer):
+class Conv2d(specs.Conv2d, Layer):
     """2-D convolution without bias (a following batch norm cancels a bias exactly)."""
-
-    in_channels: int
-    out_channels: int
-    kernel: int = 3
-    stride: int = 1
-    padding: int = 1
-
-    def param_shapes(self):
-        return {"weight": (self.out_channels, self.in_channels, self.kernel, self.kernel)}
-
-    def init_params(self, rng):
-        # Kaiming-uniform on fan-in, the usual choice for conv + ReLU.
-        fan_in = self.in_channels * self.kernel * self.kernel
-        bound = math.sqrt(6.0 / fan_in)
-        return {"weight": rng.uniform(-bound, bound, self.param_shapes()["weight"]).astype("float32")}
-
-    def out_size(self, size: int) -> int:
-        return (size + 2 * self.padding - self.kernel) // self.stride + 1
 
     def forward(self, params, x):
         # x: (N, T*Cin, H, W); weight: (T, Cout, Cin, k, k) -> grouped (T*Cout, Cin, k, k)
@@ -137,37 +106,11 @@ def im2col(x, k: int, stride: int, padding: int, Ho: int, Wo: int):
     return patches.reshape([0, C * k * k, Ho * Wo])  # (N, C*k*k, Ho*Wo)
 
 
-QUERY_NORMS = ("support", "transductive")
-
-
-@dataclass(frozen=True)
-class BatchNorm(Layer):
-    """Batch norm with the statistics of the batch at hand, or with statistics given to it.
-
-    The support set is always normalised with its own statistics (in every inner step). `query_norm` says
-    what the query images get once a task is adapted (`maml.MAML.adapt` / `predict`):
-      "support"       the support set's statistics under the adapted weights (passed in as the local
-                      parameters "mean" and "var", shape (T, C)): a query's logits depend on the support
-                      set and on that image alone, so one image is classified as it is in any batch;
-      "transductive"  the query batch's own statistics, as the MAML paper's code does: a query's class can
-                      change with its batch-mates (docs/design.md#query-normalisation).
-    The statistics are computed with mean ops, not `F.batch_norm`, because `paddle.jit.save` silently
-    turns training-mode batch norm into inference mode (docs/design.md#saving-makes-batch-norm-inference-mode).
+class BatchNorm(specs.BatchNorm, Layer):
+    """Batch norm with the statistics of the batch at hand, or with statistics given to it (`specs.BatchNorm`
+    says which the query images get). The statistics are computed with mean ops, not `F.batch_norm`, because
+    `paddle.jit.save` silently turns training-mode batch norm into inference mode (docs/design.md#saving-makes-batch-norm-inference-mode).
     """
-
-    channels: int
-    eps: float = 1e-5
-    query_norm: str = "support"
-
-    def __post_init__(self):
-        if self.query_norm not in QUERY_NORMS:
-            raise ValueError(f"unknown query norm {self.query_norm!r}; known: {', '.join(QUERY_NORMS)}")
-
-    def param_shapes(self):
-        return {"weight": (self.channels,), "bias": (self.channels,)}
-
-    def init_params(self, rng):
-        return {"weight": np.ones(self.channels, "float32"), "bias": np.zeros(self.channels, "float32")}
 
     def forward(self, params, x):
         # x: (N, T*C, H, W) viewed as (N, T*C, H*W): statistics per channel over (N, H*W), i.e. per
@@ -220,8 +163,7 @@ class BatchNorm(Layer):
         return dx, {"weight": dgamma, "bias": dbeta}
 
 
-@dataclass(frozen=True)
-class ReLU(Layer):
+class ReLU(specs.ReLU, Layer):
     def forward(self, params, x):
         y = F.relu(x)
         return y, (y,)
@@ -231,8 +173,7 @@ class ReLU(Layer):
         return dy * (y > 0).astype(dy.dtype), {}
 
 
-@dataclass(frozen=True)
-class MaxPool2(Layer):
+class MaxPool2(specs.MaxPool2, Layer):
     """2x2 max pooling, stride 2, floor mode (7 -> 3: the last row/column is dropped).
 
     The backward routes each gradient to the *first* maximum of its window in row-major order, as
@@ -286,14 +227,11 @@ def maxpool2_backward_portable(x, dy):
     return dx
 
 
-@dataclass(frozen=True)
-class Flatten(Layer):
+class Flatten(specs.Flatten, Layer):
     """(N, T*C, H, W) -> (T, N, C*H*W): from task-stacked channels to one row per image per task.
 
     `channels` is C, the channels of one task, so that T = x.shape[1] // C is known statically.
     """
-
-    channels: int
 
     def forward(self, params, x):
         T = x.shape[1] // self.channels
@@ -305,37 +243,9 @@ class Flatten(Layer):
         return dy.transpose([1, 0, 2]).reshape([-1, C, H, W]), {}
 
 
-HEAD_INITS = ("meta", "prototypes")
-
-
-@dataclass(frozen=True)
-class Linear(Layer):
-    """Per-task affine map on (T, N, in_features) -> (T, N, out_features); weight is (in, out).
-
-    `init` says where adaptation starts this layer (the head) for each task: "meta", from its meta-learned
-    weights; "prototypes", from the support set's class prototypes (`maml.prototype_head`).
-    `temperature` divides the logits a deployed model outputs (`maml.MAML.predict`), fitted on validation
-    tasks so that their softmax is calibrated (`calibration.py`); the inner loop's loss never sees it.
-    """
-
-    in_features: int
-    out_features: int
-    init: str = "meta"
-    temperature: float = 1.0
-
-    def __post_init__(self):
-        if self.init not in HEAD_INITS:
-            raise ValueError(f"unknown head init {self.init!r}; known: {', '.join(HEAD_INITS)}")
-        if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < float("inf")):
-            raise ValueError(f"the head's temperature must be a positive number, got {self.temperature!r}")
-
-    def param_shapes(self):
-        return {"weight": (self.in_features, self.out_features), "bias": (self.out_features,)}
-
-    def init_params(self, rng):
-        bound = math.sqrt(6.0 / (self.in_features + self.out_features))  # Xavier-uniform
-        return {"weight": rng.uniform(-bound, bound, (self.in_features, self.out_features)).astype("float32"),
-                "bias": np.zeros(self.out_features, "float32")}
+class Linear(specs.Linear, Layer):
+    """Per-task affine map on (T, N, in_features) -> (T, N, out_features); weight is (in, out); `specs.Linear`:
+    where adaptation starts it, the temperature of deployed logits."""
 
     def forward(self, params, x):
         return paddle.matmul(x, params["weight"]) + params["bias"].unsqueeze(1), (x,)
@@ -371,9 +281,5 @@ LAYER_TYPES = {cls.__name__: cls for cls in (Conv2d, BatchNorm, ReLU, MaxPool2, 
 
 
 def layer_from_spec(spec: dict) -> Layer:
-    """Rebuild a layer from `Layer.spec()` output (as stored in checkpoints and exports)."""
-    spec = dict(spec)
-    kind = spec.pop("type")
-    if kind not in LAYER_TYPES:
-        raise ValueError(f"unknown layer type {kind!r}; known: {', '.join(LAYER_TYPES)}")
-    return LAYER_TYPES[kind](**spec)
+    """The layer of a spec dict (`Layer.spec()` output, as stored in checkpoints and exports), validated."""
+    return specs.layer_spec(spec, LAYER_TYPES)

@@ -9,7 +9,7 @@ round-robin with the rows), `gpu_gemm_gflops()` PyTorch's fp32 4096^3 one on the
 the floor `maml-bench` reports every row as a multiple of, measured in the same run as the rows.
 
 Example:
-    >>> from maml_export.model import conv4_specs
+    >>> from maml_export.specs import conv4_specs
     >>> count_flops(conv4_specs(5), support=5, query=75, steps=5) / 1e9  # 5-way 1-shot, 5 steps
     2.9220288
 """

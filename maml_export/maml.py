@@ -7,7 +7,8 @@ gradient of the inner-loop gradients.
 
 Example:
     >>> import numpy as np, paddle
-    >>> from maml_export.model import Model, conv4_specs, to_tensors
+    >>> from maml_export.model import Model, to_tensors
+    >>> from maml_export.specs import conv4_specs
     >>> model = Model.from_specs(conv4_specs(ways=5))
     >>> maml = MAML(model, to_tensors(model.init_params(0)), inner_lr=0.4, steps=5)
     >>> x_spt = paddle.rand([2, 5, 1, 28, 28]); y_spt = paddle.to_tensor([[0, 1, 2, 3, 4]] * 2)

@@ -4,6 +4,7 @@ A model is described by its layer specs (JSON-able dicts), which every checkpoin
 so resume and export rebuild exactly the network that was trained.
 
 Example:
+    >>> from maml_export.specs import conv4_specs
     >>> model = Model.from_specs(conv4_specs(ways=5))
     >>> params = model.init_params(seed=0)          # {"conv1.weight": ndarray (64, 1, 3, 3), ...}
     >>> list(params)[:3]
@@ -14,46 +15,9 @@ from __future__ import annotations
 import numpy as np
 import paddle
 
-from .layers import BatchNorm, Conv2d, Flatten, Layer, Linear, MaxPool2, ReLU, layer_from_spec
+from .layers import BatchNorm, Layer, layer_from_spec
 
 _PREFIX = {"Conv2d": "conv", "BatchNorm": "bn", "Linear": "fc"}
-
-
-def conv4_specs(ways: int, channels: int = 1, image_size: int = 28, hidden: int = 64,
-                blocks: int = 4, head_init: str = "meta", query_norm: str = "support") -> list[dict]:
-    """Layer specs of the MAML conv-4: `blocks` x [conv3x3, batch norm, max-pool 2x2, ReLU], linear head.
-
-    Omniglot: channels=1, image_size=28, hidden=64 (28 -> 14 -> 7 -> 3 -> 1, 64 features), as in
-    PaddleRec's MAML. MiniImageNet: channels=3, image_size=84, hidden=32. `head_init`: see `Linear`;
-    `query_norm`: see `BatchNorm`.
-    """
-    layers: list[Layer] = []
-    size, cin = image_size, channels
-    for _ in range(blocks):
-        # ReLU after the pool: max-pool and ReLU commute (ReLU is monotonic), values and gradients are
-        # identical to PaddleRec's conv-BN-ReLU-pool, and the ReLU runs on a quarter of the pixels.
-        layers += [Conv2d(cin, hidden), BatchNorm(hidden, query_norm=query_norm), MaxPool2(), ReLU()]
-        size, cin = size // 2, hidden
-    if size < 1:
-        raise ValueError(f"image size {image_size} is too small for {blocks} conv blocks")
-    layers += [Flatten(hidden), Linear(hidden * size * size, ways, head_init)]
-    return [layer.spec() for layer in layers]
-
-
-def with_head(specs: list[dict], ways: int | None = None, init: str | None = None,
-              temperature: float | None = None) -> list[dict]:
-    """The same layer specs with a head of `ways` classes (for a backbone trained with `--zero-head`), another
-    `init` and/or `temperature` (see `layers.Linear`); None keeps the head's own."""
-    if specs[-1]["type"] != "Linear":
-        raise ValueError(f"cannot change the head of a model whose last layer is a {specs[-1]['type']}")
-    changes = {"out_features": ways, "init": init, "temperature": temperature}
-    head = {**specs[-1], **{k: v for k, v in changes.items() if v is not None}}
-    return [dict(s) for s in specs[:-1]] + [head]
-
-
-def with_query_norm(specs: list[dict], query_norm: str) -> list[dict]:
-    """The same layer specs with every batch norm normalising queries by `query_norm` (see `layers.BatchNorm`)."""
-    return [{**s, "query_norm": query_norm} if s["type"] == "BatchNorm" else dict(s) for s in specs]
 
 
 class Model:

@@ -2,7 +2,7 @@
 
 `parity` runs the three on the same tasks and compares their logits pairwise, per task, as
 max|a - b| / max|reference| within `RTOL`; a task beyond it is re-checked against eager Paddle in
-float64 (see `parity`). `parity_line` prints one ✓/✗ line per comparison, Hugging Face optimum style.
+float64 (`contract.compare_settled`). `parity_line` prints one ✓/✗ line per comparison, Hugging Face optimum style.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import paddle
 
-from .contract import FUSED_INPUTS, LOGITS, QUERY_IMAGES, RTOL, SPLIT_RTOL, SUPPORT_IMAGES, SUPPORT_LABELS
+from .contract import (FUSED_INPUTS, LOGITS, QUERY_IMAGES, RTOL, SPLIT_RTOL, SUPPORT_IMAGES, SUPPORT_LABELS,
+                       compare_logits, compare_settled)
 from .maml import MAML
 from .model import Model, to_tensors
 
@@ -31,20 +32,6 @@ def parity_tasks(config, tasks: int, data: str | os.PathLike | None, seed: int =
         t = synthetic_tasks(tasks, config.ways, config.shots, 15, seed, config.image_size, config.channels)
         source = "synthetic drawings (no Omniglot: pass --data or set OMNIGLOT_DIR)"
     return [(t.x_spt[i], t.y_spt[i], t.x_qry[i]) for i in range(tasks)], source
-
-
-def compare(got: np.ndarray, ref: np.ndarray, rtol: float = RTOL) -> dict:
-    """One task's logits [Q, ways] against a reference: max relative error (to the reference's largest
-    logit: elementwise relative errors blow up near 0) and predicted-class agreement. A class
-    disagreement is "clear" (a failure) only where the reference's top-2 margin exceeds the tolerance."""
-    scale = max(float(np.abs(ref).max()), 1e-12)
-    diff = float(np.abs(got - ref).max()) if np.isfinite(got).all() else float("inf")
-    top2 = np.sort(ref, axis=-1)[:, -2:]
-    differ = got.argmax(-1) != ref.argmax(-1)
-    clear = int((differ & ((top2[:, 1] - top2[:, 0]) > rtol * scale)).sum())
-    rel = diff / scale
-    return {"max_rel": rel, "max_abs": diff, "agree": int((~differ).sum()), "total": int(ref.shape[0]),
-            "clear_disagreements": clear, "ok": rel <= rtol and clear == 0}
 
 
 PAIRS = {"static vs eager": ("static", "eager"), "onnxruntime vs eager": ("onnx", "eager"),
@@ -85,13 +72,14 @@ def parity(onnx_path: Path, prefix: Path, model: Model, params: dict, steps: int
             onnx_out = session.run([LOGITS], dict(zip(FUSED_INPUTS, feeds)))[0]
             out = {"eager": eager32(xs, ys, xq), "static": static_out if task_batch else static_out[None],
                    "onnx": onnx_out if task_batch else onnx_out[None]}  # every one (T, Q, ways)
+            def float64(i):  # float64 decides (see above); computed once per call, only when needed
+                if "f64" not in out:
+                    out["f64"] = eager64(xs, ys, xq)
+                return out["f64"][i]
+
             for i in range(T):
                 for k, (a, b) in PAIRS.items():
-                    c = compare(out[a][i], out[b][i])
-                    if not c["ok"]:  # float64 decides (see above); computed once per call, only when needed
-                        out["f64"] = out["f64"] if "f64" in out else eager64(xs, ys, xq)
-                        c64 = compare(out[a][i], out["f64"][i])
-                        c.update(ok=c64["ok"], max_rel_vs_float64=c64["max_rel"])
+                    c = compare_settled(out[a][i], out[b][i], lambda i=i: float64(i))
                     per_task[k].append(dict(c, task=first + i))
     return {k: _summary(cs) for k, cs in per_task.items()}
 
@@ -109,11 +97,11 @@ def split_parity(model_onnx: Path, adapt_onnx: Path, predict_onnx: Path, tasks: 
         want = fused.run([LOGITS], {SUPPORT_IMAGES: xs, SUPPORT_LABELS: ys, QUERY_IMAGES: xq})[0]
         state = dict(zip([o.name for o in adapt.get_outputs()], adapt.run(None, {SUPPORT_IMAGES: xs, SUPPORT_LABELS: ys})))
         batch = predict.run([LOGITS], {**state, QUERY_IMAGES: xq})[0]
-        per_task["adapt → predict vs model.onnx"].append(dict(compare(batch, want, SPLIT_RTOL), task=i))
+        per_task["adapt → predict vs model.onnx"].append(dict(compare_logits(batch, want, SPLIT_RTOL), task=i))
         if independent:
             alone = np.concatenate([predict.run([LOGITS], {**state, QUERY_IMAGES: xq[q:q + 1]})[0]
                                     for q in range(len(xq))])
-            per_task["each query alone vs in its batch"].append(dict(compare(alone, batch, SPLIT_RTOL), task=i))
+            per_task["each query alone vs in its batch"].append(dict(compare_logits(alone, batch, SPLIT_RTOL), task=i))
     return {k: _summary(cs, SPLIT_RTOL) for k, cs in per_task.items()}
 
 

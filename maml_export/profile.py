@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .contract import FUSED_INPUTS
+
 
 def graph_inputs(session, shots: int, query: int) -> dict:
     """The graph's inputs for one `shots`-shot task with `query` queries per class (made-up characters:
@@ -29,7 +31,7 @@ def graph_inputs(session, shots: int, query: int) -> dict:
     c = BenchConfig(int(meta["ways"]), shots, query)
     x_spt, y_spt, x_qry, _ = task_inputs(c, int(meta["channels"]), int(meta["image_size"]))
     tasks = int(meta.get("task_batch") or 0)
-    feeds = {"x_spt": x_spt, "y_spt": y_spt.astype("int64"), "x_qry": x_qry}
+    feeds = dict(zip(FUSED_INPUTS, (x_spt, y_spt.astype("int64"), x_qry)))
     return {k: np.stack([v] * tasks) for k, v in feeds.items()} if tasks else feeds
 
 

@@ -116,7 +116,8 @@ def reheaded(base: Exported, ways: int, workdir: Path, data) -> Exported:
     keeps adaptation well-conditioned (on random weights float32 runtimes can take other paths)."""
     from .checkpoint import PRETRAINED_DIR, Checkpoint, load_checkpoint, save_checkpoint
     from .config import MamlConfig
-    from .model import Model, with_head, with_query_norm
+    from .model import Model
+    from .specs import with_head, with_query_norm
     try:
         specs = with_head(base.config.layers, ways)
     except ValueError as e:
@@ -184,7 +185,7 @@ def paddle_inference(exp: Exported, provider: str, threads: int):
             handles[name].copy_from_cpu(a)
         predictor.run()
         return out.copy_to_cpu()
-    return lambda xs, ys, xq: lambda: call({"x_spt": xs, "y_spt": ys, "x_qry": xq})
+    return lambda xs, ys, xq: lambda: call(dict(zip(FUSED_INPUTS, (xs, ys, xq))))
 
 
 def check_provider(provider: str) -> None:

@@ -7,6 +7,7 @@ split; the test split is only used by `evaluate`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -26,25 +27,12 @@ from .data import TaskSampler, load_omniglot, split_characters
 from .distributed import RankLostError, Ranks
 from .errors import ConfigError, DataError, MamlError
 from .maml import MAML, zero_head
-from .model import Model, to_tensors, with_query_norm
+from .model import Model, to_tensors
+from .specs import with_query_norm
 from .optim import Adam
 from .outputs import check_writable_dir
-
-VAL_SEED = 1_000_003  # the validation tasks are the same at every validation, and across runs
-TEST_SEED = 2_000_003
-
-
-def set_threads(threads: int | None) -> int:
-    """Paddle's CPU kernels default to one thread; use every core unless told otherwise."""
-    threads = threads or os.cpu_count() or 1
-    paddle.base.core.set_num_threads(threads)
-    return threads
-
-
-def mean_ci95(values) -> tuple[float, float]:
-    """Mean and the half-width of its 95% interval, 1.96 * std / sqrt(n), as the protocol reports."""
-    values = np.asarray(values, dtype=np.float64)
-    return float(values.mean()), float(1.96 * values.std() / np.sqrt(len(values)))
+from .process import set_threads
+from .protocol import CALIBRATION_SEED, TEST_SEED, VAL_SEED, mean_ci95
 
 
 def as_tensors(tasks) -> list:
@@ -103,7 +91,7 @@ def _raise_terminated(signum, frame):
                      "its workerlog in the launcher's --log_dir says why)")
 
 
-class Run:
+class RunFolder:
     """The files of one training run in `out`."""
 
     def __init__(self, out: str | os.PathLike):
@@ -137,7 +125,7 @@ class Run:
         return dropped
 
 
-def _start(config: MamlConfig, run: Run, resume: bool, overrides: dict):
+def _start(config: MamlConfig, run: RunFolder, resume: bool, overrides: dict):
     """(config, checkpoint or None, {option: value before} of the overrides applied): a new run, or the run
     in `run.out` with allowed overrides applied."""
     if not resume:
@@ -177,6 +165,153 @@ def initial_params(model: Model, config: MamlConfig) -> tuple[dict, dict]:
                       f"--zero-head)")
 
 
+class Training:
+    """One meta-training run, phase by phase. Constructing it starts the run in `out` or resumes it (config,
+    data, weights, Adam, the task stream); `step` runs one meta-iteration; `validate` measures the model as
+    it would be deployed on the validation tasks; `save` writes a checkpoint and `keep` validates and saves
+    `best` (if it is) and `latest`. `train` drives it. Under paddle.distributed every rank builds one and
+    steps in lockstep; only the main rank writes."""
+
+    def __init__(self, config: MamlConfig, data: str | os.PathLike | None, out: str | os.PathLike,
+                 resume: bool = False, overrides: dict | None = None, threads: int | None = None):
+        self.ranks = Ranks()
+        set_threads(threads or max(1, (os.cpu_count() or 1) // self.ranks.world))
+        self.files = RunFolder(out)
+        self.config, ckpt, changed = _start(config, self.files, resume, overrides or {})
+        self.ranks.check_meta_batch(self.config.meta_batch)
+        if self.ranks.main:
+            check_writable_dir(self.files.out, "--out")
+        # the data folder is recorded in the checkpoints: a resume without --data reads the run's own
+        self.data = os.path.abspath(data_dir(data, ckpt.state.get("data") if ckpt else None))
+        self.images = load_omniglot(self.data)
+        self.splits = split_characters(len(self.images))
+        c = self.config
+        self.sampler = TaskSampler(self.images, self.splits["train"], c.ways, c.shots, c.query, c.seed,
+                                   split_name="train")
+        self.val_sampler()  # fail now, not at the first validation, if the validation split cannot give such tasks
+        self.model = Model.from_specs(c.layers)
+        initial, origin = (ckpt.params, None) if ckpt else initial_params(self.model, c)
+        self.params = to_tensors(initial)
+        self.maml = MAML(self.model, self.params, c.inner_lr, c.inner_steps, c.first_order)
+        self.adam = Adam(self.params, c.meta_lr)
+        if c.head_is_zero:
+            zero_head(self.model, self.params)
+        self.iteration, self.seconds = 0, 0.0  # seconds: the meta-iterations' compute time over the whole run
+        self.best_val_accuracy: float | None = None
+        self.best_iteration: int | None = None
+        # the weights a run starts from compete first when they are not this run's own: after a change of
+        # validation on resume, or --init's (a fine-tune's baseline, on the same tasks; best never below it)
+        self.validate_first = not ckpt and c.init is not None
+        if ckpt:
+            self._resume(ckpt, changed)
+        self.files.out.mkdir(parents=True, exist_ok=True)
+        if not ckpt and self.ranks.main:  # the config the run starts with, so a bundle can say how it was trained
+            self.files.log({"event": "start", "iteration": 0, "ranks": self.ranks.world, "config": c.to_dict(),
+                            "weights": origin, "data": self.data})
+        self.saved_at = time.perf_counter()  # when `latest` was last written
+
+    def _resume(self, ckpt: Checkpoint, changed: dict) -> None:
+        """Continue from `ckpt`: Adam, the task stream, the best so far (chosen afresh if validation changed)."""
+        self.adam.load_state_arrays(ckpt.optimizer)
+        self.sampler.load_state_dict(ckpt.state["sampler"])
+        self.seconds = ckpt.state.get("seconds", 0.0)
+        self.iteration = ckpt.iteration
+        rechoose = any(k in changed for k in VALIDATION)
+        if not rechoose:  # else best.npz keeps the old best until a validation under the new settings replaces it
+            self.best_val_accuracy = ckpt.state.get("best_val_accuracy")
+            self.best_iteration = ckpt.state.get("best_iteration")
+        self.validate_first = rechoose
+        if self.ranks.main:
+            dropped = self.files.truncate(self.iteration)  # rows of iterations after the checkpoint: redone now
+            self.files.log({"event": "resume", "iteration": self.iteration, "ranks": self.ranks.world,
+                            "meta_lr": self.config.meta_lr, "data": self.data,
+                            **({"dropped_rows": dropped} if dropped else {}),
+                            "changed": {k: [v, getattr(self.config, k)] for k, v in changed.items()},  # [before, now]
+                            **({"best": "chosen afresh: validation changed"} if rechoose else {})})
+
+    def val_sampler(self) -> TaskSampler:
+        """The validation tasks: a fresh sampler each time, so every validation sees the same tasks."""
+        c = self.config
+        return TaskSampler(self.images, self.splits["val"], c.deployed_ways, c.shots,
+                           c.query if c.val_query is None else c.val_query, VAL_SEED, split_name="val")
+
+    def step(self) -> tuple[float, float]:
+        """One meta-iteration (every rank draws the meta-batch and adapts its block; the meta-gradient is their
+        mean); returns the meta-batch's query loss and accuracy, averaged over the ranks."""
+        c, ranks = self.config, self.ranks
+        began = time.perf_counter()
+        block = ranks.block(c.meta_batch)
+        step = self.maml.meta_step(*as_tensors(a[block] for a in self.sampler.sample(c.meta_batch)))
+        self.adam.step(ranks.mean_of_blocks(step.grads, c.meta_batch))
+        if c.zero_head:
+            zero_head(self.model, self.params)
+        self.iteration += 1
+        self.seconds += time.perf_counter() - began
+        metrics = ranks.mean_of_blocks({"loss": paddle.to_tensor([step.loss]),
+                                        "accuracy": paddle.to_tensor([step.accuracy])}, c.meta_batch)
+        loss, accuracy = float(metrics["loss"][0]), float(metrics["accuracy"][0])
+        if ranks.main:
+            self.files.log({"iteration": self.iteration, "loss": round(loss, 5), "accuracy": round(accuracy, 4),
+                            "seconds": round(self.seconds, 2)})
+        return loss, accuracy
+
+    def validate(self) -> tuple[float, float]:
+        """Accuracy ± 95 % interval on the validation tasks, adapted as deployed (--val-* options), logged."""
+        c = self.config
+        inner_lr, steps = c.deployed_inner_lr, c.deployed_steps
+        sampler, deployed = self.val_sampler(), self.maml
+        if c.deployed_ways != c.ways or c.deployed_head_init != c.head_init:
+            # --val-ways, --val-head-init: the current backbone with a zero or prototype head, as `train bundle` ships it
+            shipped = as_deployed(Checkpoint(c, self._weights()))
+            deployed = MAML(Model.from_specs(shipped.config.layers), to_tensors(shipped.params), inner_lr, steps)
+        accuracy, ci = mean_ci95(evaluate(deployed, sampler, c.val_tasks, batch=c.meta_batch, ranks=self.ranks,
+                                          steps=steps, inner_lr=inner_lr))
+        if self.ranks.main:
+            self.files.log({"event": "validation", "iteration": self.iteration, "val_accuracy": accuracy,
+                            "val_ci95": ci, "tasks": c.val_tasks, "inner_lr": inner_lr, "steps": steps,
+                            "ways": sampler.ways, "query": sampler.query, "seconds": round(self.seconds, 2)})
+        return accuracy, ci
+
+    def save(self, path: Path, sampler_state: dict) -> None:
+        """A checkpoint of the weights, Adam and the run's state after `self.iteration`; `sampler_state` is the
+        task stream's resume point (main rank only)."""
+        if not self.ranks.main:
+            return
+        state = {"best_val_accuracy": self.best_val_accuracy, "best_iteration": self.best_iteration,
+                 "seconds": self.seconds, "data": self.data, "sampler": sampler_state}
+        save_checkpoint(path, Checkpoint(self.config, self._weights(), self.iteration, self.adam.state_arrays(), state))
+        if path == self.files.latest:
+            self.saved_at = time.perf_counter()
+
+    def keep(self) -> str:
+        """Validate; save `best` if it is, and `latest`. Returns the line to show."""
+        accuracy, ci = self.validate()
+        sampler_state = self.sampler.state_dict()
+        if self.best_val_accuracy is None or accuracy > self.best_val_accuracy:
+            self.best_val_accuracy, self.best_iteration = accuracy, self.iteration
+            self.save(self.files.best, sampler_state)
+        self.save(self.files.latest, sampler_state)
+        return (f"iteration {self.iteration}: validation accuracy {100 * accuracy:.2f} ± {100 * ci:.2f} % "
+                f"(best {100 * self.best_val_accuracy:.2f} % at {self.best_iteration})")
+
+    def _weights(self) -> dict:
+        return {k: v.numpy() for k, v in self.params.items()}
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises `Terminated` (so `latest` is saved, as on Ctrl-C) inside the block; the previous handler
+    is restored after. Signal handlers can only be set on the main thread: elsewhere, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.PathLike, resume: bool = False,
           overrides: dict | None = None, threads: int | None = None, progress: bool = True,
           save_every_seconds: float | None = 60.0) -> dict:
@@ -186,139 +321,35 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
     every iteration; None: only at validations), and on Ctrl-C or SIGTERM. The data folder is recorded in
     the checkpoints: a resume without `data` reads the run's own."""
     wall = time.perf_counter()
-    ranks = Ranks()
-    set_threads(threads or max(1, (os.cpu_count() or 1) // ranks.world))
-    run = Run(out)
-    config, ckpt, changed = _start(config, run, resume, overrides or {})
-    ranks.check_meta_batch(config.meta_batch)
-    if ranks.main:
-        check_writable_dir(run.out, "--out")
-    data = os.path.abspath(data_dir(data, ckpt.state.get("data") if ckpt else None))
-    images = load_omniglot(data)
-    splits = split_characters(len(images))
-    sampler = TaskSampler(images, splits["train"], config.ways, config.shots, config.query, config.seed,
-                          split_name="train")
-
-    val_ways = config.deployed_ways
-
-    def val_sampler() -> TaskSampler:  # a fresh one each time: every validation sees the same tasks
-        return TaskSampler(images, splits["val"], val_ways, config.shots,
-                           config.query if config.val_query is None else config.val_query, VAL_SEED, split_name="val")
-
-    val_sampler()  # fail now, not at the first validation, if the validation split cannot give such tasks
-    model = Model.from_specs(config.layers)
-    initial, origin = (ckpt.params, None) if ckpt else initial_params(model, config)
-    params = to_tensors(initial)
-    maml = MAML(model, params, config.inner_lr, config.inner_steps, config.first_order)
-    adam = Adam(params, config.meta_lr)
-    if config.head_is_zero:
-        zero_head(model, params)
-    state = {"best_val_accuracy": None, "best_iteration": None, "seconds": 0.0, "data": data}
-    start, rechoose = 0, False
-    if ckpt:
-        adam.load_state_arrays(ckpt.optimizer)
-        sampler.load_state_dict(ckpt.state["sampler"])
-        state.update({k: ckpt.state[k] for k in state if k in ckpt.state and k != "data"})
-        start = ckpt.iteration
-        rechoose = any(k in changed for k in VALIDATION)
-        if rechoose:  # best.npz keeps the old best until a validation under the new settings replaces it
-            state.update(best_val_accuracy=None, best_iteration=None)
-        if ranks.main:
-            dropped = run.truncate(start)  # rows of iterations after the checkpoint: redone now
-            run.log({"event": "resume", "iteration": start, "ranks": ranks.world, "meta_lr": config.meta_lr,
-                     "data": data, **({"dropped_rows": dropped} if dropped else {}),
-                     "changed": {k: [v, getattr(config, k)] for k, v in changed.items()},  # option: [before, now]
-                     **({"best": "chosen afresh: validation changed"} if rechoose else {})})
-    run.out.mkdir(parents=True, exist_ok=True)
-    if not ckpt and ranks.main:  # the config the run starts with, so a bundle can say how it was trained
-        run.log({"event": "start", "iteration": 0, "ranks": ranks.world, "config": config.to_dict(), "weights": origin,
-                 "data": data})
-
-    def checkpoint(path: Path, iteration: int, sampler_state: dict):
-        if not ranks.main:
-            return
-        save_checkpoint(path, Checkpoint(config, {k: v.numpy() for k, v in params.items()}, iteration,
-                                         adam.state_arrays(), {**state, "sampler": sampler_state}))
-
-    def validate(iteration: int) -> tuple[float, float]:
-        inner_lr, steps = config.deployed_inner_lr, config.deployed_steps
-        sampler, deployed = val_sampler(), maml
-        if val_ways != config.ways or config.deployed_head_init != config.head_init:
-            # --val-ways, --val-head-init: the current backbone with a zero or prototype head, as `train bundle` ships it
-            shipped = as_deployed(Checkpoint(config, {k: v.numpy() for k, v in params.items()}))
-            deployed = MAML(Model.from_specs(shipped.config.layers), to_tensors(shipped.params), inner_lr, steps)
-        accuracy, ci = mean_ci95(evaluate(deployed, sampler, config.val_tasks, batch=config.meta_batch, ranks=ranks,
-                                          steps=steps, inner_lr=inner_lr))
-        if ranks.main:
-            run.log({"event": "validation", "iteration": iteration, "val_accuracy": accuracy, "val_ci95": ci,
-                     "tasks": config.val_tasks, "inner_lr": inner_lr, "steps": steps, "ways": sampler.ways,
-                     "query": sampler.query, "seconds": round(state["seconds"], 2)})
-        return accuracy, ci
-
-    def validate_and_keep(iteration: int) -> dict:
-        """Validate; save `best` if it is, and `latest`; returns the sampler state they were saved with."""
-        accuracy, ci = validate(iteration)
-        sampler_state = sampler.state_dict()
-        if state["best_val_accuracy"] is None or accuracy > state["best_val_accuracy"]:
-            state.update(best_val_accuracy=accuracy, best_iteration=iteration)
-            checkpoint(run.best, iteration, sampler_state)
-        checkpoint(run.latest, iteration, sampler_state)
-        saved[0] = time.perf_counter()
-        if ranks.main and progress:
-            bar.write(f"iteration {iteration}: validation accuracy {100 * accuracy:.2f} ± {100 * ci:.2f} % "
-                      f"(best {100 * state['best_val_accuracy']:.2f} % at {state['best_iteration']})")
-        return sampler_state
-
-    iteration = start
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    if on_main_thread:  # save `latest` before stopping, as on Ctrl-C; restored when training returns
-        previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
-    bar = tqdm(total=config.iterations, initial=start, desc=config.name, unit="it",
-               disable=not (progress and ranks.main), dynamic_ncols=True)
-    sampler_state = sampler.state_dict()
-    saved = [time.perf_counter()]  # when `latest` was last written
-    try:
-        # the weights a run starts from compete first when they are not this run's own: after a change of
-        # validation on resume, or --init's (a fine-tune's baseline, on the same tasks; best never below it)
-        if rechoose or (not ckpt and config.init is not None):
-            validate_and_keep(iteration)
-        while iteration < config.iterations:
-            sampler_state = sampler.state_dict()  # the state *before* this iteration's tasks: resume point
-            began = time.perf_counter()
-            block = ranks.block(config.meta_batch)  # every rank draws the meta-batch, keeps its block
-            step = maml.meta_step(*as_tensors(a[block] for a in sampler.sample(config.meta_batch)))
-            grads = ranks.mean_of_blocks(step.grads, config.meta_batch)
-            adam.step(grads)
-            if config.zero_head:
-                zero_head(model, params)
-            iteration += 1
-            sampler_state = sampler.state_dict()  # the tasks after `iteration`'s: its resume point
-            state["seconds"] += time.perf_counter() - began
-            metrics = ranks.mean_of_blocks({"loss": paddle.to_tensor([step.loss]),
-                                            "accuracy": paddle.to_tensor([step.accuracy])}, config.meta_batch)
-            loss, accuracy = float(metrics["loss"][0]), float(metrics["accuracy"][0])
-            if ranks.main:
-                run.log({"iteration": iteration, "loss": round(loss, 5), "accuracy": round(accuracy, 4),
-                         "seconds": round(state["seconds"], 2)})
-            best = state["best_val_accuracy"]  # none before a first validation
-            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", **({} if best is None else {"val": f"{best:.3f}"}))
-            bar.update(1)
-            if iteration % config.val_every == 0 or iteration == config.iterations:
-                sampler_state = validate_and_keep(iteration)
-            elif save_every_seconds is not None and time.perf_counter() - saved[0] >= save_every_seconds:
-                checkpoint(run.latest, iteration, sampler_state)  # a hard kill loses at most this long
-                saved[0] = time.perf_counter()
-    except (KeyboardInterrupt, RankLostError, Terminated):
-        # the interrupted iteration is redone on resume: save the weights and sampler state before it
-        checkpoint(run.latest, iteration, sampler_state)
-        raise
-    finally:
-        bar.close()
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous_sigterm)
-    return {"iterations": iteration, "best_val_accuracy": state["best_val_accuracy"],
-            "best_iteration": state["best_iteration"], "train_seconds": state["seconds"],
-            "wall_seconds": time.perf_counter() - wall, "out": str(run.out)}
+    training = Training(config, data, out, resume, overrides, threads)
+    c = training.config
+    bar = tqdm(total=c.iterations, initial=training.iteration, desc=c.name, unit="it",
+               disable=not (progress and training.ranks.main), dynamic_ncols=True)
+    show = bar.write if progress and training.ranks.main else (lambda line: None)
+    sampler_state = training.sampler.state_dict()  # the resume point of the weights at hand
+    with _sigterm_raises():
+        try:
+            if training.validate_first:
+                show(training.keep())
+            while training.iteration < c.iterations:
+                sampler_state = training.sampler.state_dict()  # before this iteration's tasks: redone if it is cut short
+                loss, accuracy = training.step()
+                sampler_state = training.sampler.state_dict()  # the tasks after this iteration's: its resume point
+                best = training.best_val_accuracy  # none before a first validation
+                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", **({} if best is None else {"val": f"{best:.3f}"}))
+                bar.update(1)
+                if training.iteration % c.val_every == 0 or training.iteration == c.iterations:
+                    show(training.keep())
+                elif save_every_seconds is not None and time.perf_counter() - training.saved_at >= save_every_seconds:
+                    training.save(training.files.latest, sampler_state)  # a hard kill loses at most this long
+        except (KeyboardInterrupt, RankLostError, Terminated):
+            training.save(training.files.latest, sampler_state)  # the interrupted iteration is redone on resume
+            raise
+        finally:
+            bar.close()
+    return {"iterations": training.iteration, "best_val_accuracy": training.best_val_accuracy,
+            "best_iteration": training.best_iteration, "train_seconds": training.seconds,
+            "wall_seconds": time.perf_counter() - wall, "out": str(training.files.out)}
 
 
 def data_dir(data, recorded: str | None = None) -> str:
@@ -379,7 +410,6 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data, tasks: int = 600, s
             "seconds": round(time.perf_counter() - started, 2)}
 
 
-CALIBRATION_SEED = 3_000_003  # validation tasks for the temperature: others than the ones that chose the checkpoint
 
 
 def calibrate(ckpt: Checkpoint, data, tasks: int = 200, query: int = 15, progress: bool = True) -> tuple[float, dict]:

@@ -16,6 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from maml_export.process import configure
+
+# the settings every console script runs under (MKL path, allocator, quiet Paddle), before any test imports
+# Paddle: tests that call a CLI's function in-process get what the CLI gets
+configure()
+
 FALLBACK = Path(__file__).resolve().parents[2] / "shared" / "omniglot"
 NO_DATA = ("needs the Omniglot dataset: set OMNIGLOT_DIR to a folder holding images_background and "
            "images_evaluation (.npz, .zip or folders)")

@@ -18,7 +18,7 @@ import pytest
 from maml_export.benchmark import BenchConfig, agreement, parse_configs, time_calls, time_interleaved
 from maml_export.machine import GemmWorker, count_flops, gemm_gflops, matrix_products
 from maml_export.errors import ConfigError, MamlError
-from maml_export.model import conv4_specs
+from maml_export.specs import conv4_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -28,7 +28,7 @@ from maml_export.export import export_model
 from maml_export.onnx_convert import check_ops, convert, inspect_program
 from maml_export.maml import MAML
 from maml_export.model import Model, to_tensors
-from maml_export.parity import RTOL, compare
+from maml_export.contract import RTOL, compare_logits
 
 from conftest import DATA
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,9 +96,9 @@ def eager_logits(ckpt, x_spt, y_spt, x_qry, steps=5, dtype="float32"):
 
 def assert_matches_eager(ckpt, got, x_spt, y_spt, x_qry):
     """Within RTOL of eager float32, or (a max-pool near-tie rounded the other way) of eager float64."""
-    c = compare(got, eager_logits(ckpt, x_spt, y_spt, x_qry))
+    c = compare_logits(got, eager_logits(ckpt, x_spt, y_spt, x_qry))
     if not c["ok"]:
-        c = compare(got, eager_logits(ckpt, x_spt, y_spt, x_qry, dtype="float64"))
+        c = compare_logits(got, eager_logits(ckpt, x_spt, y_spt, x_qry, dtype="float64"))
     assert c["ok"], c
     return c
 
@@ -203,10 +203,10 @@ def test_accuracy_on_20_test_tasks_equals_eager(exported, omniglot, checkpoint):
     for i in range(20):
         got = adapter.predict(t.x_spt[i], t.y_spt[i], t.x_qry[i])
         ref = eager_logits(ckpt, t.x_spt[i], t.y_spt[i], t.x_qry[i])
-        c = compare(got, ref)
+        c = compare_logits(got, ref)
         if not c["ok"]:  # a max-pool near-tie: the float64 run decides which rounding was right
             ref = eager_logits(ckpt, t.x_spt[i], t.y_spt[i], t.x_qry[i], dtype="float64")
-            assert compare(got, ref)["ok"], i
+            assert compare_logits(got, ref)["ok"], i
         assert (got.argmax(1) == ref.argmax(1)).all(), i
         acc_onnx.append((got.argmax(1) == t.y_qry[i]).mean())
         acc_eager.append((ref.argmax(1) == t.y_qry[i]).mean())
@@ -332,7 +332,7 @@ def test_adapt_once_predict_many_equals_the_fused_graph_one_query_at_a_time(expo
         alone = np.concatenate([predict.run(["logits"], {**state, "x_qry": t.x_qry[i, q:q + 1]})[0]
                                 for q in range(75)])
         want = fused.predict(t.x_spt[i], t.y_spt[i], t.x_qry[i])
-        assert compare(alone, want, 1e-5)["ok"] and (alone.argmax(1) == want.argmax(1)).all(), i
+        assert compare_logits(alone, want, 1e-5)["ok"] and (alone.argmax(1) == want.argmax(1)).all(), i
         task = fused.adapt(t.x_spt[i], t.y_spt[i])
         np.testing.assert_array_equal(task.predict(t.x_qry[i]), predict.run(["logits"], {**state, "x_qry": t.x_qry[i]})[0])
 
@@ -448,7 +448,7 @@ def test_task_batch_logits_equal_single_task_logits(exported, exported_batch, om
     assert got.shape == (TASK_BATCH, 40, 5) and got.dtype == np.float32
     assert np.allclose(batch.predict_proba(t.x_spt, t.y_spt, t.x_qry[:, :40]).sum(-1), 1, atol=1e-6)
     for i in range(TASK_BATCH):  # each task as if it were adapted alone, by the single-task graph and by eager
-        assert compare(got[i], single.predict(t.x_spt[i], t.y_spt[i], t.x_qry[i, :40]))["ok"], i
+        assert compare_logits(got[i], single.predict(t.x_spt[i], t.y_spt[i], t.x_qry[i, :40]))["ok"], i
         assert_matches_eager(ckpt, got[i], t.x_spt[i], t.y_spt[i], t.x_qry[i, :40])
 
 

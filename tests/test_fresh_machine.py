@@ -142,3 +142,38 @@ def test_every_cli_exits_2_on_a_usage_error_and_1_on_a_failure(args, code, messa
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert done.returncode == code and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+PADDLE_FREE = ["maml_export", "maml_export.config", "maml_export.specs", "maml_export.contract", "maml_export.kit",
+               "maml_export.adapter", "maml_export.calibration", "maml_export.protocol", "maml_export.process"]
+
+
+@pytest.mark.parametrize("module", PADDLE_FREE)
+def test_modules_a_deployment_reads_import_without_paddle_and_change_nothing(module):
+    """A Paddle-free module imports without Paddle, and importing any of them leaves the process as it was: the
+    environment, glibc's allocator and the warning filters are set by `process.configure()` (the CLIs call it)."""
+    probe = f"""import os, sys, warnings
+import click, numpy, onnxruntime  # third-party imports' own filters (numpy adds some) are not ours
+env, filters = dict(os.environ), list(warnings.filters)
+import {module}
+assert "paddle" not in sys.modules, "imports paddle"
+assert dict(os.environ) == env, set(os.environ.items()) ^ set(env.items())
+assert list(warnings.filters) == filters, "warning filters changed"
+"""
+    environ = {k: v for k, v in os.environ.items() if k not in ("MKL_DEBUG_CPU_TYPE", "GLOG_minloglevel")}
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=environ,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_process_configure_sets_what_the_clis_run_under():
+    probe = """import os, warnings
+from maml_export.process import configure
+configure()
+assert os.environ["MKL_DEBUG_CPU_TYPE"] == "5" and os.environ["GLOG_minloglevel"] == "2"
+assert any("ccache" in str(f[1].pattern) for f in warnings.filters if f[1] is not None)
+"""
+    environ = {k: v for k, v in os.environ.items() if k not in ("MKL_DEBUG_CPU_TYPE", "GLOG_minloglevel")}
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=environ,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]

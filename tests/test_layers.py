@@ -5,7 +5,8 @@ import pytest
 
 from maml_export.layers import (BatchNorm, Conv2d, Flatten, Linear, MaxPool2, ReLU, im2col, maxpool2_backward_portable,
                                 softmax_cross_entropy)
-from maml_export.model import Model, conv4_specs
+from maml_export.model import Model
+from maml_export.specs import conv4_specs
 
 TOL = 1e-8  # relative error, float64
 

@@ -7,7 +7,8 @@ from maml_export import paddlerec
 from maml_export.data import TaskSampler, load_omniglot, split_characters
 from maml_export.layers import softmax_cross_entropy
 from maml_export.maml import MAML, expand_to_tasks, loss_and_grads, prototype_head, query_loss_and_grads
-from maml_export.model import Model, conv4_specs, to_tensors
+from maml_export.model import Model, to_tensors
+from maml_export.specs import conv4_specs
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ from maml_export.config import MamlConfig
 from maml_export.errors import CheckpointError, ConfigError
 from maml_export.optim import Adam
 from maml_export.model import Model
-from maml_export.trainer import VAL_SEED, initial_params, train
+from maml_export.protocol import VAL_SEED
+from maml_export.trainer import initial_params, train
 
 from conftest import DATA, needs_omniglot as needs_data, require_omniglot
 

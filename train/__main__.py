@@ -10,7 +10,7 @@ import click
 
 from maml_export.cli import checkpoint_argument, fail, run
 from maml_export.config import RESUME_MAY_CHANGE, MamlConfig, click_options, flag, given
-from maml_export.layers import HEAD_INITS, QUERY_NORMS
+from maml_export.specs import HEAD_INITS, QUERY_NORMS
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -90,7 +90,8 @@ def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_n
     """Meta-test accuracy of a checkpoint (or an export), mean over --tasks tasks with its 95% interval, and the
     calibration of its probabilities (ECE, 15 bins)."""
     from maml_export.checkpoint import default_checkpoint
-    from maml_export.trainer import TEST_SEED, evaluate_checkpoint, evaluate_export
+    from maml_export.protocol import TEST_SEED
+    from maml_export.trainer import evaluate_checkpoint, evaluate_export
     seed = TEST_SEED if seed is None else seed
     if export_dir:
         result = evaluate_export(export_dir, data, tasks, split, seed, query, threads, progress=not as_json,
