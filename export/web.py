@@ -139,8 +139,8 @@ def cli(model: str, port: int, host: str) -> None:
     The page's JavaScript module maml.mjs (load, learn, predict) also works without this page: see
     docs/deploy.md#in-a-browser.
     """
-    dist = ort_dist()
     export, description = check_export(model)
+    dist = ort_dist()
     try:
         server = http.server.ThreadingHTTPServer((host, port), handler(export, dist))
     except OSError as e:

@@ -3,13 +3,15 @@
 //
 // `window.mamlPage` holds what the page did, for whoever drives it (tests/test_web.py): ready, error,
 // examples (per class: the model pixels of each example), results (each classified file: name, pixels,
-// logits, label, probability, ms), live (the drawing's last prediction) and timings {load, learn[], predict[]}.
+// logits, label, probability, ms), drawing (the query drawing's last prediction and its pixels), pending
+// (a prediction of the drawing running or due) and timings {load, learn[], predict[]} in ms.
 import { load } from "./maml.mjs";
 import { DRAWING_SIZE, PEN_WIDTH, drawingInk, imageInk, inkToPixels } from "./pixels.mjs";
 
 const $ = (id) => document.getElementById(id);
-const page = (window.mamlPage = { ready: false, error: null, examples: [], results: [], live: null,
-                                  timings: { load: null, learn: [], predict: [] } });
+const page = (window.mamlPage = { ready: false, error: null, examples: [], results: [], drawing: null,
+                                  pending: false, timings: { load: null, learn: [], predict: [] } });
+let shown = null; // the prediction the bars show
 let model, names = [];
 
 function showError(error) {
@@ -152,6 +154,7 @@ async function learn() {
 }
 
 function bars(result) {
+  shown = result;
   $("top").textContent = `${names[result.label]}: ${(100 * result.probability).toFixed(1)} %`;
   $("bars").replaceChildren(...Array.from(result.probabilities, (p, c) => {
     const row = document.createElement("div");
@@ -164,23 +167,24 @@ function bars(result) {
 }
 
 function refresh() {
-  if (page.live) bars(page.live);
+  if (shown) bars(shown);
 }
 
 // Predict while drawing: one prediction at a time, the latest strokes next.
-let busy = false, dirty = false, query;
+let busy = false, query;
 async function livePredict() {
-  dirty = true;
-  if (busy || !model?.state) return;
+  if (!model?.state) return; // nothing learned yet: the drawing waits for Learn
+  page.pending = true;
+  if (busy) return; // the running loop predicts the latest strokes next
   busy = true;
   try {
-    while (dirty) {
-      dirty = false;
+    while (page.pending) {
+      page.pending = false;
       const pixels = query.pixels();
       paint($("query-pixels"), pixels);
       const result = await model.predict(pixels);
       page.timings.predict.push(result.ms);
-      page.live = result;
+      page.drawing = { ...result, pixels: Array.from(pixels), logits: Array.from(result.logits) };
       bars(result);
     }
     clearError();
@@ -188,6 +192,7 @@ async function livePredict() {
     showError(e);
   } finally {
     busy = false;
+    page.pending = false;
   }
 }
 
@@ -199,7 +204,6 @@ async function classifyFiles(files) {
       const pixels = await filePixels(file);
       const result = await model.predict(pixels);
       page.timings.predict.push(result.ms);
-      page.live = result;
       page.results.push({ name: file.name, pixels: Array.from(pixels), logits: Array.from(result.logits),
                           label: result.label, probability: result.probability, ms: result.ms });
       paint($("query-pixels"), pixels);
