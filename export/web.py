@@ -33,14 +33,15 @@ TYPES = {".html": "text/html; charset=utf-8", ".mjs": "text/javascript; charset=
          ".map": "application/json"}
 
 
-def pinned_ort_version(web: Path = WEB) -> str:
-    """The onnxruntime-web version package.json pins."""
-    return json.loads((web / "package.json").read_text())["dependencies"][ORT_PACKAGE]
+def pinned_ort_version(web: Path | None = None) -> str:
+    """The onnxruntime-web version package.json (in `web`, default WEB) pins."""
+    return json.loads(((web or WEB) / "package.json").read_text())["dependencies"][ORT_PACKAGE]
 
 
-def ort_dist(web: Path = WEB) -> Path:
-    """onnxruntime-web's dist/ folder, npm-installed beside package.json at the pinned version; else a
-    one-line ValueError with the command that installs it."""
+def ort_dist(web: Path | None = None) -> Path:
+    """onnxruntime-web's dist/ folder, npm-installed beside package.json (in `web`, default WEB) at the pinned
+    version; else a one-line ValueError with the command that installs it."""
+    web = web or WEB
     package = web / "node_modules" / ORT_PACKAGE
     want = pinned_ort_version(web)
     fix = f"run `npm ci --prefix {web}` (once, with network; it installs the pinned {ORT_PACKAGE} {want})"

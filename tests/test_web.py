@@ -203,11 +203,18 @@ def test_web_refuses_bad_input_in_one_line(tmp_path, exported):
         r = maml_web(*args)
         lines = r.stderr.strip().splitlines()
         assert r.returncode in (1, 2) and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], r.stderr
-    # onnxruntime-web absent: the one line says the command that installs it
+    # onnxruntime-web absent, or another version: the one line says the command that installs the pinned one
     web = tmp_path / "web"
-    web.mkdir()
+    (web / "node_modules" / "onnxruntime-web").mkdir(parents=True)
     shutil.copy(WEB / "package.json", web)
-    with pytest.raises(ValueError, match=rf"onnxruntime-web is not installed .*: run `npm ci --prefix {web}`"):
+    r = subprocess.run([sys.executable, "-c", "import sys, pathlib, export.web as w; w.WEB = pathlib.Path(sys.argv[1]); "
+                        "w.main(sys.argv[2:])", str(web), "--model", str(exported)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: onnxruntime-web is not installed in {web / 'node_modules'}: run `npm ci --prefix "
+                               f"{web}`"), r.stderr
+    (web / "node_modules" / "onnxruntime-web" / "package.json").write_text('{"version": "1.19.0"}')
+    with pytest.raises(ValueError, match=r"is 1\.19\.0, not the pinned 1\.30\.0: run `npm ci --prefix "):
         ort_dist(web)
     need_ort()
     with socket.socket() as taken:  # a port in use
