@@ -330,7 +330,9 @@ def chromium():
 
 def test_browser_module_learns_as_python_does(exported, page_url, chromium):
     """maml.mjs on its own (not the page's model): load, learn a 2-shot task, predict each query; the logits are
-    Python onnxruntime's within contract.RTOL, every class the same. Made-up characters: runs without Omniglot."""
+    Python onnxruntime's within contract.RTOL, every class the same. Made-up characters: runs without Omniglot.
+    It runs while the page loads and warms up its own model: onnxruntime-web fails when two runs interleave
+    ("Can't access output tensor data"), so maml.mjs queues them, and this is where they would meet."""
     from maml_export.adapter import Adapter
     tasks = data.synthetic_tasks(1, ways=5, shots=2, query=4, seed=7)
     x_spt, y_spt, x_qry = tasks.x_spt[0], tasks.y_spt[0], tasks.x_qry[0]

@@ -42,9 +42,8 @@ export class Model {
 
   /** Adapt to a support set (adapt.onnx: the export's SGD steps, once). images: `ways` or more images
    *  (Float32Array or arrays of imageSize * imageSize pixels), labels: their classes, every one of
-   *  0..ways-1 present. Returns {ms}: how long adapting took. */
+   *  0..ways-1 present. Returns {ms}: how long adapting took (adapt.onnx's run). */
   async learn(images, labels) {
-    const start = performance.now();
     if (images.length !== labels.length || images.length === 0) {
       throw new Error(`learn needs one label per image and at least one image (got ${images.length} images, ${labels.length} labels)`);
     }
@@ -54,33 +53,39 @@ export class Model {
     });
     const absent = [...Array(this.ways).keys()].filter((c) => !labels.includes(c));
     if (absent.length) throw new Error(`no image of class ${absent.join(", ")}: a ${this.ways}-way model needs every class 0..${this.ways - 1}`);
-    const x = this.#batch("support image", images);
-    const state = await this.adapt.run({
-      [SUPPORT_IMAGES]: x,
+    const feeds = {
+      [SUPPORT_IMAGES]: this.#batch("support image", images),
       [SUPPORT_LABELS]: new ort.Tensor("int64", BigInt64Array.from(ys), [ys.length]),
+    };
+    return serially(async () => {
+      const start = performance.now();
+      const state = await this.adapt.run(feeds);
+      this.state = Object.fromEntries(this.stateNames.map((n) => [n, state[n]]));
+      return { ms: performance.now() - start };
     });
-    this.state = Object.fromEntries(this.stateNames.map((n) => [n, state[n]]));
-    return { ms: performance.now() - start };
   }
 
   /** Classify one image with the learned task (predict.onnx): {label, probability, probabilities, logits,
-   *  ms}, probabilities and logits Float32Array [ways], ms: how long predicting took. */
+   *  ms}, probabilities and logits Float32Array [ways], ms: how long predicting took (predict.onnx's run and the
+   *  softmax). */
   async predict(image) {
-    const start = performance.now();
     if (!this.state) throw new Error("learn a task first: predict classifies with the task learned last");
     const x = this.#batch("image", [image]);
-    const out = await this.predictor.run({ ...this.state, [QUERY_IMAGES]: x }, [LOGITS]);
-    const logits = Float32Array.from(out[LOGITS].data);
-    const probabilities = softmax(logits);
-    const ms = performance.now() - start;
-    let label = 0;
-    for (let c = 1; c < logits.length; c++) if (logits[c] > logits[label]) label = c;
-    return { label, probability: probabilities[label], probabilities, logits, ms };
+    return serially(async () => {
+      const start = performance.now();
+      const out = await this.predictor.run({ ...this.state, [QUERY_IMAGES]: x }, [LOGITS]);
+      const logits = Float32Array.from(out[LOGITS].data);
+      const probabilities = softmax(logits);
+      const ms = performance.now() - start;
+      let label = 0;
+      for (let c = 1; c < logits.length; c++) if (logits[c] > logits[label]) label = c;
+      return { label, probability: probabilities[label], probabilities, logits, ms };
+    });
   }
 
   /** Free the WASM sessions. */
   async release() {
-    await Promise.all([this.adapt.release(), this.predictor.release()]);
+    await serially(() => Promise.all([this.adapt.release(), this.predictor.release()]));
   }
 
   #batch(what, images) {
@@ -116,7 +121,8 @@ export async function load(modelUrl, { threads, wasmPaths, warmup = true } = {})
     throw new Error(`${base}predict.onnx was exported from other weights than adapt.onnx: export again`);
   }
   const options = { executionProviders: ["wasm"], graphOptimizationLevel: "all" };
-  const [adapt, predict] = await Promise.all([adaptBytes, predictBytes].map((b) => ort.InferenceSession.create(b, options)));
+  const adapt = await serially(() => ort.InferenceSession.create(adaptBytes, options));
+  const predict = await serially(() => ort.InferenceSession.create(predictBytes, options));
   const model = new Model(adapt, predict, metadata, 0);
   model.threads = ort.env.wasm.numThreads; // what onnxruntime-web chose, once a session exists
   if (warmup) await warm(model);
@@ -135,6 +141,17 @@ async function warm(model) {
   await model.learn(images, images.map((_, c) => c));
   await model.predict(images[0]);
   model.state = null;
+}
+
+// onnxruntime-web's WASM backend must not interleave two runs, of one session or of two (seen: a page's
+// warm-up running while another model learned failed with "Can't access output tensor data... non-tensor
+// typed value"); every call into it goes through this queue, so that a prediction asked for while
+// learning, or two models on one page, simply wait their turn.
+let queue = Promise.resolve();
+function serially(work) {
+  const done = queue.then(work);
+  queue = done.catch(() => {});
+  return done;
 }
 
 async function fetchBytes(url) {
