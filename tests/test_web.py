@@ -182,6 +182,8 @@ def get(url: str) -> tuple[int, dict, bytes]:
 def test_web_serves_the_page_the_export_and_onnxruntime_web_locally(server, exported):
     status, headers, body = get(server.url)
     assert status == 200 and b'"onnxruntime-web/wasm": "/ort/ort.wasm.min.mjs"' in body
+    for name in ("index.html", "page.mjs", "maml.mjs", "pixels.mjs", "style.css"):  # nothing from the network
+        assert not re.search(rb"(https?:)?//[\w.-]+\.\w", get(server.url + name)[2]), name
     # cross-origin isolated (WASM threads), and a JavaScript module served as one
     assert headers["Cross-Origin-Opener-Policy"] == "same-origin"
     assert headers["Cross-Origin-Embedder-Policy"] == "require-corp"

@@ -130,7 +130,7 @@ export async function load(modelUrl, { threads, wasmPaths, warmup = true } = {})
   return model;
 }
 
-/** One adapt and one predict on made-up images (a square per class), then forget them. */
+/** One adapt and one predict on made-up images (a shifted diagonal per class), then forget them. */
 async function warm(model) {
   const size = model.imageSize, images = [];
   for (let c = 0; c < model.ways; c++) {
