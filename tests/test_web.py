@@ -267,10 +267,10 @@ def drawings_of(root: str, wanted) -> dict:
 
 
 def protocol_task(root: str, ways=5, shots=1, query=15):
-    """The protocol's first 5-way 1-shot test task (seed trainer.TEST_SEED, as `maml-train evaluate`), as the
+    """The protocol's first 5-way 1-shot test task (seed protocol.TEST_SEED, as `maml-train evaluate`), as the
     105 x 105 drawings it is made of, each rotated as its class is: (support, query) lists of bool paper masks,
     the task's own pixels, and which images are unrotated."""
-    from maml_export.trainer import TEST_SEED
+    from maml_export.protocol import TEST_SEED
     images = data.load_omniglot(root)
     test = data.split_characters(len(images))["test"]
     task = data.TaskSampler(images, test, ways, shots, query, TEST_SEED).sample(1)
