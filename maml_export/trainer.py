@@ -22,7 +22,8 @@ from tqdm import tqdm
 from .calibration import calibration_report, fit_temperature
 from .checkpoint import Checkpoint, as_deployed, load_checkpoint, save_checkpoint
 from .config import RESUME_MAY_CHANGE, VALIDATION, MamlConfig, flag
-from .data import TaskSampler, load_omniglot, split_characters
+from .data import TaskSampler
+from .folders import open_dataset
 from .distributed import RankLostError, Ranks
 from .errors import ConfigError, DataError, MamlError
 from .maml import MAML, zero_head
@@ -194,16 +195,17 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
     if ranks.main:
         check_writable_dir(run.out, "--out")
     data = os.path.abspath(data_dir(data, ckpt.state.get("data") if ckpt else None))
-    images = load_omniglot(data)
-    splits = split_characters(len(images))
-    sampler = TaskSampler(images, splits["train"], config.ways, config.shots, config.query, config.seed,
-                          split_name="train")
+    # Omniglot or image folders; a new run's config gets the folders' defaults (pixels, split, and the sizes the
+    # CLI user did not give) and its protocol
+    dataset, config = open_dataset(data, config, given=None if ckpt or overrides is None else overrides,
+                                   need=config.shots + max(config.query, config.val_query or config.query))
+    sampler = dataset.sampler("train", config.ways, config.shots, config.query, config.seed)
 
     val_ways = config.deployed_ways
 
     def val_sampler() -> TaskSampler:  # a fresh one each time: every validation sees the same tasks
-        return TaskSampler(images, splits["val"], val_ways, config.shots,
-                           config.query if config.val_query is None else config.val_query, VAL_SEED, split_name="val")
+        return dataset.sampler("val", val_ways, config.shots,
+                               config.query if config.val_query is None else config.val_query, VAL_SEED)
 
     val_sampler()  # fail now, not at the first validation, if the validation split cannot give such tasks
     model = Model.from_specs(config.layers)
@@ -322,16 +324,17 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
 
 
 def data_dir(data, recorded: str | None = None) -> str:
-    """The Omniglot folder: `data` (--data) if given, else `recorded` (the one a resumed run was trained on)
-    if it is still there, else $OMNIGLOT_DIR."""
+    """The data folder (Omniglot or image folders): `data` (--data) if given, else `recorded` (the one a resumed
+    run was trained on) if it is still there, else $OMNIGLOT_DIR, else Omniglot downloaded by `maml-train download`."""
+    from .download import downloaded
     if not data and recorded:
         if os.path.isdir(recorded) or not os.environ.get("OMNIGLOT_DIR"):
             return recorded  # gone and nothing else given: load_omniglot says it is missing, naming it
-    data = data or os.environ.get("OMNIGLOT_DIR")
+    data = data or os.environ.get("OMNIGLOT_DIR") or downloaded()
     if not data:
-        raise DataError("no Omniglot data: pass --data DIR or set OMNIGLOT_DIR (the official "
-                        "images_background.zip and images_evaluation.zip are published at "
-                        "https://github.com/brendenlake/omniglot/tree/master/python)")
+        raise DataError("no data: pass --data DIR (Omniglot, or a folder of your own images), set OMNIGLOT_DIR, or "
+                        "download Omniglot with `maml-train download` (the official images_background.zip and "
+                        "images_evaluation.zip are published at https://github.com/brendenlake/omniglot/tree/master/python)")
     return data
 
 
@@ -340,10 +343,12 @@ QUERIES = {"support": "per query (each query normalised with the support set's s
            "transductive": "transductive (the queries of a task normalised together)"}
 
 
-def split_sampler(data, split: str, ways: int, shots: int, query: int, seed: int) -> TaskSampler:
-    """Tasks of the protocol's `split` ("train", "val", "test") from the Omniglot folder `data_dir(data)`."""
-    images = load_omniglot(data_dir(data))
-    return TaskSampler(images, split_characters(len(images))[split], ways, shots, query, seed, split_name=split)
+def split_sampler(data, split: str, ways: int, shots: int, query: int, seed: int, config: MamlConfig | None = None,
+                  recorded: str | None = None) -> TaskSampler:
+    """Tasks of `split` ("train", "val", "test") of the data in `data_dir(data, recorded)`: Omniglot's protocol
+    split, or the image folders `config` (default: Omniglot's) was trained on, prepared as it says."""
+    dataset, _ = open_dataset(data_dir(data, recorded), config or MamlConfig(), need=shots + query)
+    return dataset.sampler(split, ways, shots, query, seed)
 
 
 def _deployed_maml(ckpt: Checkpoint, steps: int | None = None) -> MAML:
@@ -365,7 +370,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data, tasks: int = 600, s
                        query_norm=query_norm)
     config = ckpt.config
     shots = config.shots if shots is None else shots
-    sampler = split_sampler(data, split, config.ways, shots, query, seed)
+    sampler = split_sampler(data, split, config.ways, shots, query, seed, config, ckpt.state.get("data"))
     maml = _deployed_maml(ckpt, steps)
     started = time.perf_counter()
     logits, labels = query_logits(maml, sampler, tasks, steps=steps, progress=progress)
@@ -387,7 +392,8 @@ def calibrate(ckpt: Checkpoint, data, tasks: int = 200, query: int = 15, progres
     of `query` queries per class (`calibration.fit_temperature`); and a report: how it was fitted, ECE and NLL
     on those tasks before and after."""
     config = ckpt.config
-    sampler = split_sampler(data, "val", config.ways, config.shots, query, CALIBRATION_SEED)
+    sampler = split_sampler(data, "val", config.ways, config.shots, query, CALIBRATION_SEED, config,
+                            ckpt.state.get("data"))
     logits, labels = query_logits(_deployed_maml(ckpt), sampler, tasks, progress=progress)
     raw = logits * config.temperature  # undo a temperature the checkpoint may already have
     flat, flat_labels = raw.reshape(-1, config.ways), labels.reshape(-1)
@@ -407,7 +413,8 @@ def evaluate_export(export: str | os.PathLike, data, tasks: int = 600, split: st
     from .adapter import Adapter
     adapter = Adapter(export, threads=threads)
     shots = int(adapter.metadata.get("shots_trained", 1)) if shots is None else shots
-    sampler = split_sampler(data, split, adapter.ways, shots, query, seed)
+    config = MamlConfig.from_dict(json.loads(adapter.metadata["config"])) if "config" in adapter.metadata else None
+    sampler = split_sampler(data, split, adapter.ways, shots, query, seed, config)
     alone, batched, labels = [], [], []
     for _, batch in _task_batches(sampler, tasks, 16, progress, desc="evaluate (one query at a time)"):
         for xs, ys, xq, yq in zip(*batch):
