@@ -46,10 +46,11 @@ def md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def downloaded(folder: str | os.PathLike | None = None) -> str | None:
-    """`folder` (default: `default_dir()`) if both zips are there with their published md5s, else None."""
+def downloaded(folder: str | os.PathLike | None = None, files: dict | None = None) -> str | None:
+    """`folder` (default: `default_dir()`) if both zips are there with their published md5s (`files`: other
+    names and md5s), else None."""
     folder = Path(folder) if folder is not None else default_dir()
-    ok = all((folder / name).is_file() and md5(folder / name) == digest for name, digest in FILES.items())
+    ok = all((folder / name).is_file() and md5(folder / name) == digest for name, digest in (files or FILES).items())
     return str(folder) if ok else None
 
 
@@ -108,17 +109,18 @@ def _fetch(url: str, file: Path, expected: str, progress: bool, timeout: float) 
 
 
 def download_omniglot(dest: str | os.PathLike | None = None, base_url: str | None = None, progress: bool = True,
-                      timeout: float = 60) -> Path:
+                      timeout: float = 60, files: dict | None = None) -> Path:
     """Download the official Omniglot zips into `dest` (default `default_dir()`) from `base_url` (default
     $MAML_EXPORT_OMNIGLOT_URL, else the official URL), each checked against its md5; returns `dest`, which
-    `--data` then takes. Files already there with the right md5 are kept; a one-line DataError otherwise."""
+    `--data` then takes. Files already there with the right md5 are kept; a one-line DataError otherwise.
+    `files` ({name: md5}, default FILES) is for other files than Omniglot's (the tests' own)."""
     dest = Path(dest).expanduser() if dest is not None else default_dir()
     base = (base_url or os.environ.get(URL_ENV) or OFFICIAL_URL).rstrip("/")
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create {dest} ({e.strerror}): pass another folder") from None
-    for name, expected in FILES.items():
+    for name, expected in (files or FILES).items():
         file = dest / name
         if file.is_file() and md5(file) == expected:
             continue
