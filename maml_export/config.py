@@ -151,8 +151,10 @@ class MamlConfig:
     @property
     def preprocessing(self) -> Preprocessing:
         """How an image file becomes this model's input (`images.Preprocessing`): training data and
-        `maml-predict` both prepare images with it. A config without `pixels` is Omniglot's: ink."""
-        return Preprocessing(self.channels, self.image_size, self.pixels or "ink", self.resize)
+        `maml-predict` both prepare images with it. Without `pixels` (training fills it in from the data):
+        Omniglot's ink for one channel, plain for three."""
+        pixels = self.pixels or ("ink" if self.channels == 1 else "plain")
+        return Preprocessing(self.channels, self.image_size, pixels, self.resize)
 
     @property
     def head_is_zero(self) -> bool:
