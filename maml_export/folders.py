@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import HALVES, TaskSampler, Tasks, _default_cache_dir, _find_source, load_omniglot, split_characters
+from .data import HALVES, OFFICIAL_URL, TaskSampler, Tasks, _default_cache_dir, _find_source, load_omniglot, split_characters
 from .errors import ConfigError, DataError
 from .images import SUFFIXES, Preprocessing, to_float
 
@@ -36,6 +36,7 @@ SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT = "0.7,0.1,0.2"
 FOLDER_DEFAULTS = {"channels": 3, "image_size": 84}  # miniImageNet's, when the CLI is not given them
 CACHE_VERSION = "folders-v1"
+FOLDER_PROTOCOL = "image folders"  # how a folder-trained config's protocol starts
 _LAYOUTS = {"folders": "DIR/{train,val,test}/<class>/", "csv": "DIR/images/ + {train,val,test}.csv",
             "classes": "DIR/<class>/"}
 
@@ -57,8 +58,9 @@ class ClassFiles:
 
 
 def is_omniglot(root: Path) -> bool:
-    """Whether `root` holds Omniglot (both halves as .npz, official .zip or extracted folders)."""
-    return all(_find_source(root, half) is not None for half in HALVES)
+    """Whether `root` holds Omniglot: either half as .npz, official .zip or extracted folder (a missing other
+    half is then `load_omniglot`'s error to say)."""
+    return any(_find_source(root, half) is not None for half in HALVES)
 
 
 def _images_in(folder: Path) -> list:
@@ -74,7 +76,9 @@ def _class_folders(folder: Path) -> ClassFiles:
 def layout(root: Path) -> str:
     """'folders', 'csv' or 'classes' (see the module's docstring); a DataError if `root` is none of them."""
     if not root.is_dir():
-        raise DataError(f"--data {root} {'is not a directory' if root.exists() else 'does not exist'}")
+        raise DataError(f"--data {root} {'is not a directory' if root.exists() else 'does not exist'}; pass Omniglot "
+                        f"(images_background.zip and images_evaluation.zip from {OFFICIAL_URL}, or `maml-train "
+                        "download`) or a folder of your own images with --data (or OMNIGLOT_DIR)")
     present = [s for s in SPLITS if (root / s).is_dir()]
     if present:
         if len(present) < 3:
@@ -318,28 +322,36 @@ class OmniglotDataset:
         return TaskSampler(self.images, self.splits[split], ways, shots, query, seed, split_name=split)
 
 
+def trained_on_folders(config) -> bool:
+    """Whether a config's model was trained on image folders (its `protocol` says so; Omniglot's does not)."""
+    return config.protocol.startswith(FOLDER_PROTOCOL)
+
+
 def folder_protocol(kind: str, config) -> str:
     """What a folder-trained config's `protocol` says: the layout, the split, the classes and the pixels."""
     split = {"folders": "split by train/val/test folders", "csv": "split by train/val/test.csv",
              "classes": f"split {config.split} of a RandomState(1) permutation of the sorted class names"}[kind]
     rotations = ", x4 rotations" if config.rotations else ""
-    return f"image folders {_LAYOUTS[kind]}: {split}; classes{rotations}; pixels {config.preprocessing.describe()}"
+    return f"{FOLDER_PROTOCOL} {_LAYOUTS[kind]}: {split}; classes{rotations}; pixels {config.preprocessing.describe()}"
 
 
-def open_dataset(data, config, *, given: dict | None = None, need: int | None = None, cache_dir=None):
+def open_dataset(data, config, *, new_run: bool = False, given: dict | None = None, need: int | None = None,
+                 cache_dir=None):
     """The dataset in the folder `data`, and `config` as training on it records it: (dataset, config).
 
-    Omniglot (both halves present) takes its protocol's pixels only (1x28x28 ink, LANCZOS; no --split).
-    Otherwise `data` is an image folder: `config`'s unset `pixels` becomes 'plain' and `split` the default
-    fractions (class-folder layout only); with `given` (the options a CLI user gave), channels and image_size
-    not in it become FOLDER_DEFAULTS. `need` (default shots + query): classes with fewer images are left out
-    with one warning line.
+    Omniglot (either half present) takes its protocol's pixels only (1x28x28 ink, LANCZOS; no --split).
+    Otherwise `data` is an image folder. A model trained on one (resume, evaluate, export) reads it as its config
+    says; a model trained on Omniglot is refused. A `new_run`'s config gets the folders' defaults: an unset
+    `pixels` becomes 'plain' and `split` the default fractions (class-folder layout only); with `given` (the
+    options a CLI user gave), channels and image_size not in it become FOLDER_DEFAULTS; and its `protocol` says
+    how the data was read. `need` (default shots + query): classes with fewer images are left out, with one
+    warning line.
     """
     root = Path(data).expanduser()
     if root.is_dir() and is_omniglot(root):
         omniglot = Preprocessing()
-        if config.preprocessing != omniglot or config.split or config.protocol.startswith("image folders"):
-            what = (f"a model trained on image folders ({config.protocol})" if config.protocol.startswith("image")
+        if config.preprocessing != omniglot or config.split or trained_on_folders(config):
+            what = (f"a model trained on image folders ({config.protocol})" if trained_on_folders(config)
                     else f"{config.preprocessing.describe()}, --split {config.split}")
             raise ConfigError(f"--data {root} is Omniglot, whose protocol is {omniglot.describe()} with its own split; "
                               f"this is {what}: pass the image folder it was trained on, or drop the options")
@@ -347,7 +359,10 @@ def open_dataset(data, config, *, given: dict | None = None, need: int | None = 
     kind = layout(root)
     if kind != "classes" and config.split:
         raise ConfigError(f"--split {config.split}: {root} gives its own split ({_LAYOUTS[kind]}); drop --split")
-    if not config.protocol.startswith("image folders"):  # a new run: the folders' defaults, then the record
+    if not trained_on_folders(config):
+        if not new_run:
+            raise ConfigError(f"--data {root} is an image folder ({_LAYOUTS[kind]}); this model was trained on "
+                              f"Omniglot ({config.protocol}): pass Omniglot's folder")
         changes = {"pixels": config.pixels or "plain", "split": config.split or (DEFAULT_SPLIT if kind == "classes"
                                                                                  else None)}
         if given is not None:

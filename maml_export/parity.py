@@ -22,8 +22,8 @@ def parity_tasks(config, tasks: int, data: str | os.PathLike | None, seed: int =
     trained on (Omniglot, where $OMNIGLOT_DIR stands in for it, or image folders: `config.query` queries per
     class), else tasks of made-up characters at the model's image shape (`data.synthetic_tasks`)."""
     from .data import synthetic_tasks
-    from .folders import open_dataset
-    omniglot = not config.protocol.startswith("image folders")
+    from .folders import open_dataset, trained_on_folders
+    omniglot = not trained_on_folders(config)
     data = data or (os.environ.get("OMNIGLOT_DIR") if omniglot else None)
     if data:
         query = 15 if omniglot else config.query

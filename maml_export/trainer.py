@@ -197,7 +197,7 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
     data = os.path.abspath(data_dir(data, ckpt.state.get("data") if ckpt else None))
     # Omniglot or image folders; a new run's config gets the folders' defaults (pixels, split, and the sizes the
     # CLI user did not give) and its protocol
-    dataset, config = open_dataset(data, config, given=None if ckpt or overrides is None else overrides,
+    dataset, config = open_dataset(data, config, new_run=not ckpt, given=None if overrides is None else overrides,
                                    need=config.shots + max(config.query, config.val_query or config.query))
     sampler = dataset.sampler("train", config.ways, config.shots, config.query, config.seed)
 

@@ -66,7 +66,7 @@ def test_splits_from_train_val_test_folders_and_tasks_of_their_classes(tmp_path)
                 solid(folder / f"{i}", k, i)
             given[split].add(k)
             k += 1
-    dataset, config = open_dataset(tmp_path, MamlConfig(**SMALL, query=3), cache_dir=tmp_path / "cache")
+    dataset, config = open_dataset(tmp_path, MamlConfig(**SMALL, query=3), new_run=True, cache_dir=tmp_path / "cache")
     assert dataset.layout == "folders" and config.split is None and config.pixels == "plain"
     assert config.protocol.startswith("image folders DIR/{train,val,test}/<class>/: split by train/val/test folders")
     for split in SPLITS:
@@ -77,10 +77,10 @@ def test_splits_from_train_val_test_folders_and_tasks_of_their_classes(tmp_path)
             assert len(set(support)) == 5 and set(support) <= given[split]  # 5 classes of this split only
             assert [class_of(x) for x in tasks.x_qry[t]] == list(np.repeat(support, 3))  # queries by label
     with pytest.raises(ConfigError, match="drop --split"):
-        open_dataset(tmp_path, MamlConfig(**SMALL, split="0.5,0.25,0.25"), cache_dir=tmp_path / "cache")
+        open_dataset(tmp_path, MamlConfig(**SMALL, split="0.5,0.25,0.25"), new_run=True, cache_dir=tmp_path / "cache")
     (tmp_path / "val").rename(tmp_path / "valid")
     with pytest.raises(DataError, match=r"has train, test/ but not .*val/"):
-        open_dataset(tmp_path, MamlConfig(**SMALL), cache_dir=tmp_path / "cache")
+        open_dataset(tmp_path, MamlConfig(**SMALL), new_run=True, cache_dir=tmp_path / "cache")
 
 
 def test_split_fractions_are_a_seeded_class_permutation_recorded_in_the_config(tmp_path):
@@ -91,7 +91,7 @@ def test_split_fractions_are_a_seeded_class_permutation_recorded_in_the_config(t
         for i in range(4):
             solid(data / name / f"{i}", k, i)
     (data / ".hidden").mkdir()  # skipped
-    dataset, config = open_dataset(data, MamlConfig(query=3), given={}, cache_dir=cache)
+    dataset, config = open_dataset(data, MamlConfig(query=3), given={}, new_run=True, cache_dir=cache)
     # a CLI user who gave no sizes gets miniImageNet's, and the split is recorded
     assert (config.channels, config.image_size, config.pixels, config.split) == (3, 84, "plain", DEFAULT_SPLIT)
     assert config.layers[0]["in_channels"] == 3 and config.layers[-1]["in_features"] == 64 * 5 * 5
@@ -100,16 +100,19 @@ def test_split_fractions_are_a_seeded_class_permutation_recorded_in_the_config(t
     for split in SPLITS:
         assert dataset.names[split] == [names[i] for i in sorted(expected[split])]
     # the same split every time (no --seed in it), another one for other fractions
-    again, _ = open_dataset(data, config, cache_dir=cache)
-    assert again.names == dataset.names
-    other, other_config = open_dataset(data, MamlConfig(**SMALL, query=3, split="0.5,0.25,0.25"), cache_dir=cache)
+    again, same = open_dataset(data, config, cache_dir=cache)  # as evaluate and export read it
+    assert again.names == dataset.names and same == config
+    with pytest.raises(ConfigError, match="this model was trained on Omniglot"):
+        open_dataset(data, MamlConfig(query=3), cache_dir=cache)  # not a new run: an Omniglot model
+    other, other_config = open_dataset(data, MamlConfig(**SMALL, query=3, split="0.5,0.25,0.25"),
+                                       new_run=True, cache_dir=cache)
     assert [len(other.names[s]) for s in SPLITS] == [10, 5, 5] and other_config.split == "0.5,0.25,0.25"
     assert sorted(sum(other.names.values(), [])) == names
     # the library's own config is taken as it is (given=None): 16 px
     assert other.pixels["train"].shape == (10 * 4, 3, 16, 16)
     for bad in ("0.5,0.5", "0.8,0.3,-0.1", "a,b,c", "0.6,0.2,0.1"):
         with pytest.raises(ConfigError, match="--split must be three positive fractions"):
-            open_dataset(data, MamlConfig(**SMALL, split=bad), cache_dir=cache)
+            open_dataset(data, MamlConfig(**SMALL, split=bad), new_run=True, cache_dir=cache)
     assert {len(v) for v in split_classes(list(range(3)), (0.98, 0.01, 0.01)).values()} == {1}  # one class each
 
 
@@ -124,7 +127,7 @@ def test_ravi_larochelle_csv_layout(tmp_path):
                     name = f"n{k:08d}{i:08d}.jpg"
                     Image.new("RGB", (84, 84), colour(k)).save(tmp_path / "images" / name, quality=100)
                     rows.writerow([name, f"n{k:08d}"])
-    dataset, config = open_dataset(tmp_path, MamlConfig(**SMALL, query=2), cache_dir=tmp_path / "cache")
+    dataset, config = open_dataset(tmp_path, MamlConfig(**SMALL, query=2), new_run=True, cache_dir=tmp_path / "cache")
     assert dataset.layout == "csv" and config.split is None
     assert dataset.names["val"] == [f"n{k:08d}" for k in range(6, 11)] and dataset.counts["test"].tolist() == [4] * 5
     tasks = dataset.sampler("test", 5, 2, 2, seed=3).sample(2)
@@ -133,13 +136,14 @@ def test_ravi_larochelle_csv_layout(tmp_path):
     with open(tmp_path / "test.csv", "a") as f:
         f.write("missing.jpg,n00000099\n")
     with pytest.raises(DataError, match=r"test.csv line 22: .*missing.jpg does not exist") as error:
-        open_dataset(tmp_path, MamlConfig(**SMALL), cache_dir=tmp_path / "cache")
+        open_dataset(tmp_path, MamlConfig(**SMALL), new_run=True, cache_dir=tmp_path / "cache")
     assert "\n" not in str(error.value)
 
 
 def test_too_small_classes_are_left_out_with_one_warning_line(tmp_path, capfd):
     write_dataset(tmp_path / "shapes", 20, 6, sizes={"circle-red": 3, "star-red": 5, "ring-green": 0})
-    dataset, _ = open_dataset(tmp_path / "shapes", MamlConfig(**SMALL, query=5), cache_dir=tmp_path / "cache")
+    dataset, _ = open_dataset(tmp_path / "shapes", MamlConfig(**SMALL, query=5),
+                              new_run=True, cache_dir=tmp_path / "cache")
     lines = capfd.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: 3 classes of "), lines
     assert "fewer than 6 images" in lines[0]
@@ -153,10 +157,10 @@ def test_too_small_classes_are_left_out_with_one_warning_line(tmp_path, capfd):
 def test_rotations_stay_omniglot_only_by_default_and_omniglot_keeps_its_protocol(tmp_path):
     write_dataset(tmp_path / "shapes", 20, 4)
     config = MamlConfig(**SMALL, query=3)
-    plain, _ = open_dataset(tmp_path / "shapes", config, cache_dir=tmp_path / "cache")
+    plain, _ = open_dataset(tmp_path / "shapes", config, new_run=True, cache_dir=tmp_path / "cache")
     assert plain.sampler("train", 5, 1, 3, seed=0).num_classes == len(plain.names["train"])
     rotated, config = open_dataset(tmp_path / "shapes", MamlConfig(**SMALL, query=3, rotations=True),
-                                   cache_dir=tmp_path / "cache")
+                                   new_run=True, cache_dir=tmp_path / "cache")
     sampler = rotated.sampler("train", 5, 1, 3, seed=0)
     assert sampler.num_classes == 4 * len(rotated.names["train"]) and "x4 rotations" in config.protocol
     tasks = sampler.sample(8)  # some classes are rotations: their images are rotated copies of the class's
@@ -190,8 +194,9 @@ def test_the_preprocessing_is_one_definition_carried_by_config_and_metadata(tmp_
     assert np.array_equal(x[:, 0, 0], np.float32([10, 20, 30]) / np.float32(255))
     assert Preprocessing.from_metadata(rgb.metadata()) == rgb
     assert Preprocessing.from_metadata({"channels": "1", "image_size": "28"}) == omniglot  # exports before pixels
-    for bad, message in (({"channels": 3, "pixels": "ink"}, "--pixels ink .* is for grayscale"), ({"channels": 2}, "--channels must be 1 or 3"),
-                         ({"resize": "cubic"}, "--resize must be one of"), ({"image_size": 8}, "--image-size must be at least 16")):
+    for bad, message in (({"channels": 3, "pixels": "ink"}, "--pixels ink .* is for grayscale"),
+                         ({"channels": 2}, "--channels must be 1 or 3"), ({"resize": "cubic"}, "--resize must be one of"),
+                         ({"image_size": 8}, "--image-size must be at least 16")):
         with pytest.raises(ConfigError, match=message):
             MamlConfig(**bad)
     with pytest.raises(ValueError, match=r"cannot read image .*broken.jpg"):
@@ -221,7 +226,8 @@ def shapes_run(tmp_path_factory):
     env = {"MAML_EXPORT_CACHE": str(base / "cache")}
     done = run("-m", "train", "--data", str(base / "shapes"), "--hidden", "32", "--first-order", "--meta-batch", "4",
                "--query", "3", "--inner-steps", "1", "--inner-lr", "0.01", "--head-init", "prototypes", "--zero-head",
-               "--iterations", "24", "--val-every", "12", "--val-tasks", "20", "--val-query", "5", "--name", "shapes-5w1s",
+               "--iterations", "24", "--val-every", "12", "--val-tasks", "20", "--val-query", "5",
+               "--name", "shapes-5w1s",
                "--out", str(base / "run"), env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return base, env
