@@ -27,9 +27,7 @@ import paddle2onnx
 
 from . import __version__
 from .errors import ExportError
-from .images import PIXELS
 
-INPUT_RANGE = PIXELS["ink"]  # Omniglot's; an export's own is its config's (images.Preprocessing.input_range)
 BATCH_NORM = {  # the metadata's words for each query_norm (layers.BatchNorm)
     "support": "the support set's own statistics in each SGD step; queries: the support set's statistics under "
                "the adapted weights, so each query's logits depend on the support set and that image alone",
