@@ -325,7 +325,7 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
 
 def data_dir(data, recorded: str | None = None) -> str:
     """The data folder (Omniglot or image folders): `data` (--data) if given, else `recorded` (the one a resumed
-    run was trained on) if it is still there, else $OMNIGLOT_DIR, else Omniglot downloaded by `maml-train download`."""
+    run was trained on) if it is still there, else $OMNIGLOT_DIR, else the copy `maml-train download` fetched."""
     from .download import downloaded
     if not data and recorded:
         if os.path.isdir(recorded) or not os.environ.get("OMNIGLOT_DIR"):
@@ -334,7 +334,8 @@ def data_dir(data, recorded: str | None = None) -> str:
     if not data:
         raise DataError("no data: pass --data DIR (Omniglot, or a folder of your own images), set OMNIGLOT_DIR, or "
                         "download Omniglot with `maml-train download` (the official images_background.zip and "
-                        "images_evaluation.zip are published at https://github.com/brendenlake/omniglot/tree/master/python)")
+                        "images_evaluation.zip are published at "
+                        "https://github.com/brendenlake/omniglot/tree/master/python)")
     return data
 
 
