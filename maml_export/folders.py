@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import HALVES, OFFICIAL_URL, TaskSampler, Tasks, _default_cache_dir, _find_source, load_omniglot, split_characters
+from .data import _HINT, HALVES, OFFICIAL_URL, TaskSampler, Tasks, _default_cache_dir, _find_source, load_omniglot, split_characters
 from .errors import ConfigError, DataError
 from .images import SUFFIXES, Preprocessing, to_float
 
@@ -348,6 +348,10 @@ def open_dataset(data, config, *, new_run: bool = False, given: dict | None = No
     warning line.
     """
     root = Path(data).expanduser()
+    if not root.is_dir() and not trained_on_folders(config):  # said as Omniglot's loader says it, + own images
+        problem = "is not a directory" if root.exists() else "does not exist"
+        also = ", or a folder of your own images with --data" if new_run else ""
+        raise DataError(f"Omniglot directory {root} {problem}; {_HINT}{also} (`maml-train download` fetches the zips)")
     if root.is_dir() and is_omniglot(root):
         omniglot = Preprocessing()
         if config.preprocessing != omniglot or config.split or trained_on_folders(config):
