@@ -268,6 +268,14 @@ def test_the_export_validates_and_maml_predict_classifies_rgb_jpegs(shapes_run, 
     assert meta["input_range"] == "[0, 1], the image's pixel values / 255"
     assert meta["protocol"].startswith("image folders DIR/<class>/: split 0.7,0.1,0.2")
 
+    # the export as a deployment runs it, on the folder's test tasks: evaluate reads the preprocessing and the
+    # split from the export's config
+    done = run("-m", "train", "evaluate", "--export", str(out), "--data", str(base / "shapes"), "--tasks", "4",
+               "--query", "5", "--json", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["answers"] == report["same_class_alone_and_in_batch"] == 4 * 5 * 5 and report["accuracy"] > 0.4
+
     # a support folder (one PNG per class) and a query folder of JPEGs, of five test classes
     config = load_checkpoint(base / "run" / "best.npz").config
     test = class_files(base / "shapes", "classes", config.split)["test"]
