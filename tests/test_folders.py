@@ -250,6 +250,12 @@ def test_a_short_meta_training_on_rgb_images_learns(shapes_run):
     assert report["split"] == "test" and report["ways"] == 5 and report["query"] == 5
     # chance is 0.2; seen: 0.80-0.90 after 24 iterations
     assert report["accuracy"] - report["ci95"] > 0.4, report
+    # shipped with a temperature fitted on the run's own validation classes (12 images each: 5 queries, not 15)
+    done = run("-m", "train", "bundle", str(base / "run"), "--out", str(base / "shapes.npz"), "--calibration-tasks",
+               "10", "--calibration-query", "5", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    calibration = load_checkpoint(base / "shapes.npz").state["calibration"]
+    assert calibration["query"] == 5 and calibration["tasks"] == 10 and calibration["temperature"] > 0
 
 
 def test_the_export_validates_and_maml_predict_classifies_rgb_jpegs(shapes_run, tmp_path):

@@ -130,11 +130,15 @@ def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_n
               help="ship with this head initialisation, e.g. 'prototypes' chosen on the validation split with "
                    "`evaluate --split val --head-init` [default: the run's]")
 @click.option("--calibration-tasks", type=click.IntRange(min=0), default=200, show_default=True,
-              help="validation tasks (15 queries per class) the temperature is fitted on, so that the shipped model's "
-                   "probabilities are calibrated; 0: ship without one (temperature 1)")
+              help="validation tasks (--calibration-query queries per class) the temperature is fitted on, so that "
+                   "the shipped model's probabilities are calibrated; 0: ship without one (temperature 1)")
+@click.option("--calibration-query", type=click.IntRange(min=1), default=15, show_default=True,
+              help="query images per class of those tasks (image folders whose classes hold fewer than shots + 15 "
+                   "images need fewer)")
 @click.option("--data", type=click.Path(), default=None,
-              help="Omniglot folder for --calibration-tasks [default: $OMNIGLOT_DIR]")
-def bundle(run, out, inner_lr, note, ways, head_init, calibration_tasks, data):
+              help="the data for --calibration-tasks, Omniglot or the run's image folder [default: the run's own; "
+                   "else $OMNIGLOT_DIR]")
+def bundle(run, out, inner_lr, note, ways, head_init, calibration_tasks, calibration_query, data):
     """Package RUN's best checkpoint (chosen on validation) for shipping: weights and config without
     optimizer state, the temperature that calibrates its probabilities, the command that reproduces the run,
     and its metrics log up to that iteration."""
@@ -142,7 +146,7 @@ def bundle(run, out, inner_lr, note, ways, head_init, calibration_tasks, data):
     calibrate = None
     if calibration_tasks:
         from maml_export.trainer import calibrate as fit
-        calibrate = lambda deployed: fit(deployed, data, calibration_tasks)  # noqa: E731
+        calibrate = lambda deployed: fit(deployed, data, calibration_tasks, calibration_query)  # noqa: E731
     # --inner-lr, --ways: checked by the shipped config (MamlConfig), as for training
     ckpt = bundle_run(run, out, inner_lr, note, ways, head_init, calibrate)
     click.echo(json.dumps({"out": out, "iteration": ckpt.iteration, **ckpt.state}))
