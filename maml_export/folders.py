@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import _HINT, HALVES, OFFICIAL_URL, TaskSampler, Tasks, _default_cache_dir, _find_source, load_omniglot, split_characters
+from .data import (_HINT, HALVES, OFFICIAL_URL, TaskSampler, Tasks, _default_cache_dir, _find_source, load_omniglot,
+                   split_characters)
 from .errors import ConfigError, DataError
 from .images import SUFFIXES, Preprocessing, to_float
 
