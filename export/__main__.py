@@ -38,8 +38,8 @@ from maml_export.cli import checkpoint_argument, run
 @click.option("--tasks", type=click.IntRange(min=1), default=8, show_default=True,
               help="Tasks for the parity check (eager Paddle vs static program vs onnxruntime).")
 @click.option("--data", type=str, default=None,
-              help="Omniglot folder (images_*.npz, the official zips or folders): parity runs on real "
-                   "test tasks. [default: $OMNIGLOT_DIR, else made-up characters]")
+              help="The data the checkpoint was trained on (Omniglot, or its image folder): parity runs on real "
+                   "test tasks. [default: $OMNIGLOT_DIR for Omniglot's models, else made-up characters]")
 @click.option("--task-batch", type=click.IntRange(min=1), default=None,
               help="Export a graph for T tasks per call (inputs [T, S, C, H, W], [T, S], [T, Q, C, H, W] -> "
                    "logits [T, Q, ways]; T fixed, S and Q dynamic), for throughput. Parity then runs on --tasks "

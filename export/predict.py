@@ -6,9 +6,11 @@
 
 support/ holds one sub-folder per class (the class names; sorted, they are labels 0..n-1, and n must
 be the model's ways), each with one or more images; query/ holds the images to classify. Images of
-any size and mode (PNG, JPEG, ...) are prepared as the Omniglot protocol prepares its drawings:
-grayscale (transparent pixels count as paper), dark ink on light paper inverted so that ink is 1.0,
-resized to the model's size with LANCZOS, divided by 255. Needs onnxruntime, numpy and Pillow only.
+any size and mode (PNG, JPEG, ...) are prepared exactly as the model's training images were, from the
+export's metadata (`maml_export.images.Preprocessing`): for Omniglot's models grayscale (transparent
+pixels count as paper), dark ink on light paper inverted so that ink is 1.0, resized to 28x28 with
+LANCZOS, divided by 255; for a model trained on image folders, e.g. RGB resized to 84x84, pixel / 255.
+Needs onnxruntime, numpy and Pillow only.
 """
 from __future__ import annotations
 
@@ -20,30 +22,15 @@ import click
 import numpy as np
 
 from maml_export.cli import run
+from maml_export.images import Preprocessing
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
-    """An image file -> float32 [1, size, size], ink 1.0, paper 0.0 (the protocol's pixels)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                # composite on white paper: a transparent background must not turn into ink
-                rgba = image.convert("RGBA")
-                image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-            if image.mode.startswith("I"):  # 16-bit grayscale: Pillow's convert("L") clips at 255
-                a = np.asarray(image, dtype=np.float64)
-                image = Image.fromarray(np.uint8(np.clip(np.round(a / 257 if a.max() > 255 else a), 0, 255)))
-            gray = np.asarray(image.convert("L"), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise ValueError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
-    # ink = 255 - gray: the drawing as an 8-bit image with ink 255, then resized (as data.py does)
-    ink = Image.fromarray(255 - gray, mode="L").resize((size, size), Image.Resampling.LANCZOS)
-    return (np.asarray(ink, dtype=np.float32) / np.float32(255))[None]
+def load_image(path: Path, preprocessing: Preprocessing) -> np.ndarray:
+    """An image file -> float32 [C, H, W], prepared as the model's training images were (its metadata's
+    `images.Preprocessing`: Omniglot's drawings ink 1.0 on paper 0.0, photos their pixel values / 255)."""
+    return preprocessing.load(path)
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -52,8 +39,8 @@ def image_files(folder: Path) -> list[Path]:
                   if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def read_support(folder: Path, ways: int, size: int) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Class names (sorted sub-folder names), images [S, 1, size, size] and labels [S]."""
+def read_support(folder: Path, ways: int, preprocessing: Preprocessing) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Class names (sorted sub-folder names), images [S, C, H, W] and labels [S]."""
     if not folder.is_dir():
         raise ValueError(f"--support {folder} is not a directory")
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -66,7 +53,7 @@ def read_support(folder: Path, ways: int, size: int) -> tuple[list[str], np.ndar
         files = image_files(folder / name)
         if not files:
             raise ValueError(f"--support class folder {folder / name} holds no images")
-        images += [load_image(f, size) for f in files]
+        images += [load_image(f, preprocessing) for f in files]
         labels += [label] * len(files)
     return classes, np.stack(images), np.array(labels, dtype=np.int64)
 
@@ -123,17 +110,17 @@ def cli(model_path, support, task_file, save_file, query, unknown_below, as_json
     if adapter.task_batch:
         raise ValueError(f"--model {model_path} adapts {adapter.task_batch} tasks per call (exported with "
                          "--task-batch); maml-predict adapts one: export without --task-batch")
-    if adapter.channels != 1:
-        raise ValueError(f"--model {model_path} takes {adapter.channels}-channel images; maml-predict "
-                         "prepares grayscale drawings (channels=1) only")
     check = adapter.input_range if adapter.check_pixels else ""
+    # what a refused image should have been: the advice fits the model's pixel convention
+    expected = ("maml-predict reads dark ink on light paper" if adapter.preprocessing.pixels == "ink"
+                else f"the model takes {adapter.input_range}")
     if support is not None:
-        classes, x_spt, y_spt = read_support(Path(support), adapter.ways, adapter.image_size)
+        classes, x_spt, y_spt = read_support(Path(support), adapter.ways, adapter.preprocessing)
         problems = ((f, pixel_problem(x, check)) for f, x in zip(
             [f for name in classes for f in image_files(Path(support) / name)], x_spt))  # read_support's order
         for f, problem in problems:
             if problem:
-                raise ValueError(f"--support image {f} is {problem}: maml-predict reads dark ink on light paper "
+                raise ValueError(f"--support image {f} is {problem}: {expected} "
                                  "(--no-pixel-check classifies it anyway)")
         task = adapter.adapt(x_spt, y_spt, classes=classes)
         if save_file is not None:
@@ -159,11 +146,10 @@ def cli(model_path, support, task_file, save_file, query, unknown_below, as_json
     files, images, failed = [], [], {}  # a bad file is reported and left out; the others are classified
     for f in found:
         try:
-            x = load_image(f, adapter.image_size)
+            x = load_image(f, adapter.preprocessing)
             problem = pixel_problem(x, check)
             if problem:
-                raise ValueError(f"{f} is {problem}: maml-predict reads dark ink on light paper "
-                                 "(--no-pixel-check classifies it anyway)")
+                raise ValueError(f"{f} is {problem}: {expected} (--no-pixel-check classifies it anyway)")
         except ValueError as e:
             failed[f.name] = " ".join(str(e).split())
             fail(failed[f.name], 1)

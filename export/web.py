@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import http.server
 import json
-import os
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 

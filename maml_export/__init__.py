@@ -9,6 +9,10 @@ Modules, one concern each:
   maml        adaptation (inner SGD) and meta-gradients, first- or second-order
   data        Omniglot loading (npz, official zips or folders), the split, the task sampler
   protocol    the evaluation protocol's task streams (seeds) and its 95 % intervals (numpy only)
+  images      image file -> model input: the one preprocessing (channels, size, pixels, resize) training and
+              prediction share (numpy + Pillow only)
+  folders     your own images: image-folder and csv layouts, their split, their task sampler; open_dataset
+  download    Omniglot's official zips into the cache, md5-checked (`maml-train download`)
   config      the typed configuration every CLI fills and every checkpoint and export carries
   checkpoint  atomic, pickle-free checkpoints (weights + config + optimizer + sampler state)
   optim       Adam with pickle-free state

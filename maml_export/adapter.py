@@ -8,8 +8,10 @@ Needs only onnxruntime and numpy (no Paddle), so a deployment installs nothing e
     >>> task.predict_proba(x_qry)                             # predict.onnx: [Q, ways], any Q >= 1
     >>> task.save("task.npz"); task = adapter.load_task("task.npz")   # learn once, classify later
     >>> adapter.predict(x_spt, y_spt, x_qry)                  # model.onnx: both in one call, [Q, ways] logits
+    >>> adapter.load_images(["a.jpg", "b.png"])               # image files prepared as the training data was
 
-`x_spt` is [S, C, H, W] and `x_qry` [Q, C, H, W] (Omniglot: C=1, H=W=28, ink 1.0, paper 0.0), `y_spt`
+`x_spt` is [S, C, H, W] and `x_qry` [Q, C, H, W] (Omniglot: C=1, H=W=28, ink 1.0, paper 0.0; a model trained on
+image folders: its metadata's `channels`, `image_size`, `pixels`, `resize`, read by `preprocessing`), `y_spt`
 is [S] labels in 0..ways-1 with every class present. S and Q may be anything >= 1 (e.g. 5-shot support
 for a graph meta-trained 1-shot). Inputs are checked first, so that a mistake is a one-line
 ValueError, not an onnxruntime shape error or silently meaningless logits.
@@ -36,6 +38,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .calibration import softmax
+from .images import Preprocessing
 from .contract import (ADAPT_FILE, FUSED_INPUTS, LOGITS, MODEL_FILE, PREDICT_FILE, QUERY_IMAGES,
                        REQUIRED_METADATA, SUPPORT_IMAGES, SUPPORT_LABELS)
 
@@ -91,12 +94,22 @@ class Adapter:
         self.query_norm = self.metadata.get("query_norm", "transductive")  # exports before it: transductive
         self.temperature = float(self.metadata.get("temperature", 1.0))
         self.weights_sha256 = self.metadata.get("weights_sha256", "")
+        try:
+            self.preprocessing = Preprocessing.from_metadata(self.metadata)  # how the training images were prepared
+        except ValueError as e:
+            raise ValueError(f"model {self.path} has an unknown preprocessing in its metadata ({e})") from None
 
     def _load(self, path: str):
         try:
             return ort.InferenceSession(path, self._options, providers=self._providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception zoo
             raise ValueError(f"model {path} cannot be loaded by onnxruntime: {' '.join(str(e).split())}") from None
+
+    def load_images(self, paths) -> np.ndarray:
+        """Image files -> float32 [N, C, H, W], prepared exactly as the model's training images were
+        (`images.Preprocessing`, from the metadata; needs Pillow). A one-line ValueError for a file that cannot
+        be read."""
+        return np.stack([self.preprocessing.load(p) for p in paths])
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

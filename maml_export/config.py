@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 import click
 
 from .errors import ConfigError
+from .images import Preprocessing
 from .specs import HEAD_INITS, QUERY_NORMS, conv4_specs, layer_spec
 
 PROTOCOL = "omniglot/README.md protocol: RandomState(1) split 1100/100/423, (character, rotation) classes, 28x28 LANCZOS, ink=1"
@@ -79,8 +80,19 @@ class MamlConfig:
     val_head_init: str = _opt(None, "where validation's adaptation starts the head, i.e. the head init the checkpoint will "
                                     "be deployed with, e.g. train a zero head, choose for 'prototypes' (needs "
                                     "--zero-head) [default: --head-init]")
-    channels: int = _opt(1, "image channels", cli=False)
-    image_size: int = _opt(28, "image height and width", cli=False)
+    channels: int = _opt(1, "image channels: 1 (grayscale) or 3 (RGB); Omniglot: 1 [default for image folders: 3]")
+    image_size: int = _opt(28, "image height and width the images are resized to; Omniglot: 28 "
+                               "[default for image folders: 84]")
+    pixels: str = _opt(None, "pixel convention: 'ink', grayscale drawings inverted so that ink is 1.0 and paper 0.0 "
+                             "(Omniglot's); 'plain', the pixel values / 255 (photos) [default: ink for Omniglot, "
+                             "plain for image folders]")
+    resize: str = _opt("lanczos", "how images are resized to --image-size: lanczos, bilinear, bicubic or nearest "
+                                  "(Omniglot: lanczos)")
+    split: str = _opt(None, "train,val,test fractions of the classes of an image folder without train/val/test "
+                            "sub-folders or csv files, split by a RandomState(1) permutation of the sorted class "
+                            "names [default: 0.7,0.1,0.2]")
+    rotations: bool = _opt(None, "also make each class's 90, 180 and 270 degree rotations classes of their own, as "
+                                 "Omniglot's protocol does (always on for Omniglot; off for image folders unless given)")
     protocol: str = _opt(PROTOCOL, "data protocol the weights were trained under", cli=False)
     layers: list = _opt(None, "layer specs (derived from the fields above when empty)", cli=False)
 
@@ -111,6 +123,12 @@ class MamlConfig:
             raise ConfigError(f"--query-norm must be one of {', '.join(QUERY_NORMS)}, got {self.query_norm!r}")
         if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < float("inf")):
             raise ConfigError(f"temperature must be a positive number, got {self.temperature!r}")
+        try:  # the preprocessing checks its own fields (--channels, --pixels, --resize)
+            self.preprocessing
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.image_size < 16:
+            raise ConfigError(f"--image-size must be at least 16 (four 2x2 poolings), got {self.image_size}")
         if not self.layers:
             self.layers = conv4_specs(self.ways, self.channels, self.image_size, self.hidden, head_init=self.head_init,
                                       query_norm=self.query_norm)
@@ -128,6 +146,14 @@ class MamlConfig:
         if self.layers[-1].get("temperature", 1.0) != self.temperature:
             raise ConfigError(f"temperature {self.temperature} differs from the layers' head "
                               f"({self.layers[-1].get('temperature')})")
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """How an image file becomes this model's input (`images.Preprocessing`): training data and
+        `maml-predict` both prepare images with it. Without `pixels` (training fills it in from the data):
+        Omniglot's ink for one channel, plain for three."""
+        pixels = self.pixels or ("ink" if self.channels == 1 else "plain")
+        return Preprocessing(self.channels, self.image_size, pixels, self.resize)
 
     @property
     def head_is_zero(self) -> bool:

@@ -31,6 +31,7 @@ import PIL
 from PIL import Image
 
 from maml_export.errors import DataError, reason
+from maml_export.images import Preprocessing
 
 OFFICIAL_URL = "https://github.com/brendenlake/omniglot/tree/master/python"
 # Changing the preprocessing must change this, so old caches are never reused.
@@ -55,12 +56,14 @@ def _fail(what: str, error: BaseException | None = None) -> DataError:
 # Pixels: the protocol's preprocessing, shared by every source form so they agree bit for bit.
 # ---------------------------------------------------------------------------------------------
 
+OMNIGLOT_PIXELS = Preprocessing(1, IMAGE_SIZE, "ink", "lanczos")  # what maml-predict prepares for these models
+
+
 def _resize(paper: numpy.ndarray) -> numpy.ndarray:
-    """bool paper mask [H, W] -> uint8 [28, 28] ink-is-255 pixels, exactly as the protocol says."""
-    ink = numpy.where(paper, 0, 255).astype(numpy.uint8)
-    image = Image.fromarray(ink, mode="L").resize((IMAGE_SIZE, IMAGE_SIZE),
-                                                  Image.Resampling.LANCZOS)
-    return numpy.asarray(image, dtype=numpy.uint8)
+    """bool paper mask [H, W] -> uint8 [28, 28] ink-is-255 pixels, exactly as the protocol says: the drawing
+    (paper white) through the same preprocessing as any image file (images.Preprocessing)."""
+    gray = numpy.where(paper, 255, 0).astype(numpy.uint8)
+    return OMNIGLOT_PIXELS.uint8(Image.fromarray(gray, mode="L"))[0]
 
 
 def _png_paper(data: bytes) -> numpy.ndarray:

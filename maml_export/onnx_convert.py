@@ -28,7 +28,6 @@ import paddle2onnx
 from . import __version__
 from .errors import ExportError
 
-INPUT_RANGE = "[0, 1], ink 1.0, paper 0.0"
 BATCH_NORM = {  # the metadata's words for each query_norm (layers.BatchNorm)
     "support": "the support set's own statistics in each SGD step; queries: the support set's statistics under "
                "the adapted weights, so each query's logits depend on the support set and that image alone",
@@ -288,7 +287,7 @@ def metadata(config, steps: int, inner_lr: float, params: dict, opset: int, task
     is "0" for the single-task graph (no task axis; an export without the key is one too), else T."""
     t = f"{task_batch}, " if task_batch else ""
     return {"ways": str(config.ways), "steps": str(steps), "inner_lr": repr(float(inner_lr)),
-            "image_size": str(config.image_size), "channels": str(config.channels), "input_range": INPUT_RANGE,
+            **config.preprocessing.metadata(),  # channels, image_size, pixels, resize, input_range
             "task_batch": str(task_batch), "head_init": config.head_init,
             "input_layout": f"x_spt [{t}S, C, H, W] float32, y_spt [{t}S] int64 in 0..ways-1, x_qry [{t}Q, C, H, W] "
                             f"float32 -> logits [{t}Q, ways]",

@@ -19,18 +19,21 @@ from .model import Model, to_tensors
 
 
 def parity_tasks(config, tasks: int, data: str | os.PathLike | None, seed: int = 0):
-    """[(x_spt, y_spt, x_qry)] * tasks and where they came from: Omniglot test tasks when `data` (or
-    $OMNIGLOT_DIR) is given, else tasks of made-up characters (`data.synthetic_tasks`)."""
-    from .data import TaskSampler, load_omniglot, split_characters, synthetic_tasks
-    data = data or os.environ.get("OMNIGLOT_DIR")
+    """[(x_spt, y_spt, x_qry)] * tasks and where they came from: test tasks of `data`, the data the model was
+    trained on (Omniglot, where $OMNIGLOT_DIR stands in for it, or image folders: `config.query` queries per
+    class), else tasks of made-up characters at the model's image shape (`data.synthetic_tasks`)."""
+    from .data import synthetic_tasks
+    from .folders import open_dataset, trained_on_folders
+    omniglot = not trained_on_folders(config)
+    data = data or (os.environ.get("OMNIGLOT_DIR") if omniglot else None)
     if data:
-        images = load_omniglot(data)
-        sampler = TaskSampler(images, split_characters(len(images))["test"], config.ways, config.shots, 15, seed,
-                              split_name="test")
-        t, source = sampler.sample(tasks), f"Omniglot test tasks from {data}"
+        query = 15 if omniglot else config.query
+        dataset, _ = open_dataset(data, config, need=config.shots + query)
+        t = dataset.sampler("test", config.ways, config.shots, query, seed).sample(tasks)
+        source = f"{'Omniglot' if omniglot else 'image-folder'} test tasks from {data}"
     else:
         t = synthetic_tasks(tasks, config.ways, config.shots, 15, seed, config.image_size, config.channels)
-        source = "synthetic drawings (no Omniglot: pass --data or set OMNIGLOT_DIR)"
+        source = "synthetic drawings (no data: pass --data or set OMNIGLOT_DIR)"
     return [(t.x_spt[i], t.y_spt[i], t.x_qry[i]) for i in range(tasks)], source
 
 

@@ -23,7 +23,8 @@ from tqdm import tqdm
 from .calibration import calibration_report, fit_temperature
 from .checkpoint import Checkpoint, as_deployed, load_checkpoint, save_checkpoint
 from .config import RESUME_MAY_CHANGE, VALIDATION, MamlConfig, flag
-from .data import TaskSampler, load_omniglot, split_characters
+from .data import TaskSampler
+from .folders import open_dataset
 from .distributed import RankLostError, Ranks
 from .errors import ConfigError, DataError, MamlError
 from .maml import MAML, zero_head
@@ -183,11 +184,13 @@ class Training:
             check_writable_dir(self.files.out, "--out")
         # the data folder is recorded in the checkpoints: a resume without --data reads the run's own
         self.data = os.path.abspath(data_dir(data, ckpt.state.get("data") if ckpt else None))
-        self.images = load_omniglot(self.data)
-        self.splits = split_characters(len(self.images))
+        # Omniglot or image folders; a new run's config gets the folders' defaults (pixels, split, and the sizes
+        # the CLI user did not give) and its protocol
+        self.dataset, self.config = open_dataset(
+            self.data, self.config, new_run=not ckpt, given=overrides,
+            need=self.config.shots + max(self.config.query, self.config.val_query or self.config.query))
         c = self.config
-        self.sampler = TaskSampler(self.images, self.splits["train"], c.ways, c.shots, c.query, c.seed,
-                                   split_name="train")
+        self.sampler = self.dataset.sampler("train", c.ways, c.shots, c.query, c.seed)
         self.val_sampler()  # fail now, not at the first validation, if the validation split cannot give such tasks
         self.model = Model.from_specs(c.layers)
         initial, origin = (ckpt.params, None) if ckpt else initial_params(self.model, c)
@@ -232,8 +235,8 @@ class Training:
     def val_sampler(self) -> TaskSampler:
         """The validation tasks: a fresh sampler each time, so every validation sees the same tasks."""
         c = self.config
-        return TaskSampler(self.images, self.splits["val"], c.deployed_ways, c.shots,
-                           c.query if c.val_query is None else c.val_query, VAL_SEED, split_name="val")
+        return self.dataset.sampler("val", c.deployed_ways, c.shots, c.query if c.val_query is None else c.val_query,
+                                    VAL_SEED)
 
     def step(self) -> tuple[float, float]:
         """One meta-iteration (every rank draws the meta-batch and adapts its block; the meta-gradient is their
@@ -353,15 +356,17 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
 
 
 def data_dir(data, recorded: str | None = None) -> str:
-    """The Omniglot folder: `data` (--data) if given, else `recorded` (the one a resumed run was trained on)
-    if it is still there, else $OMNIGLOT_DIR."""
+    """The data folder (Omniglot or image folders): `data` (--data) if given, else `recorded` (the one a resumed
+    run was trained on) if it is still there, else $OMNIGLOT_DIR, else the copy `maml-train download` fetched."""
+    from .download import downloaded
     if not data and recorded:
         if os.path.isdir(recorded) or not os.environ.get("OMNIGLOT_DIR"):
             return recorded  # gone and nothing else given: load_omniglot says it is missing, naming it
-    data = data or os.environ.get("OMNIGLOT_DIR")
+    data = data or os.environ.get("OMNIGLOT_DIR") or downloaded()
     if not data:
-        raise DataError("no Omniglot data: pass --data DIR or set OMNIGLOT_DIR (the official "
-                        "images_background.zip and images_evaluation.zip are published at "
+        raise DataError("no data: pass --data DIR (Omniglot, or a folder of your own images), set OMNIGLOT_DIR, or "
+                        "download Omniglot with `maml-train download` (the official images_background.zip and "
+                        "images_evaluation.zip are published at "
                         "https://github.com/brendenlake/omniglot/tree/master/python)")
     return data
 
@@ -371,10 +376,12 @@ QUERIES = {"support": "per query (each query normalised with the support set's s
            "transductive": "transductive (the queries of a task normalised together)"}
 
 
-def split_sampler(data, split: str, ways: int, shots: int, query: int, seed: int) -> TaskSampler:
-    """Tasks of the protocol's `split` ("train", "val", "test") from the Omniglot folder `data_dir(data)`."""
-    images = load_omniglot(data_dir(data))
-    return TaskSampler(images, split_characters(len(images))[split], ways, shots, query, seed, split_name=split)
+def split_sampler(data, split: str, ways: int, shots: int, query: int, seed: int, config: MamlConfig | None = None,
+                  recorded: str | None = None) -> TaskSampler:
+    """Tasks of `split` ("train", "val", "test") of the data in `data_dir(data, recorded)`: Omniglot's protocol
+    split, or the image folders `config` (default: Omniglot's) was trained on, prepared as it says."""
+    dataset, _ = open_dataset(data_dir(data, recorded), config or MamlConfig(), need=shots + query)
+    return dataset.sampler(split, ways, shots, query, seed)
 
 
 def _deployed_maml(ckpt: Checkpoint, steps: int | None = None) -> MAML:
@@ -396,7 +403,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data, tasks: int = 600, s
                        query_norm=query_norm)
     config = ckpt.config
     shots = config.shots if shots is None else shots
-    sampler = split_sampler(data, split, config.ways, shots, query, seed)
+    sampler = split_sampler(data, split, config.ways, shots, query, seed, config, ckpt.state.get("data"))
     maml = _deployed_maml(ckpt, steps)
     started = time.perf_counter()
     logits, labels = query_logits(maml, sampler, tasks, steps=steps, progress=progress)
@@ -417,7 +424,8 @@ def calibrate(ckpt: Checkpoint, data, tasks: int = 200, query: int = 15, progres
     of `query` queries per class (`calibration.fit_temperature`); and a report: how it was fitted, ECE and NLL
     on those tasks before and after."""
     config = ckpt.config
-    sampler = split_sampler(data, "val", config.ways, config.shots, query, CALIBRATION_SEED)
+    sampler = split_sampler(data, "val", config.ways, config.shots, query, CALIBRATION_SEED, config,
+                            ckpt.state.get("data"))
     logits, labels = query_logits(_deployed_maml(ckpt), sampler, tasks, progress=progress)
     raw = logits * config.temperature  # undo a temperature the checkpoint may already have
     flat, flat_labels = raw.reshape(-1, config.ways), labels.reshape(-1)
@@ -437,7 +445,8 @@ def evaluate_export(export: str | os.PathLike, data, tasks: int = 600, split: st
     from .adapter import Adapter
     adapter = Adapter(export, threads=threads)
     shots = int(adapter.metadata.get("shots_trained", 1)) if shots is None else shots
-    sampler = split_sampler(data, split, adapter.ways, shots, query, seed)
+    config = MamlConfig.from_dict(json.loads(adapter.metadata["config"])) if "config" in adapter.metadata else None
+    sampler = split_sampler(data, split, adapter.ways, shots, query, seed, config)
     alone, batched, labels = [], [], []
     for _, batch in _task_batches(sampler, tasks, 16, progress, desc="evaluate (one query at a time)"):
         for xs, ys, xq, yq in zip(*batch):

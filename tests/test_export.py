@@ -490,6 +490,7 @@ def write_drawing(paper: np.ndarray, path: Path, mode: str) -> None:
 
 def test_maml_predict_on_a_folder_tree(exported, omniglot, tmp_path):
     from export.predict import load_image
+    from maml_export.images import Preprocessing
     out, _ = exported
     images, test = omniglot
     raw = {}  # the 105x105 drawings, to write real image files from
@@ -514,7 +515,7 @@ def test_maml_predict_on_a_folder_tree(exported, omniglot, tmp_path):
 
     # the files read back as the protocol's pixels, bit for bit, whatever their mode
     for c, name in zip(chars, names):
-        assert np.array_equal(load_image(tmp_path / "support" / name / "0.png", 28)[0], images[c, 0])
+        assert np.array_equal(load_image(tmp_path / "support" / name / "0.png", Preprocessing())[0], images[c, 0])
 
     done = run_cli("export.predict", "--model", str(out / "model.onnx"), "--support", str(tmp_path / "support"),
                    "--query", str(tmp_path / "query"), "--json")

@@ -1,4 +1,5 @@
-"""`maml-train` or `python -m train`: meta-train MAML on Omniglot; `evaluate`: meta-test accuracy; `bundle`.
+"""`maml-train` or `python -m train`: meta-train MAML on Omniglot or your own image folders; `evaluate`: meta-test
+accuracy; `bundle`; `download`: Omniglot's official zips.
 
 `maml-train` is the installed console script: it runs this same CLI from any folder, where `python -m
 train` would run a `train.py` of the current folder instead, if there is one.
@@ -15,8 +16,10 @@ from maml_export.specs import HEAD_INITS, QUERY_NORMS
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--data", type=click.Path(), default=None,
-              help="Omniglot folder: the .npz pair, the official zips or their extracted folders "
-                   "[default: with --resume, the run's own (recorded in its checkpoints); else $OMNIGLOT_DIR]")
+              help="Omniglot (the .npz pair, the official zips or their extracted folders), or a folder of your "
+                   "own images: DIR/<class>/*.png|jpg|jpeg|bmp|webp (split by --split), DIR/{train,val,test}/<class>/, "
+                   "or DIR/images/ with train.csv, val.csv, test.csv (filename,label) [default: with --resume, the "
+                   "run's own (recorded in its checkpoints); else $OMNIGLOT_DIR; else `maml-train download`'s copy]")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/default", show_default=True,
               help="run folder: checkpoints latest/best (.npz + .json) and metrics.jsonl")
 @click.option("--resume", is_flag=True, help="continue the run in --out (weights, Adam and task stream); only "
@@ -28,11 +31,12 @@ from maml_export.specs import HEAD_INITS, QUERY_NORMS
 @click_options(MamlConfig)
 @click.pass_context
 def cli(ctx, data, out, resume, threads, save_every_seconds, **options):
-    """Meta-train a conv-4 MAML on Omniglot (5-way 1-shot by default).
+    """Meta-train a conv-4 MAML on Omniglot or your own images (5-way 1-shot by default).
 
     \b
     Examples (`python -m train` runs the same):
       maml-train --data ../shared/omniglot --iterations 200 --first-order --out runs/quick
+      maml-train --data my-images/ --hidden 32 --query 5 --out runs/mine   (3x84x84 RGB by default)
       maml-train --out runs/quick --resume --iterations 400    (the run remembers its --data)
       maml-train --out runs/quick --resume --iterations 600 --meta-lr 1e-4
       maml-train evaluate --checkpoint runs/quick --tasks 600    (a run folder: its best.npz)
@@ -62,7 +66,9 @@ def cli(ctx, data, out, resume, threads, save_every_seconds, **options):
 @click.option("--checkpoint", type=click.Path(), default=None,
               help="checkpoint .npz, a run folder (its best.npz, chosen on validation), or a bundled one by name "
                    "(omniglot-20w1s) [default: the bundled omniglot-5w1s]")
-@click.option("--data", type=click.Path(), default=None, help="Omniglot folder [default: $OMNIGLOT_DIR]")
+@click.option("--data", type=click.Path(), default=None,
+              help="the data the checkpoint was trained on (Omniglot or its image folder) [default: a run's own; "
+                   "else $OMNIGLOT_DIR]")
 @click.option("--tasks", type=click.IntRange(min=1), default=600, show_default=True, help="test tasks to average over")
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", show_default=True)
 @click.option("--steps", type=int, default=None,
@@ -125,11 +131,15 @@ def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_n
               help="ship with this head initialisation, e.g. 'prototypes' chosen on the validation split with "
                    "`evaluate --split val --head-init` [default: the run's]")
 @click.option("--calibration-tasks", type=click.IntRange(min=0), default=200, show_default=True,
-              help="validation tasks (15 queries per class) the temperature is fitted on, so that the shipped model's "
-                   "probabilities are calibrated; 0: ship without one (temperature 1)")
+              help="validation tasks (--calibration-query queries per class) the temperature is fitted on, so that "
+                   "the shipped model's probabilities are calibrated; 0: ship without one (temperature 1)")
+@click.option("--calibration-query", type=click.IntRange(min=1), default=15, show_default=True,
+              help="query images per class of those tasks (image folders whose classes hold fewer than shots + 15 "
+                   "images need fewer)")
 @click.option("--data", type=click.Path(), default=None,
-              help="Omniglot folder for --calibration-tasks [default: $OMNIGLOT_DIR]")
-def bundle(run, out, inner_lr, note, ways, head_init, calibration_tasks, data):
+              help="the data for --calibration-tasks, Omniglot or the run's image folder [default: the run's own; "
+                   "else $OMNIGLOT_DIR]")
+def bundle(run, out, inner_lr, note, ways, head_init, calibration_tasks, calibration_query, data):
     """Package RUN's best checkpoint (chosen on validation) for shipping: weights and config without
     optimizer state, the temperature that calibrates its probabilities, the command that reproduces the run,
     and its metrics log up to that iteration."""
@@ -137,10 +147,23 @@ def bundle(run, out, inner_lr, note, ways, head_init, calibration_tasks, data):
     calibrate = None
     if calibration_tasks:
         from maml_export.trainer import calibrate as fit
-        calibrate = lambda deployed: fit(deployed, data, calibration_tasks)  # noqa: E731
+        calibrate = lambda deployed: fit(deployed, data, calibration_tasks, calibration_query)  # noqa: E731
     # --inner-lr, --ways: checked by the shipped config (MamlConfig), as for training
     ckpt = bundle_run(run, out, inner_lr, note, ways, head_init, calibrate)
     click.echo(json.dumps({"out": out, "iteration": ckpt.iteration, **ckpt.state}))
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="folder for images_background.zip and images_evaluation.zip [default: omniglot/ in the cache, "
+                   "$MAML_EXPORT_CACHE or ~/.cache/maml-export, where training finds them without --data]")
+@click.option("--base-url", default=None,
+              help="folder URL the two zips are under, e.g. a mirror [default: $MAML_EXPORT_OMNIGLOT_URL, else the "
+                   "official https://raw.githubusercontent.com/brendenlake/omniglot/master/python]")
+def download(out, base_url):
+    """Download Omniglot's official zips (md5-checked; a file already there is kept) and print their folder."""
+    from maml_export.download import download_omniglot
+    click.echo(download_omniglot(out, base_url))
 
 
 def main(args: list[str] | None = None, prog_name: str = "maml-train") -> None:
