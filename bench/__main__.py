@@ -129,7 +129,8 @@ def table(report: dict) -> str:
               help="Stop a row's timed calls after this many seconds (at least 3 runs; slow peers such as the "
                    "PaddleRec loop get fewer runs). 0: always --runs.")
 @click.option("--data", type=str, default=None,
-              help="Omniglot folder: benchmark on real test tasks. [default: $OMNIGLOT_DIR, else made-up characters]")
+              help="Omniglot folder, or the image folders the --model was trained on: benchmark on their real test "
+                   "tasks. [default: $OMNIGLOT_DIR, else made-up characters]")
 @click.option("--tasks", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also measure meta-test accuracy ± 95% interval on this many test tasks (the protocol: 600), "
                    "exported graph beside eager adaptation. Needs --data.")

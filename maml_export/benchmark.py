@@ -76,13 +76,13 @@ def parse_configs(text: str) -> list[BenchConfig]:
     return list(dict.fromkeys(configs))
 
 
-def task_inputs(c: BenchConfig, channels: int, size: int, images=None, seed: int = 0) -> tuple:
-    """(x_spt, y_spt, x_qry, y_qry) of one task: an Omniglot test task when `images` are given, else one
-    of made-up characters (`data.synthetic_tasks`, as the export's parity check). Labels sorted."""
-    from .data import TaskSampler, split_characters, synthetic_tasks
-    if images is not None:
-        test = split_characters(len(images))["test"]
-        return tuple(a[0] for a in TaskSampler(images, test, c.ways, c.shots, c.query, seed).sample(1))
+def task_inputs(c: BenchConfig, channels: int, size: int, dataset=None, seed: int = 0) -> tuple:
+    """(x_spt, y_spt, x_qry, y_qry) of one task: a test task of `dataset` (`folders.open_dataset`: Omniglot's
+    protocol split or an image folder's) when given, else one of made-up characters (`data.synthetic_tasks`, as
+    the export's parity check). Labels sorted."""
+    from .data import synthetic_tasks
+    if dataset is not None:
+        return tuple(a[0] for a in dataset.sampler("test", c.ways, c.shots, c.query, seed).sample(1))
     return tuple(a[0] for a in synthetic_tasks(1, c.ways, c.shots, c.query, seed, size, channels))
 
 
@@ -145,12 +145,20 @@ def agreement_per_task(logits: np.ndarray, ref: np.ndarray) -> dict:
             **{k: sum(e[k] for e in each) for k in ("same_class", "queries", "disagreements")}}
 
 
-def meta_test_accuracy(exp: Exported, c: BenchConfig, provider: str, threads: int, images, tasks: int) -> dict:
-    """Query accuracy ± 95% interval of the exported graph and of eager adaptation on the same `tasks`
-    Omniglot test tasks (the shared protocol's test stream, `protocol.TEST_SEED`)."""
-    from .data import TaskSampler, split_characters
+def test_data(data, models: dict, configs: list):
+    """The dataset in `data` (--data) whose test tasks the rows run on, read as the models were trained
+    (`folders.open_dataset`: Omniglot's protocol, or the image folders of a folder-trained model); None without."""
+    if not data:
+        return None
+    from .folders import open_dataset
+    return open_dataset(data, next(iter(models.values())).config, need=max(c.shots + c.query for c in configs))[0]
+
+
+def meta_test_accuracy(exp: Exported, c: BenchConfig, provider: str, threads: int, dataset, tasks: int) -> dict:
+    """Query accuracy ± 95% interval of the exported graph and of eager adaptation on the same `tasks` test
+    tasks of `dataset` (the protocol's test stream, `protocol.TEST_SEED`)."""
     from .protocol import TEST_SEED, mean_ci95
-    sampler = TaskSampler(images, split_characters(len(images))["test"], c.ways, c.shots, c.query, TEST_SEED)
+    sampler = dataset.sampler("test", c.ways, c.shots, c.query, TEST_SEED)
     adapter, eager = open_session(exp, provider, threads), paddle_eager(exp)
     acc, same = {"onnxruntime": [], "paddle-eager": []}, 0
     for _ in range(tasks):
@@ -227,7 +235,7 @@ def split_calls(name: str, split: tuple, exp: Exported, xs, ys, xq) -> dict:
     }
 
 
-def bench_config(c: BenchConfig, exp: Exported, binders: dict, report: dict, images, warmup, runs, max_seconds,
+def bench_config(c: BenchConfig, exp: Exported, binders: dict, report: dict, dataset, warmup, runs, max_seconds,
                  task: dict | None = None):
     """Time each runtime on one task of config `c`, adapting and predicting in one call, and (`split_calls`)
     onnxruntime and the PyTorch peer adapting and predicting in separate calls; add their rows (or why a
@@ -235,7 +243,7 @@ def bench_config(c: BenchConfig, exp: Exported, binders: dict, report: dict, ima
     logits; no Paddle runtime runs."""
     provider, threads = report["settings"]["provider"], report["settings"]["threads"]
     if task is None:
-        xs, ys, xq, _ = task_inputs(c, exp.config.channels, exp.config.image_size, images)
+        xs, ys, xq, _ = task_inputs(c, exp.config.channels, exp.config.image_size, dataset)
         flops = count_flops(exp.config.layers, len(xs), len(xq), exp.steps, exp.config.image_size)
     else:
         xs, ys, xq, flops = task["x_spt"], task["y_spt"], task["x_qry"], task["flops"]
@@ -315,10 +323,10 @@ def _eager_logits(exp: Exported, tasks: list, dtype: str) -> np.ndarray:
     return np.stack([eager(*t)() for t in tasks])
 
 
-def batch_tasks(c: BenchConfig, exp: Exported, task_batch: int, images, float64: bool = True) -> dict:
+def batch_tasks(c: BenchConfig, exp: Exported, task_batch: int, dataset, float64: bool = True) -> dict:
     """T = `task_batch` tasks of config `c` (seeds 0..T-1) stacked: x_spt [T, S, ...], y_spt [T, S], x_qry
     [T, Q, ...], and eager Paddle's logits [T, Q, ways] in float32 (and float64)."""
-    tasks = [task_inputs(c, exp.config.channels, exp.config.image_size, images, seed=i)[:3] for i in range(task_batch)]
+    tasks = [task_inputs(c, exp.config.channels, exp.config.image_size, dataset, seed=i)[:3] for i in range(task_batch)]
     out = dict(zip(("x_spt", "y_spt", "x_qry"), map(np.stack, zip(*tasks))))
     for dtype in ("float32", "float64")[:1 + float64]:
         out[dtype] = _eager_logits(exp, tasks, dtype)
@@ -392,7 +400,8 @@ def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str 
     reference logits come from that folder and Paddle is not needed."""
     check_provider(provider)  # the cheap checks first: no export, no Paddle import before a usage error
     if tasks and not data:
-        raise ConfigError("--tasks (meta-test accuracy) needs Omniglot: pass --data DIR or set OMNIGLOT_DIR")
+        raise ConfigError("--tasks (meta-test accuracy) needs data: pass --data DIR (Omniglot, or the image folders the "
+                          "--model was trained on) or set OMNIGLOT_DIR")
     if kit and (tasks or model or steps):
         raise ConfigError("--kit: the kit fixes the graphs and tasks; leave out --model, --steps, --tasks")
     path = model_path(model)
@@ -408,7 +417,7 @@ def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str 
     missing = [c.name for c in configs if kit and c.name not in kit_tasks]
     if missing:
         raise ConfigError(f"--configs: the kit {kit} has no {', '.join(missing)} (it has {', '.join(kit_tasks)})")
-    inputs = (f"the tasks of kit {kit}" if kit else f"Omniglot test tasks from {data}" if data
+    inputs = (f"the tasks of kit {kit}" if kit else f"test tasks from {data}" if data
               else "synthetic drawings (no Omniglot)")
     report = {"machine": machine_info(threads), "results": [], "flop_floor_ms": {}, "gemm_gflops": None,
               "gemm_round_robin": {}, "skipped": [],
@@ -416,12 +425,9 @@ def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str 
                                                          "runs": runs, "max_seconds": max_seconds, "inputs": inputs,
                                                          "kit": kit,
                                                          "task_batch": task_batch}}
-    images = None
-    if data and not kit:
-        from .data import load_omniglot
-        images = load_omniglot(data)
     with tempfile.TemporaryDirectory(prefix="maml-bench-") as tmp, contextlib.ExitStack() as stack:
         models = kit_models or prepare_models(path, configs, steps, Path(tmp), data, echo)
+        dataset = None if kit else test_data(data, models, configs)
         binders, batches = {}, {}
         for ways, exp in models.items() if task_batch and not kit else ():
             echo(f"exporting the {ways}-way graph for {task_batch} tasks per call ...")
@@ -436,15 +442,15 @@ def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str 
             report["machine"]["gpu"] = gpu_name()
         for c in configs:
             echo(f"timing {c.name} ...")
-            bench_config(c, models[c.ways], binders, report, images, warmup, runs, max_seconds, kit_tasks.get(c.name))
+            bench_config(c, models[c.ways], binders, report, dataset, warmup, runs, max_seconds, kit_tasks.get(c.name))
             if task_batch:
                 batch = kit_tasks[c.name]["batch"] if kit else {
-                    **batch_tasks(c, models[c.ways], task_batch, images, float64=False), "graph": batches[c.ways]}
+                    **batch_tasks(c, models[c.ways], task_batch, dataset, float64=False), "graph": batches[c.ways]}
                 echo(f"timing {c.name}, {task_batch} tasks: one batched call against {task_batch} single calls ...")
                 bench_task_batch(c, models[c.ways], batch, binders, report, warmup, runs, max_seconds)
             if tasks:
                 echo(f"{c.name}: meta-test accuracy on {tasks} tasks ...")
-                report["accuracy"].append(meta_test_accuracy(models[c.ways], c, provider, threads, images, tasks))
+                report["accuracy"].append(meta_test_accuracy(models[c.ways], c, provider, threads, dataset, tasks))
     per_task = lambda r: r["p50_ms"] / r.get("task_batch", 1)  # noqa: E731 - rows of --task-batch time T tasks a call
     for r in report["results"]:
         r["ratio_to_fastest"] = per_task(r) / min(per_task(x) for x in report["results"] if same_call(x, r))
@@ -461,13 +467,12 @@ def write_kit(out: Path, configs: list, model: Path | None, steps: int | None, d
     """Export the graphs `configs` need into `out` (from `model`, else the bundled weights) and store each
     config's task (an Omniglot test task with `data`, else made-up characters) with eager Paddle's logits; with
     `task_batch` T, also the graphs for T tasks a call and T tasks per config (`batch_*` arrays)."""
-    from .data import load_omniglot
     model = model_path(model)
-    images = load_omniglot(data) if data else None
     out.mkdir(parents=True, exist_ok=True)
     index = {"format": KIT_FORMAT, "models": {}, "configs": {}, "task_batch": task_batch}
     with tempfile.TemporaryDirectory(prefix="maml-kit-") as tmp:
         models = prepare_models(model, configs, steps, Path(tmp), data, echo)
+        dataset = test_data(data, models, configs)
         for ways, exp in models.items():  # the graphs and their weights: all a kit's runtimes need
             folder = out / f"{ways}way"  # model.onnx with adapt.onnx and predict.onnx beside it, as exported
             folder.mkdir(exist_ok=True)
@@ -484,7 +489,7 @@ def write_kit(out: Path, configs: list, model: Path | None, steps: int | None, d
     for c in configs:
         exp = models[c.ways]
         echo(f"{c.name}: eager Paddle's reference logits (float32, float64) on {task_batch or 1} task(s) ...")
-        tasks = batch_tasks(c, exp, task_batch or 1, images)  # task 0 is the single-task rows' task
+        tasks = batch_tasks(c, exp, task_batch or 1, dataset)  # task 0 is the single-task rows' task
         arrays = {k: tasks[k][0] for k in ("x_spt", "y_spt", "x_qry", "float32", "float64")}
         if task_batch:
             arrays.update({f"batch_{k}": v for k, v in tasks.items()})

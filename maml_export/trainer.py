@@ -357,17 +357,21 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
 
 def data_dir(data, recorded: str | None = None) -> str:
     """The data folder (Omniglot or image folders): `data` (--data) if given, else `recorded` (the one a resumed
-    run was trained on) if it is still there, else $OMNIGLOT_DIR, else the copy `maml-train download` fetched."""
-    from .download import downloaded
+    run was trained on) if it is still there, else $OMNIGLOT_DIR, else Omniglot's official zips in the cache
+    (`download.default_dir()`), which are fetched first if they are not there yet, as torchvision and
+    learn2learn fetch it on first use; offline, one DataError line says where to get the files."""
+    from .download import default_dir, download_omniglot, downloaded
     if not data and recorded:
         if os.path.isdir(recorded) or not os.environ.get("OMNIGLOT_DIR"):
             return recorded  # gone and nothing else given: load_omniglot says it is missing, naming it
     data = data or os.environ.get("OMNIGLOT_DIR") or downloaded()
     if not data:
-        raise DataError("no data: pass --data DIR (Omniglot, or a folder of your own images), set OMNIGLOT_DIR, or "
-                        "download Omniglot with `maml-train download` (the official images_background.zip and "
-                        "images_evaluation.zip are published at "
-                        "https://github.com/brendenlake/omniglot/tree/master/python)")
+        tqdm.write(f"no --data or OMNIGLOT_DIR: fetching Omniglot's official zips into {default_dir()} (once)")
+        try:
+            data = str(download_omniglot())
+        except DataError as e:
+            raise DataError(f"no --data or OMNIGLOT_DIR, and Omniglot could not be fetched: {e}; "
+                            "`maml-train download --base-url URL` fetches it from a mirror") from None
     return data
 
 

@@ -142,3 +142,19 @@ def test_cli_takes_the_base_url_from_the_environment_and_refuses_the_wrong_md5_i
                           text=True, env=offline, cwd=ROOT, timeout=300)
     assert done.returncode == 1 and "maml-train download" in done.stderr and "--data" in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_training_without_data_fetches_omniglot_into_the_cache_first_and_then_reads_it(server, tmp_path, monkeypatch):
+    """No --data, no OMNIGLOT_DIR, nothing in the cache: `trainer.data_dir` (what `python -m train` and `train
+    evaluate` resolve their data with) downloads the zips from the mirror and goes on with them; the second time
+    it finds them there. The served zips are tiny, so their md5s stand in for the published ones."""
+    from maml_export import download
+    from maml_export.trainer import data_dir
+    monkeypatch.setattr(download, "FILES", server.files)
+    monkeypatch.setenv(URL_ENV, server.url)
+    monkeypatch.setenv("MAML_EXPORT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("OMNIGLOT_DIR", raising=False)
+    folder = data_dir(None)
+    assert Path(folder) == tmp_path / "cache" / "omniglot" and len(server.requests) == 2
+    assert load_omniglot(folder).shape == (5, 3, 28, 28)
+    assert data_dir(None) == folder and len(server.requests) == 2  # found, not fetched again

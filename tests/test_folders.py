@@ -282,6 +282,19 @@ def test_the_export_validates_and_maml_predict_classifies_rgb_jpegs(shapes_run, 
     report = json.loads(done.stdout)
     assert report["answers"] == report["same_class_alone_and_in_batch"] == 4 * 5 * 5 and report["accuracy"] > 0.4
 
+    # maml-bench on an image folder's test tasks (20 images a class: 1 shot + 15 queries), prepared as the model
+    # says: every runtime predicts eager Paddle's classes, and meta-test accuracy is measured there
+    write_dataset(base / "shapes-20", 60, 20, seed=1)
+    done = run("-m", "bench", "--model", str(out), "--data", str(base / "shapes-20"), "--configs", "5w1s",
+               "--runs", "1", "--max-seconds", "0", "--tasks", "3", "--json", str(tmp_path / "bench.json"), env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["settings"]["inputs"] == f"test tasks from {base / 'shapes-20'}"
+    rows = {r["runtime"]: r for r in bench["results"]}
+    assert rows["onnxruntime"]["queries"] == 75 and not any(r["flagged"] for r in bench["results"]), rows
+    (accuracy,) = bench["accuracy"]
+    assert accuracy["tasks"] == 3 and accuracy["same_class"] == accuracy["queries"] == 3 * 75, accuracy
+
     # a support folder (one PNG per class) and a query folder of JPEGs, of five test classes
     config = load_checkpoint(base / "run" / "best.npz").config
     test = class_files(base / "shapes", "classes", config.split)["test"]

@@ -19,7 +19,8 @@ from maml_export.specs import HEAD_INITS, QUERY_NORMS
               help="Omniglot (the .npz pair, the official zips or their extracted folders), or a folder of your "
                    "own images: DIR/<class>/*.png|jpg|jpeg|bmp|webp (split by --split), DIR/{train,val,test}/<class>/, "
                    "or DIR/images/ with train.csv, val.csv, test.csv (filename,label) [default: with --resume, the "
-                   "run's own (recorded in its checkpoints); else $OMNIGLOT_DIR; else `maml-train download`'s copy]")
+                   "run's own (recorded in its checkpoints); else $OMNIGLOT_DIR; else Omniglot's official zips in the "
+                   "cache, downloaded on first use (`maml-train download`)]")
 @click.option("--out", type=click.Path(file_okay=False), default="runs/default", show_default=True,
               help="run folder: checkpoints latest/best (.npz + .json) and metrics.jsonl")
 @click.option("--resume", is_flag=True, help="continue the run in --out (weights, Adam and task stream); only "
