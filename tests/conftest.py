@@ -12,6 +12,7 @@ unmarked test that needs the data fails on a machine without it instead of passi
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,12 @@ def find_omniglot(without: bool = False) -> str | None:
         return None
     path = os.environ.get("OMNIGLOT_DIR") or str(FALLBACK)
     return path if os.path.isdir(path) else None
+
+
+def sigint_default() -> None:
+    """`preexec_fn` of a child a test stops with SIGINT (Ctrl-C): a shell without job control starts background
+    commands with SIGINT ignored, children inherit that, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def require_omniglot() -> str:

@@ -20,7 +20,7 @@ from maml_export.model import Model
 from maml_export.protocol import VAL_SEED
 from maml_export.trainer import initial_params, train
 
-from conftest import DATA, needs_omniglot as needs_data, require_omniglot
+from conftest import DATA, needs_omniglot as needs_data, require_omniglot, sigint_default
 
 SMALL = dict(hidden=16, meta_batch=4, query=3, inner_steps=2, val_tasks=20, first_order=True)
 
@@ -368,7 +368,8 @@ def train_cli(*args, output=None):
     pipe nobody reads would fill with the progress bar and stop the run)."""
     command = [sys.executable, "-m", "train", *args]
     if output:
-        return subprocess.Popen(command, env=NO_DATA_ENV, stdout=output, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(command, env=NO_DATA_ENV, stdout=output, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=sigint_default)
     return subprocess.run(command, capture_output=True, text=True, env=NO_DATA_ENV, timeout=300)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from conftest import DATA
+from conftest import DATA, sigint_default
 from export.web import ORT_FILES, WEB, ort_dist, pinned_ort_version
 from maml_export import data
 from maml_export.contract import RTOL
@@ -130,7 +130,8 @@ class Server:
 
     def __init__(self, export: Path):
         self.process = subprocess.Popen([sys.executable, "-m", "export.web", "--model", str(export), "--port", "0"],
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        preexec_fn=sigint_default)
         ready, _, _ = select.select([self.process.stdout], [], [], 120)
         line = self.process.stdout.readline() if ready else ""
         if " at http://" not in line:
@@ -366,12 +367,13 @@ def test_browser_learns_an_omniglot_task_as_python_does(omniglot_dir, exported, 
     from selenium.webdriver.common.by import By
 
     from export.predict import load_image
+    from maml_export.images import Preprocessing
     from maml_export.adapter import Adapter
 
     support, queries, task, unrotated = protocol_task(omniglot_dir)
     files = [write_png(p, tmp_path / f"support-{i}.png") for i, p in enumerate(support)]
     files += [write_png(p, tmp_path / f"query-{i:02d}.png") for i, p in enumerate(queries)]
-    pixels = np.stack([load_image(f, 28) for f in files])  # [80, 1, 28, 28], as maml-predict reads files
+    pixels = np.stack([load_image(f, Preprocessing()) for f in files])  # [80, 1, 28, 28], as maml-predict reads files
     protocol = np.stack([data._resize(p) for p in support + queries])[:, None].astype(np.float32) / 255
     np.testing.assert_array_equal(pixels, protocol)  # a file of a drawing: the protocol's pixels
     own = np.concatenate([task.x_spt[0], task.x_qry[0]])
