@@ -187,15 +187,15 @@ def _read_cache(file: Path) -> numpy.ndarray | None:
     return pixels if ok else None
 
 
-def _write_cache(file: Path, pixels: numpy.ndarray) -> None:
-    """Atomic write (temp file in the same directory + os.replace); silently skipped when the
-    directory cannot be written: the cache only saves time."""
+def write_cache_file(file: Path, save) -> None:
+    """Write a cache file atomically: `save(f)` writes into a temp file in the same directory, then os.replace
+    puts it in place. Silently skipped when the directory cannot be written: a cache only saves time."""
     tmp = None
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=file.parent, suffix=".tmp", delete=False) as out:
             tmp = out.name
-            numpy.save(out, pixels)
+            save(out)
         os.replace(tmp, file)
     except OSError:
         if tmp is not None:
@@ -203,6 +203,10 @@ def _write_cache(file: Path, pixels: numpy.ndarray) -> None:
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+def _write_cache(file: Path, pixels: numpy.ndarray) -> None:
+    write_cache_file(file, lambda out: numpy.save(out, pixels))
 
 
 def load_omniglot(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None

@@ -22,14 +22,13 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .data import (_HINT, HALVES, OFFICIAL_URL, TaskSampler, Tasks, _default_cache_dir, _find_source, load_omniglot,
-                   split_characters)
+                   split_characters, write_cache_file)
 from .errors import ConfigError, DataError
 from .images import SUFFIXES, Preprocessing, to_float
 
@@ -183,20 +182,7 @@ def _read_cache(file: Path) -> dict | None:
 
 
 def _write_cache(file: Path, arrays: dict) -> None:
-    """Atomic (temp file + os.replace); skipped when the folder cannot be written: the cache only saves time."""
-    tmp = None
-    try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=file.parent, suffix=".tmp", delete=False) as out:
-            tmp = out.name
-            np.savez(out, **arrays)
-        os.replace(tmp, file)
-    except OSError:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+    write_cache_file(file, lambda out: np.savez(out, **arrays))
 
 
 def _decode(files: list, pre: Preprocessing) -> np.ndarray:

@@ -144,6 +144,15 @@ def test_every_cli_exits_2_on_a_usage_error_and_1_on_a_failure(args, code, messa
     assert "Traceback" not in done.stderr
 
 
+def run_unconfigured(probe: str) -> None:
+    """Run the Python code `probe` in a child without the settings `process.configure()` makes (this test run
+    made them, and children inherit the environment); it must exit 0."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("MKL_DEBUG_CPU_TYPE", "GLOG_minloglevel")}
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=environ,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
 PADDLE_FREE = ["maml_export", "maml_export.config", "maml_export.specs", "maml_export.contract", "maml_export.kit",
                "maml_export.adapter", "maml_export.calibration", "maml_export.protocol", "maml_export.process"]
 
@@ -160,10 +169,7 @@ assert "paddle" not in sys.modules, "imports paddle"
 assert dict(os.environ) == env, set(os.environ.items()) ^ set(env.items())
 assert list(warnings.filters) == filters, "warning filters changed"
 """
-    environ = {k: v for k, v in os.environ.items() if k not in ("MKL_DEBUG_CPU_TYPE", "GLOG_minloglevel")}
-    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=environ,
-                         timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
+    run_unconfigured(probe)
 
 
 def test_process_configure_sets_what_the_clis_run_under():
@@ -173,7 +179,4 @@ configure()
 assert os.environ["MKL_DEBUG_CPU_TYPE"] == "5" and os.environ["GLOG_minloglevel"] == "2"
 assert any("ccache" in str(f[1].pattern) for f in warnings.filters if f[1] is not None)
 """
-    environ = {k: v for k, v in os.environ.items() if k not in ("MKL_DEBUG_CPU_TYPE", "GLOG_minloglevel")}
-    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, env=environ,
-                         timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
+    run_unconfigured(probe)
