@@ -59,7 +59,7 @@ def _fail(what: str, error: BaseException | None = None) -> DataError:
 OMNIGLOT_PIXELS = Preprocessing(1, IMAGE_SIZE, "ink", "lanczos")  # what maml-predict prepares for these models
 
 
-def _resize(paper: numpy.ndarray) -> numpy.ndarray:
+def drawing_pixels(paper: numpy.ndarray) -> numpy.ndarray:
     """bool paper mask [H, W] -> uint8 [28, 28] ink-is-255 pixels, exactly as the protocol says: the drawing
     (paper white) through the same preprocessing as any image file (images.Preprocessing)."""
     gray = numpy.where(paper, 255, 0).astype(numpy.uint8)
@@ -77,7 +77,8 @@ def _png_paper(data: bytes) -> numpy.ndarray:
 # Sources: for each half, the first of <half>.npz, <half>.zip, <half>/ found in the directory.
 # ---------------------------------------------------------------------------------------------
 
-def _find_source(root: Path, half: str) -> tuple[str, Path] | None:
+def find_source(root: Path, half: str) -> tuple[str, Path] | None:
+    """Where one half (`HALVES`) of Omniglot is under `root`: ("npz" | "zip" | "dir", path), or None."""
     name = f"images_{half}"
     if (root / f"{name}.npz").is_file():
         return "npz", root / f"{name}.npz"
@@ -146,23 +147,30 @@ def _npz_images(path: Path) -> numpy.ndarray:
             raise _fail(f"{path} is not an Omniglot archive ('images' holds Python objects, not booleans)") from None
 
 
+def drawings(kind: str, path: Path):
+    """One half's raw drawings, character by character in the protocol's order: yields, per character, a list
+    of bool paper masks [H, W] (True = paper; 105 x 105 in the official data), from the source `find_source`
+    named. `drawing_pixels` makes the protocol's 28 x 28 pixels of each; the browser test uploads them as
+    drawings."""
+    if kind == "npz":
+        paper = _npz_images(path)  # bool [C, 20, 105, 105], True = paper
+        if paper.dtype != numpy.bool_ or paper.ndim != 4 or 0 in paper.shape:
+            raise _fail(f"{path}: 'images' is {paper.dtype} {list(paper.shape)}, "
+                        "expected bool [characters, drawings, height, width]")
+        yield from (list(char) for char in paper)
+    elif kind == "zip":
+        with zipfile.ZipFile(path) as archive:
+            for char in _group_drawings(archive.namelist(), path):
+                yield [_png_paper(archive.read(n)) for n in char]
+    else:
+        for char in _group_drawings(_dir_pngs(path), path):
+            yield [_png_paper((path / n).read_bytes()) for n in char]
+
+
 def _load_half(kind: str, path: Path) -> numpy.ndarray:
     """One half of Omniglot -> uint8 [characters, drawings, 28, 28] (ink 255)."""
     try:
-        if kind == "npz":
-            paper = _npz_images(path)  # bool [C, 20, 105, 105], True = paper
-            if paper.dtype != numpy.bool_ or paper.ndim != 4 or 0 in paper.shape:
-                raise _fail(f"{path}: 'images' is {paper.dtype} {list(paper.shape)}, "
-                            "expected bool [characters, drawings, height, width]")
-            return numpy.stack([[_resize(drawing) for drawing in char] for char in paper])
-        if kind == "zip":
-            with zipfile.ZipFile(path) as archive:
-                grid = _group_drawings(archive.namelist(), path)
-                return numpy.stack([[_resize(_png_paper(archive.read(n))) for n in char]
-                                    for char in grid])
-        grid = _group_drawings(_dir_pngs(path), path)
-        return numpy.stack([[_resize(_png_paper((path / n).read_bytes())) for n in char]
-                            for char in grid])
+        return numpy.stack([[drawing_pixels(d) for d in char] for char in drawings(kind, path)])
     except DataError:
         raise
     except Exception as error:  # noqa: BLE001 - decoders raise a zoo of types (BadZipFile,
@@ -223,7 +231,7 @@ def load_omniglot(path: str | os.PathLike, cache_dir: str | os.PathLike | None =
     if not root.is_dir():
         problem = "is not a directory" if root.exists() else "does not exist"
         raise _fail(f"Omniglot directory {root} {problem}")
-    sources = {half: _find_source(root, half) for half in HALVES}
+    sources = {half: find_source(root, half) for half in HALVES}
     missing = [h for h, s in sources.items() if s is None]
     if missing:
         raise _fail(f"{root} has no images_{missing[0]} data (.npz, .zip or folder)")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import (_HINT, HALVES, OFFICIAL_URL, TaskSampler, Tasks, _default_cache_dir, _find_source, load_omniglot,
+from .data import (_HINT, HALVES, OFFICIAL_URL, TaskSampler, Tasks, _default_cache_dir, find_source, load_omniglot,
                    split_characters, write_cache_file)
 from .errors import ConfigError, DataError
 from .images import SUFFIXES, Preprocessing, to_float
@@ -60,7 +60,7 @@ class ClassFiles:
 def is_omniglot(root: Path) -> bool:
     """Whether `root` holds Omniglot: either half as .npz, official .zip or extracted folder (a missing other
     half is then `load_omniglot`'s error to say)."""
-    return any(_find_source(root, half) is not None for half in HALVES)
+    return any(find_source(root, half) is not None for half in HALVES)
 
 
 def _images_in(folder: Path) -> list:

@@ -177,14 +177,14 @@ def test_rotations_stay_omniglot_only_by_default_and_omniglot_keeps_its_protocol
 # --- the one preprocessing ------------------------------------------------------------------------------------------
 
 def test_the_preprocessing_is_one_definition_carried_by_config_and_metadata(tmp_path):
-    from maml_export.data import _resize
+    from maml_export.data import drawing_pixels
     rng = np.random.default_rng(0)
     paper = rng.random((105, 105)) > 0.1
     drawing = tmp_path / "drawing.png"
     Image.fromarray(np.where(paper, 255, 0).astype(np.uint8), "L").save(drawing)
     omniglot = MamlConfig().preprocessing  # a config without pixels is Omniglot's
     assert omniglot == Preprocessing(1, 28, "ink", "lanczos")
-    assert np.array_equal(omniglot.load_uint8(drawing)[0], _resize(paper))  # the protocol's pixels, bit for bit
+    assert np.array_equal(omniglot.load_uint8(drawing)[0], drawing_pixels(paper))  # the protocol's pixels, bit for bit
     rgb = Preprocessing(3, 16, "plain")
     Image.new("RGBA", (40, 30), (10, 20, 30, 0)).save(tmp_path / "clear.png")  # transparent: white, not black
     assert (rgb.load(tmp_path / "clear.png") == 1.0).all()

@@ -21,7 +21,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +86,7 @@ def stroke_drawing(rng) -> np.ndarray:
 
 def test_pixels_in_javascript_are_pillows():
     """pixels.mjs gives Pillow's bytes: LANCZOS resizing at assorted sizes (down, up, one axis), the protocol's
-    drawing -> pixels (data._resize), and RGB -> L."""
+    drawing -> pixels (data.drawing_pixels), and RGB -> L."""
     rng = np.random.default_rng(0)
     sizes = [(105, 105, 28, 28), (80, 50, 28, 28), (9, 7, 28, 28), (200, 300, 28, 28), (28, 28, 28, 28),
              (105, 105, 33, 20), (64, 64, 10, 64), (1, 1, 28, 28)]
@@ -102,9 +101,9 @@ def test_pixels_in_javascript_are_pillows():
         pillow = np.asarray(Image.fromarray(a, "L").resize((ow, oh), Image.Resampling.LANCZOS))
         np.testing.assert_array_equal(np.array(js, np.uint8).reshape(oh, ow), pillow, err_msg=f"{w}x{h} -> {ow}x{oh}")
     for d, js in zip(drawings, got["drawings"]):
-        paper = np.asarray(Image.fromarray(d).convert("L")) >= 128  # as data._png_paper reads a drawing
+        paper = np.asarray(Image.fromarray(d).convert("L")) >= 128  # as data.drawings reads a drawing
         assert (~paper).any() and paper.any()
-        np.testing.assert_array_equal(np.array(js, np.float32), data._resize(paper).ravel().astype(np.float32) / 255)
+        np.testing.assert_array_equal(np.array(js, np.float32), data.drawing_pixels(paper).ravel().astype(np.float32) / 255)
     pillow_gray = np.asarray(Image.fromarray(rgba[None, :, :3], "RGB").convert("L"))[0]
     np.testing.assert_array_equal(np.array(got["gray"], np.uint8), pillow_gray)
 
@@ -252,18 +251,9 @@ def drawings_of(root: str, wanted) -> dict:
     load_omniglot reads (.npz, official zip, folder): the drawings before the protocol resizes them."""
     found, first = {}, 0
     for half in data.HALVES:
-        kind, path = data._find_source(Path(root), half)
-        if kind == "npz":
-            paper = data._npz_images(path)
-            count, read = len(paper), lambda c, d: paper[c, d]
-        else:
-            archive = zipfile.ZipFile(path) if kind == "zip" else None
-            names = archive.namelist() if archive else data._dir_pngs(path)
-            grid = data._group_drawings(names, path)
-            count = len(grid)
-            read = lambda c, d: data._png_paper(archive.read(grid[c][d]) if archive else (path / grid[c][d]).read_bytes())
-        found.update({(c, d): read(c - first, d) for c, d in wanted if first <= c < first + count})
-        first += count
+        for c, char in enumerate(data.drawings(*data.find_source(Path(root), half)), start=first):
+            found.update({(c, d): char[d] for cw, d in wanted if cw == c})
+        first = c + 1
     return found
 
 
@@ -361,7 +351,7 @@ def test_browser_module_learns_as_python_does(exported, page_url, chromium):
 def test_browser_learns_an_omniglot_task_as_python_does(omniglot_dir, exported, page_url, chromium, tmp_path):
     """The page, driven as a person drives it: a real Omniglot test task's drawings uploaded as files (1-bit
     PNGs, as the dataset ships them), Learn, the 75 queries uploaded; then a drawing with the mouse. Its
-    pixels are Python's (export.predict.load_image, data._resize) exactly, its logits Python onnxruntime's
+    pixels are Python's (export.predict.load_image, data.drawing_pixels) exactly, its logits Python onnxruntime's
     within contract.RTOL with the same class for every query."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -374,7 +364,7 @@ def test_browser_learns_an_omniglot_task_as_python_does(omniglot_dir, exported, 
     files = [write_png(p, tmp_path / f"support-{i}.png") for i, p in enumerate(support)]
     files += [write_png(p, tmp_path / f"query-{i:02d}.png") for i, p in enumerate(queries)]
     pixels = np.stack([load_image(f, Preprocessing()) for f in files])  # [80, 1, 28, 28], as maml-predict reads files
-    protocol = np.stack([data._resize(p) for p in support + queries])[:, None].astype(np.float32) / 255
+    protocol = np.stack([data.drawing_pixels(p) for p in support + queries])[:, None].astype(np.float32) / 255
     np.testing.assert_array_equal(pixels, protocol)  # a file of a drawing: the protocol's pixels
     own = np.concatenate([task.x_spt[0], task.x_qry[0]])
     np.testing.assert_array_equal(pixels[unrotated], own[unrotated])  # ...and the task's own, where unrotated
@@ -409,7 +399,7 @@ def test_browser_learns_an_omniglot_task_as_python_does(omniglot_dir, exported, 
     accuracy = float((python.argmax(1) == task.y_qry[0]).mean())
 
     # Draw with the mouse on the query pad: the page predicts as it is drawn, from the protocol's pixels of
-    # the drawing (the binary 105 x 105 canvas, LANCZOS -- the same bytes data._resize makes of it).
+    # the drawing (the binary 105 x 105 canvas, LANCZOS -- the same bytes data.drawing_pixels makes of it).
     pad = chromium.find_element(By.ID, "query")
     ActionChains(chromium).move_to_element_with_offset(pad, -70, -60).click_and_hold().move_by_offset(50, 90) \
         .move_by_offset(60, -100).move_by_offset(-20, 60).release().perform()
@@ -424,7 +414,7 @@ def test_browser_learns_an_omniglot_task_as_python_does(omniglot_dir, exported, 
     paper = np.array(drawn["ink"]).reshape(105, 105) == 0
     assert 0.01 < (~paper).mean() < 0.3  # strokes, not nothing or everything
     seen = np.array(drawn["drawing"]["pixels"], np.float32).reshape(1, 1, 28, 28)
-    np.testing.assert_array_equal(seen[0, 0], data._resize(paper).astype(np.float32) / 255)
+    np.testing.assert_array_equal(seen[0, 0], data.drawing_pixels(paper).astype(np.float32) / 255)
     drawn_python = Adapter(exported).adapt(x_spt, y_spt).predict(seen)
     assert max_rel(np.array([drawn["drawing"]["logits"]], np.float32), drawn_python) <= RTOL
     assert drawn["drawing"]["label"] == int(drawn_python.argmax())
