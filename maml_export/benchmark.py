@@ -44,10 +44,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, MamlError
-from .contract import ADAPT_FILE, MODEL_FILE, PREDICT_FILE, RTOL, compare_logits
+from .contract import ADAPT_FILE, MODEL_FILE, PREDICT_FILE, RTOL, SUPPORT_IMAGES, SUPPORT_LABELS, compare_logits
 from .kit import FORMAT as KIT_FORMAT
 from .kit import read_kit
 from .machine import GemmWorker, available_cores, count_flops, gpu_gemm_gflops, gpu_name, machine_info
+from .profile import steps_run
 from .runtimes import (GPU_ROWS, RUNTIMES, SPLITS, Exported, batched, check_provider, export_checkpoint, host,
                        load_exported, onnxruntime, open_session, paddle_eager, query_norm, reheaded)
 
@@ -209,13 +210,33 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
-def split_calls(name: str, split: tuple, exp: Exported, xs, ys, xq) -> dict:
+def stopped_work(exp: Exported, xs, ys) -> tuple[int, str]:
+    """How many of its steps onnxruntime's single-task graphs run on this support set, since they stop at a
+    fixed point of the SGD (docs/design.md#adaptation-stops-at-a-fixed-point), and the rows' detail saying so."""
+    adapt = exp.onnx.with_name(ADAPT_FILE)
+    ran = steps_run(adapt, {SUPPORT_IMAGES: xs, SUPPORT_LABELS: ys.astype("int64")}, exp.config.layers) \
+        if adapt.is_file() else None
+    if ran is None or ran >= exp.steps:
+        return exp.steps, ""
+    return ran, f"stops at a fixed point: {ran} of {exp.steps} steps ran"
+
+
+def run_flops(exp: Exported, support: int, query: int, ran: int) -> int:
+    """FLOPs of an adaptation that ran `ran` of its steps (one more forward of the support set found the fixed
+    point), then `query` queries' forward; all steps: `count_flops`."""
+    layers, size = exp.config.layers, exp.config.image_size
+    found = count_flops(layers, 0, support, 0, size) if ran < exp.steps else 0
+    return count_flops(layers, support, query, ran, size) + found
+
+
+def split_calls(name: str, split: tuple, exp: Exported, xs, ys, xq, ran: int | None = None, stopped: str = "") -> dict:
     """The rows of one runtime's adaptation in two calls (`runtimes.SPLITS`): `NAME adapt` (the support set ->
     the task's state), `NAME predict x1` (one query) and `NAME predict xQ` (the task's Q queries), both
     predicting under the state of a first, untimed adapt call. Returns row name -> (call, the row's fields,
     check): `check(output)` gives the logits to compare with eager Paddle's and which rows of eager Paddle's
     they are, or None where nothing compares: under transductive query normalisation one query alone is
-    normalised with its own statistics, another function than the batch's that eager Paddle computed."""
+    normalised with its own statistics, another function than the batch's that eager Paddle computed. `ran`,
+    `stopped`: the adapt row's steps that ran and its detail (`stopped_work`; default: every step)."""
     bind_adapt, bind_predict = split
     layers, size, S, Q = exp.config.layers, exp.config.image_size, len(xs), len(xq)
     adapt = bind_adapt(xs, ys)
@@ -224,7 +245,8 @@ def split_calls(name: str, split: tuple, exp: Exported, xs, ys, xq) -> dict:
     alone = query_norm(exp.config) == "support"  # a query's logits do not depend on its batch-mates
     return {
         # the adapt row's state is checked by the classes it gives the task's queries (one untimed predict)
-        f"{name} adapt": (adapt, {"stage": "adapt", "flops": count_flops(layers, S, 0, exp.steps, size)},
+        f"{name} adapt": (adapt, {"stage": "adapt", "flops": run_flops(exp, S, 0, exp.steps if ran is None else ran),
+                                  **({"detail": stopped} if stopped else {})},
                           lambda out: (host(bind_predict(out, xq)()), slice(None))),
         f"{name} predict x1": (one, {"stage": "predict", "queries_per_call": 1,
                                      "flops": count_flops(layers, 0, 1, exp.steps, size)},
@@ -248,6 +270,9 @@ def bench_config(c: BenchConfig, exp: Exported, binders: dict, report: dict, dat
     else:
         xs, ys, xq, flops = task["x_spt"], task["y_spt"], task["x_qry"], task["flops"]
     report["models"][c.name] = {"weights": exp.source, "flops": flops, "steps": exp.steps}
+    ran, stopped = stopped_work(exp, xs, ys)  # onnxruntime's single-task graphs stop at a fixed point
+    if stopped:
+        report["models"][c.name]["onnxruntime_steps_run"] = ran
     ref = {} if task is None else {"paddle-eager": task["float32"]}
     fused = lambda out: (host(out), slice(None))  # noqa: E731 - a row's logits of every query, in order
     calls = {}  # row name -> (call, the row's fields, check), as split_calls
@@ -274,11 +299,13 @@ def bench_config(c: BenchConfig, exp: Exported, binders: dict, report: dict, dat
             other_function = name == "paddlerec-loop" and query_norm(exp.config) == "support"
             fields = {"stage": "adapt+predict", **({"detail": "queries normalised together, as PaddleRec does: "
                                                               "not compared"} if other_function else {})}
+            if name == "onnxruntime" and stopped:
+                fields.update(detail=stopped, flops=run_flops(exp, len(xs), len(xq), ran))
             calls[name] = (call, fields, (lambda out: None) if other_function else fused)
     for name, runtime in SPLITS.items():
         try:
             split = binders[name, "split", c.ways] = binders.get((name, "split", c.ways)) or runtime(exp, provider, threads)
-            calls.update(split_calls(name, split, exp, xs, ys, xq))
+            calls.update(split_calls(name, split, exp, xs, ys, xq, *((ran, stopped) if name == "onnxruntime" else ())))
         except (ImportError, ValueError) as e:  # no PyTorch; an export without adapt.onnx and predict.onnx
             if isinstance(e, MamlError):
                 raise

@@ -64,8 +64,10 @@ class _Graph(paddle.nn.Layer):
             self.add_parameter(f"p{i}", p)  # paddle forbids dots in parameter names
 
     def maml(self) -> MAML:
+        # one task per call: adaptation stops at a fixed point of its SGD (maml.steps_to_fixed_point, `If`
+        # nodes); tasks stacked for GPUs run every step, since a CUDA graph captures no `If`
         return MAML(self.model, {name: getattr(self, f"p{i}") for i, name in enumerate(self.names)},
-                    self.inner_lr, self.steps)
+                    self.inner_lr, self.steps, stop_at_fixed_point=not self.task_batch)
 
 
 class AdaptAndPredict(_Graph):

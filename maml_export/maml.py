@@ -68,6 +68,40 @@ def sgd_steps(model: Model, params: dict, x, y, steps: int, inner_lr: float, fir
     return params
 
 
+def steps_to_fixed_point(model: Model, params: dict, x, y, steps: int, inner_lr: float, stats: bool) -> tuple[dict, dict]:
+    """`sgd_steps` for inference, stopping where the rest would change nothing; and, with `stats`, each batch
+    norm's support statistics under the result (`Model.support_stats`): what running all `steps` and then
+    `support_stats` gives.
+
+    A step whose logits gradient is exactly zero leaves every weight exactly as it was (every gradient is a
+    product with it): the weights are a fixed point of the SGD, and each later step would repeat that one.
+    So each step is a `paddle.static.nn.cond` (an ONNX `If` in a traced graph) whose other branch passes the
+    weights and the statistics of that step's own forward through. In onnxruntime, with the prototype head, a
+    1-shot support loss's softmax is exactly one-hot and adaptation is one forward pass instead of 6 forwards
+    and 5 backwards. (Eager Paddle's CPU softmax clips at exp(-64), so its gradient is never exactly zero and it
+    runs every step: docs/design.md#adaptation-stops-at-a-fixed-point.) No meta-gradient flows through it.
+    """
+    if steps == 0:
+        return params, (model.support_stats(params, x) if stats else {})
+    logits, caches = model.forward(params, x)
+    _, dlogits = softmax_cross_entropy(logits, y)
+    here = model.batch_stats(caches, x.shape[0]) if stats else {}
+    names, stat_names = list(params), list(here)
+
+    def step():
+        grads = model.backward(params, caches, dlogits)
+        fast, later = steps_to_fixed_point(model, {k: p - inner_lr * grads[k] for k, p in params.items()},
+                                           x, y, steps - 1, inner_lr, stats)
+        return [fast[k] for k in names] + [later[k] for k in stat_names]
+
+    def still():
+        return [params[k] for k in names] + [here[k] for k in stat_names]
+
+    # abs() > 0, not != 0: Paddle's float comparisons have a 1e-8 tolerance (docs/design.md#paddle-compares-floats-with-a-tolerance)
+    out = paddle.static.nn.cond(paddle.any(dlogits.abs() > 0), step, still)
+    return dict(zip(names, out[:len(names)])), dict(zip(stat_names, out[len(names):]))
+
+
 def predict(model: Model, fast: dict, x_qry):
     """Query logits (T, Q, ways) under an adapted state (`MAML.adapt`), divided by the head's temperature.
 
@@ -134,22 +168,40 @@ class MAML:
         inner_lr: step size of the inner SGD.
         steps: number of inner SGD steps.
         first_order: drop second-order terms of the meta-gradient (FOMAML).
+        stop_at_fixed_point: `adapt` stops at the first step whose gradient is exactly zero
+            (`steps_to_fixed_point`: the same result, for inference; the exported single-task graphs do).
     """
 
     TASK_CHUNK = 4  # tasks per block in meta_step (see there)
 
-    def __init__(self, model: Model, params: dict, inner_lr: float, steps: int, first_order: bool = False):
+    def __init__(self, model: Model, params: dict, inner_lr: float, steps: int, first_order: bool = False,
+                 stop_at_fixed_point: bool = False):
         self.model, self.params = model, params
         self.inner_lr, self.steps, self.first_order = inner_lr, steps, first_order
+        self.stop_at_fixed_point = stop_at_fixed_point
 
     def adapt(self, x_spt, y_spt, steps: int | None = None, inner_lr: float | None = None,
               first_order: bool | None = None) -> dict:
         """x_spt (T, S, C, H, W), y_spt (T, S) -> the adapted state, task-stacked: the fast weights (the head
         starting from `prototype_head`'s under the model's head_init "prototypes") and, under query_norm
         "support", each batch norm's support statistics under them ("bn1.mean", "bn1.var": (T, C))."""
+        if self.stop_at_fixed_point:
+            fast, stats = steps_to_fixed_point(self.model, self._start(x_spt, y_spt), x_spt, y_spt,
+                                               self.steps if steps is None else steps,
+                                               self.inner_lr if inner_lr is None else inner_lr,
+                                               stats=self.model.query_norm == "support")
+            return {**fast, **stats}
         fast = self.fast_weights(x_spt, y_spt, steps, inner_lr, first_order)
         if self.model.query_norm == "support":
             fast.update(self.model.support_stats(fast, x_spt))
+        return fast
+
+    def _start(self, x_spt, y_spt) -> dict:
+        """Where a task's adaptation starts: the meta-parameters per task, the head the prototypes' under
+        head_init "prototypes"."""
+        fast = expand_to_tasks(self.params, x_spt.shape[0])
+        if self.model.head_init == "prototypes":
+            fast.update(prototype_head(self.model, fast, x_spt, y_spt))
         return fast
 
     def fast_weights(self, x_spt, y_spt, steps: int | None = None, inner_lr: float | None = None,
@@ -158,10 +210,7 @@ class MAML:
         steps = self.steps if steps is None else steps
         inner_lr = self.inner_lr if inner_lr is None else inner_lr
         first_order = self.first_order if first_order is None else first_order
-        fast = expand_to_tasks(self.params, x_spt.shape[0])
-        if self.model.head_init == "prototypes":
-            fast.update(prototype_head(self.model, fast, x_spt, y_spt))
-        return sgd_steps(self.model, fast, x_spt, y_spt, steps, inner_lr, first_order)
+        return sgd_steps(self.model, self._start(x_spt, y_spt), x_spt, y_spt, steps, inner_lr, first_order)
 
     def predict(self, fast: dict, x_qry):
         """Query logits (T, Q, ways) under the adapted state (`adapt`): `predict`."""

@@ -96,9 +96,13 @@ class Model:
         other images (queries) as x was normalised. Runs the layers up to the last batch norm."""
         last = max(i for i, layer in enumerate(self.layers) if isinstance(layer, BatchNorm)) + 1
         _, caches = self.forward(params, x, upto=last)
-        T = x.shape[0]
-        return {f"{prefix}.{k}": v for layer, prefix, cache in zip(self.layers[:last], self.names, caches)
-                if isinstance(layer, BatchNorm) for k, v in layer.stats(cache, T).items()}
+        return self.batch_stats(caches, x.shape[0])
+
+    def batch_stats(self, caches: list, tasks: int) -> dict:
+        """The statistics each batch norm of a forward (`caches`, on T = `tasks` tasks) normalised its batch with,
+        as `support_stats` names them."""
+        return {f"{prefix}.{k}": v for layer, prefix, cache in zip(self.layers, self.names, caches)
+                if isinstance(layer, BatchNorm) for k, v in layer.stats(cache, tasks).items()}
 
     def forward(self, params: dict, x, upto: int | None = None):
         """x: (T, N, C, H, W) -> logits (T, N, ways), and the caches `backward` needs; with `upto=-1`, the

@@ -148,6 +148,36 @@ def convert(prefix: Path, onnx_path: Path, opset: int, timeout: float = 600) -> 
         raise ExportError(f"paddle2onnx failed ({how}): {hint}")
 
 
+def nested_nodes(nodes) -> list:
+    """Every node inside the subgraphs (`If` branches, loop bodies) of `nodes`, at any depth. A subgraph may
+    read any tensor of the graphs around it by name without listing it as an input of its `If`, so a pass
+    that renames or drops top-level tensors must look in here too (adapt's steps are `If`s:
+    docs/design.md#adaptation-stops-at-a-fixed-point)."""
+    return [n for sub in _subgraphs(nodes) for n in sub.node]
+
+
+def _subgraphs(nodes) -> list:
+    """Every subgraph (GraphProto) inside `nodes`, at any depth."""
+    found, stack = [], list(nodes)
+    while stack:
+        for attr in stack.pop().attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            found.extend(subs)
+            stack.extend(n for sub in subs for n in sub.node)
+    return found
+
+
+def _prune_subgraphs(nodes) -> None:
+    """`keep_live` in every `If` branch of `nodes`, outermost first: paddle2onnx leaves dead constants there as in
+    the main graph, and onnxruntime warns about each. (Recursive over the live nodes: `keep_live` rewrites a
+    graph's node list, so subgraphs collected before it would be stale copies.)"""
+    for node in nodes:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                keep_live(sub, list(sub.node))
+                _prune_subgraphs(sub.node)
+
+
 def clean_graph(model: onnx.ModelProto, inputs: list[str], outputs: list[str],
                 dims: dict[str, dict[int, str | int]]) -> onnx.ModelProto:
     """Constants -> initializers, Identity chains bypassed, dead nodes and unused initializers dropped; the
@@ -186,11 +216,14 @@ def clean_graph(model: onnx.ModelProto, inputs: list[str], outputs: list[str],
     for n in keep:
         n.input[:] = [rename.get(resolve(i), resolve(i)) for i in n.input]
         n.output[:] = [rename.get(o, o) for o in n.output]
+    for n in nested_nodes(keep):  # names are unique across subgraphs (SSA), so only outer ones match
+        n.input[:] = [rename.get(resolve(i), resolve(i)) for i in n.input]
     for init in g.initializer:
         init.name = rename.get(init.name, init.name)
     for vi, name in list(zip(g.input, inputs)) + list(zip(g.output, outputs)):
         vi.name = name
     keep_live(g, keep)
+    _prune_subgraphs(g.node)
     del g.value_info[:]  # intermediate shapes of the raw graph refer to removed names
     for vi in list(g.input) + list(g.output):
         for axis, value in dims.get(vi.name, {}).items():
@@ -252,7 +285,7 @@ def fold_view_chains(model: onnx.ModelProto) -> onnx.ModelProto:
                                                        name=f"{n.name or n.output[0]}__folded")))
     swap = {id(old): new for old, new in new_nodes}
     nodes = [swap.get(id(n), n) for n in g.node if n.output[0] not in replace]
-    for n in nodes:
+    for n in nodes + nested_nodes(nodes):
         n.input[:] = [replace.get(i, i) for i in n.input]
     keep_live(g, nodes)  # drops the chains' interiors, which no output needs any more
     return model
@@ -266,6 +299,7 @@ def keep_live(g: onnx.GraphProto, nodes: list) -> None:
         if any(o in needed for o in n.output):
             live.append(n)
             needed.update(i for i in n.input if i)
+            needed.update(i for sub in nested_nodes([n]) for i in sub.input if i)  # its subgraphs' outer reads
     del g.node[:]
     g.node.extend(reversed(live))
     used = [t for t in g.initializer if t.name in needed]

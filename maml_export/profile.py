@@ -71,3 +71,28 @@ def profile_graph(model: str | os.PathLike, threads: int = 2, shots: int = 1, qu
             "by_op": [{"op": op, "ms": ms, "nodes": nodes_op[op]} for op, ms in by_op.most_common()],
             "by_shape": [{"op": op, "shape": shape, "ms": ms, "nodes": nodes_shape[op, shape]}
                          for (op, shape), ms in by_shape.most_common()]}
+
+
+def executed_ops(model: str | os.PathLike, feeds: dict) -> collections.Counter:
+    """How many kernels of each op type onnxruntime runs in one call of `model` on `feeds`, the nodes inside
+    `If` branches included (its profiler; CPU, one thread)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.log_severity_level, options.enable_profiling = 1, 3, True
+    with tempfile.TemporaryDirectory() as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    return collections.Counter(e["args"]["op_name"] for e in events
+                               if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"))
+
+
+def steps_run(adapt_model: str | os.PathLike, feeds: dict, layers: list[dict]) -> int | None:
+    """How many SGD steps an exported adaptation (adapt.onnx, or model.onnx with its queries) ran on `feeds`: a
+    single-task graph stops at a fixed point of its SGD (docs/design.md#adaptation-stops-at-a-fixed-point).
+    Each step's backward runs one ConvTranspose per convolution but the first (whose input is the image);
+    None for a network with a single convolution."""
+    convs = sum(spec["type"] == "Conv2d" for spec in layers)
+    return executed_ops(adapt_model, feeds)["ConvTranspose"] // (convs - 1) if convs > 1 else None

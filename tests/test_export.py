@@ -439,6 +439,47 @@ def test_task_batch_graph_contract_metadata_and_parity(exported, exported_batch)
     assert done.returncode == 0 and done.stderr == "", done.stderr
 
 
+def test_single_task_adaptation_stops_at_a_fixed_point_task_batches_run_every_step(exported, exported_batch):
+    """adapt.onnx and model.onnx nest one `If` per SGD step (maml.steps_to_fixed_point), predict.onnx has none, and
+    the task-batched graph runs every step with no `If` (a CUDA graph captures none)."""
+    from maml_export.onnx_convert import nested_nodes
+    out, _ = exported
+
+    def ifs(path):
+        g = onnx.load(str(path)).graph
+        return sum(n.op_type == "If" for n in g.node), sum(n.op_type == "If" for n in nested_nodes(g.node))
+
+    assert ifs(out / "adapt.onnx") == ifs(out / "model.onnx") == (1, 4)  # 5 steps: one If each, nested
+    assert ifs(out / "predict.onnx") == ifs(exported_batch[0] / "model.onnx") == (0, 0)
+
+
+def test_adapt_onnx_stops_at_a_fixed_point_and_only_there(exported, tmp_path):
+    """The bundled weights' 1-shot support loss is exactly zero in onnxruntime (prototype head, one-hot softmax): adapt.onnx
+    runs no backward pass (no ConvTranspose) and gives the state of every step; a zero head's steps all run."""
+    from maml_export.data import synthetic_tasks
+    from maml_export.profile import executed_ops, steps_run
+    out, _ = exported
+    ckpt = deployed(default_checkpoint()) if default_checkpoint().is_file() else None
+    if ckpt is None or ckpt.config.head_init != "prototypes":
+        pytest.skip("needs the bundled prototype-head weights")
+    t = synthetic_tasks(1, 5, 1, 15, seed=2)
+    feeds = {"x_spt": t.x_spt[0], "y_spt": t.y_spt[0]}
+    ran = executed_ops(out / "adapt.onnx", feeds)
+    assert ran["Conv"] > 0 and ran["ConvTranspose"] == 0, ran
+    assert steps_run(out / "adapt.onnx", feeds, ckpt.config.layers) == 0
+    assert_matches_eager(ckpt, Adapter(out).adapt(t.x_spt[0], t.y_spt[0]).predict(t.x_qry[0]),
+                         t.x_spt[0], t.y_spt[0], t.x_qry[0])
+    # the same weights with a zero head (head_init "meta"): the first gradient is not zero, every step runs
+    export_model(default_checkpoint(), tmp_path / "zero", steps=5, tasks=2, data=DATA, head_init="meta",
+                 query_norm="support")
+    ran = executed_ops(tmp_path / "zero" / "adapt.onnx", feeds)
+    assert ran["ConvTranspose"] == 5 * 3, ran  # 5 steps x the input gradients of conv2..conv4
+    assert steps_run(tmp_path / "zero" / "adapt.onnx", feeds, ckpt.config.layers) == 5
+    assert_matches_eager(as_deployed(load_checkpoint(default_checkpoint()), head_init="meta", query_norm="support"),
+                         Adapter(tmp_path / "zero").adapt(t.x_spt[0], t.y_spt[0]).predict(t.x_qry[0]),
+                         t.x_spt[0], t.y_spt[0], t.x_qry[0])
+
+
 def test_task_batch_logits_equal_single_task_logits(exported, exported_batch, omniglot, checkpoint):
     ckpt = deployed(checkpoint)
     single, batch = Adapter(exported[0] / "model.onnx"), Adapter(exported_batch[0] / "model.onnx")

@@ -6,7 +6,7 @@ import pytest
 from maml_export import paddlerec
 from maml_export.data import TaskSampler, load_omniglot, split_characters
 from maml_export.layers import softmax_cross_entropy
-from maml_export.maml import MAML, expand_to_tasks, loss_and_grads, prototype_head, query_loss_and_grads
+from maml_export.maml import MAML, expand_to_tasks, prototype_head, query_loss_and_grads
 from maml_export.model import Model, to_tensors
 from maml_export.specs import conv4_specs
 
@@ -234,3 +234,22 @@ def test_first_order_prototype_head_keeps_the_path_through_the_prototypes():
         np.testing.assert_allclose(grads[True, 0][k], exact, rtol=1e-9, atol=1e-12, err_msg=k)
     assert np.abs(grads[True, 0]["conv1.weight"]).max() > 0 and not grads[True, 0]["fc1.weight"].any()
     assert not np.allclose(grads[True, 2]["conv1.weight"], grads[False, 2]["conv1.weight"], rtol=1e-6)
+
+
+def test_adaptation_stopping_at_a_fixed_point_equals_every_step():
+    """MAML(stop_at_fixed_point=True).adapt, one nested cond per step, gives the fast weights and support statistics
+    of the plain loop bit for bit where the steps move the weights (freshly initialised, zero head). Eager Paddle
+    never reaches the other branch (its softmax clips at exp(-64)); onnxruntime does: test_export's
+    test_adapt_onnx_stops_at_a_fixed_point_and_only_there."""
+    from maml_export.data import synthetic_tasks
+    model = Model.from_specs(conv4_specs(ways=5, head_init="meta", query_norm="support"))
+    params = to_tensors(model.with_zero_head(model.init_params(3)))
+    t = synthetic_tasks(3, 5, 1, 2, seed=4)
+    x_spt, y_spt = paddle.to_tensor(t.x_spt), paddle.to_tensor(t.y_spt)
+    with paddle.no_grad():
+        every = MAML(model, params, 0.4, steps=5).adapt(x_spt, y_spt)
+        stopped = MAML(model, params, 0.4, steps=5, stop_at_fixed_point=True).adapt(x_spt, y_spt)
+    assert sorted(every) == sorted(stopped) and any(k.endswith(".mean") for k in every)
+    for k in every:
+        assert np.array_equal(every[k].numpy(), stopped[k].numpy()), k
+    assert float((every["conv2.weight"] - params["conv2.weight"].unsqueeze(0)).abs().max()) > 1e-4  # steps ran

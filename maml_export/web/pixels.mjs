@@ -1,7 +1,7 @@
 // Drawings and image files -> the model's pixels, as the protocol makes them from Omniglot's drawings.
 //
 // The one definition the page and Python share: an ink image (uint8, 255 = ink, 0 = paper) resized to the
-// model's size with Pillow's LANCZOS and divided by 255 -- maml_export/data.py `_resize` for a drawing,
+// model's size with Pillow's LANCZOS and divided by 255 -- maml_export/data.py `drawing_pixels` for a drawing,
 // export/predict.py `load_image` for an image file. `resizeLanczos` is Pillow's own arithmetic
 // (libImaging/Resample.c, 8 bits per pixel): fixed-point taps, a horizontal pass, then a vertical pass
 // reading the rounded 8-bit rows, so its bytes are Pillow's, not those of "a Lanczos filter".
