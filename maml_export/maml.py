@@ -3,7 +3,8 @@
 `adapt` runs plain SGD on a support set with the gradients of `Model.backward`, for a batch of T
 tasks at once. Second-order meta-gradients come from ordinary autograd *through* that backward (Paddle's
 own double-backward is missing for several ops, docs/design.md#no-double-backward-in-paddle); first-order stops the
-gradient of the inner-loop gradients.
+gradient of the inner-loop gradients. For inference the exported single-task graphs stop the SGD at a fixed point
+(`steps_to_fixed_point`), with the same result.
 
 Example:
     >>> import numpy as np, paddle

@@ -335,7 +335,8 @@ def metadata(config, steps: int, inner_lr: float, params: dict, opset: int, task
 
 def finish_onnx(onnx_path: Path, meta: dict[str, str], inputs: list[str], outputs: list[str],
                 dims: dict[str, dict[int, str | int]], doc: str) -> collections.Counter:
-    """Clean (`clean_graph`), stamp and check the converted model in place; returns its op-type histogram."""
+    """Clean (`clean_graph`), stamp and check the converted model in place; returns its op-type histogram, the
+    nodes of `If` branches included."""
     model = onnx.load(str(onnx_path))
     model = fold_view_chains(clean_graph(model, inputs, outputs, dims))
     onnx.helper.set_model_props(model, meta)
@@ -346,4 +347,4 @@ def finish_onnx(onnx_path: Path, meta: dict[str, str], inputs: list[str], output
     except Exception as e:  # noqa: BLE001 - checker raises ValidationError and InferenceError
         raise ExportError(f"the cleaned ONNX graph fails onnx.checker: {str(e).splitlines()[0]}") from e
     onnx.save(model, str(onnx_path))
-    return collections.Counter(n.op_type for n in model.graph.node)
+    return collections.Counter(n.op_type for n in list(model.graph.node) + nested_nodes(model.graph.node))
