@@ -186,16 +186,14 @@ class MAML:
         """x_spt (T, S, C, H, W), y_spt (T, S) -> the adapted state, task-stacked: the fast weights (the head
         starting from `prototype_head`'s under the model's head_init "prototypes") and, under query_norm
         "support", each batch norm's support statistics under them ("bn1.mean", "bn1.var": (T, C))."""
+        support = self.model.query_norm == "support"
         if self.stop_at_fixed_point:
             fast, stats = steps_to_fixed_point(self.model, self._start(x_spt, y_spt), x_spt, y_spt,
                                                self.steps if steps is None else steps,
-                                               self.inner_lr if inner_lr is None else inner_lr,
-                                               stats=self.model.query_norm == "support")
+                                               self.inner_lr if inner_lr is None else inner_lr, stats=support)
             return {**fast, **stats}
         fast = self.fast_weights(x_spt, y_spt, steps, inner_lr, first_order)
-        if self.model.query_norm == "support":
-            fast.update(self.model.support_stats(fast, x_spt))
-        return fast
+        return {**fast, **self.model.support_stats(fast, x_spt)} if support else fast
 
     def _start(self, x_spt, y_spt) -> dict:
         """Where a task's adaptation starts: the meta-parameters per task, the head the prototypes' under

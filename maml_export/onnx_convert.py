@@ -156,14 +156,19 @@ def nested_nodes(nodes) -> list:
     return [n for sub in _subgraphs(nodes) for n in sub.node]
 
 
+def _branches(node) -> list:
+    """The subgraphs (GraphProto) of one node's attributes: an `If`'s two branches, a loop's body; none for others."""
+    return [sub for attr in node.attribute
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)]
+
+
 def _subgraphs(nodes) -> list:
     """Every subgraph (GraphProto) inside `nodes`, at any depth."""
     found, stack = [], list(nodes)
     while stack:
-        for attr in stack.pop().attribute:
-            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            found.extend(subs)
-            stack.extend(n for sub in subs for n in sub.node)
+        subs = _branches(stack.pop())
+        found.extend(subs)
+        stack.extend(n for sub in subs for n in sub.node)
     return found
 
 
@@ -172,10 +177,9 @@ def _prune_subgraphs(nodes) -> None:
     the main graph, and onnxruntime warns about each. (Recursive over the live nodes: `keep_live` rewrites a
     graph's node list, so subgraphs collected before it would be stale copies.)"""
     for node in nodes:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                keep_live(sub, list(sub.node))
-                _prune_subgraphs(sub.node)
+        for sub in _branches(node):
+            keep_live(sub, list(sub.node))
+            _prune_subgraphs(sub.node)
 
 
 def clean_graph(model: onnx.ModelProto, inputs: list[str], outputs: list[str],

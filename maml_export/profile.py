@@ -39,24 +39,12 @@ def profile_graph(model: str | os.PathLike, threads: int = 2, shots: int = 1, qu
                   warmup: int = 4) -> dict:
     """Run `model` `runs` times under onnxruntime's profiler; per node the median kernel time of the runs
     after `warmup`, summed by op type and by (op type, output shape), largest first, in ms."""
-    import onnxruntime as ort
-
     if runs <= warmup:
         raise ValueError(f"runs ({runs}) must exceed warmup ({warmup})")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.log_severity_level, options.enable_profiling = threads, 3, True
-    with tempfile.TemporaryDirectory() as tmp:
-        options.profile_file_prefix = str(Path(tmp) / "ort")
-        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-        feeds = graph_inputs(session, shots, query)
-        for _ in range(runs):
-            session.run(None, feeds)
-        events = json.loads(Path(session.end_profiling()).read_text())
     times, kinds = collections.defaultdict(list), {}
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            times[e["name"]].append(e["dur"] / 1e3)
-            kinds[e["name"]] = (e["args"]["op_name"], str(e["args"].get("output_type_shape", "")))
+    for e in node_events(model, lambda session: graph_inputs(session, shots, query), threads, runs):
+        times[e["name"]].append(e["dur"] / 1e3)
+        kinds[e["name"]] = (e["args"]["op_name"], str(e["args"].get("output_type_shape", "")))
     median = {name: float(np.median(ms[warmup:])) for name, ms in times.items() if len(ms) > warmup}
     by_op, by_shape = collections.Counter(), collections.Counter()
     nodes_op, nodes_shape = collections.Counter(), collections.Counter()
@@ -73,20 +61,28 @@ def profile_graph(model: str | os.PathLike, threads: int = 2, shots: int = 1, qu
                          for (op, shape), ms in by_shape.most_common()]}
 
 
-def executed_ops(model: str | os.PathLike, feeds: dict) -> collections.Counter:
-    """How many kernels of each op type onnxruntime runs in one call of `model` on `feeds`, the nodes inside
-    `If` branches included (its profiler; CPU, one thread)."""
+def node_events(model: str | os.PathLike, feeds, threads: int = 1, runs: int = 1) -> list[dict]:
+    """onnxruntime's profiler events of every node kernel it ran (the nodes inside `If` branches included) in
+    `runs` calls of `model` (CPU, `threads` threads) on `feeds`: the inputs, or a function of the session that
+    gives them."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads, options.log_severity_level, options.enable_profiling = 1, 3, True
+    options.intra_op_num_threads, options.log_severity_level, options.enable_profiling = threads, 3, True
     with tempfile.TemporaryDirectory() as tmp:
         options.profile_file_prefix = str(Path(tmp) / "ort")
         session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-        session.run(None, feeds)
+        inputs = feeds(session) if callable(feeds) else feeds
+        for _ in range(runs):
+            session.run(None, inputs)
         events = json.loads(Path(session.end_profiling()).read_text())
-    return collections.Counter(e["args"]["op_name"] for e in events
-                               if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"))
+    return [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+
+
+def executed_ops(model: str | os.PathLike, feeds: dict) -> collections.Counter:
+    """How many kernels of each op type onnxruntime runs in one call of `model` on `feeds`, the nodes inside
+    `If` branches included (`node_events`; CPU, one thread)."""
+    return collections.Counter(e["args"]["op_name"] for e in node_events(model, feeds))
 
 
 def steps_run(adapt_model: str | os.PathLike, feeds: dict, layers: list[dict]) -> int | None:
