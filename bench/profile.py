@@ -26,7 +26,7 @@ from maml_export.cli import run
 @click.option("--top", type=click.IntRange(min=0), default=20, show_default=True, help="(op, shape) rows to print.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None, help="Also write the report here.")
 def cli(model, threads, shots, query, runs, warmup, top, json_file):
-    """Profile MODEL (an exported model.onnx, or its folder) in onnxruntime on made-up characters: each
+    """Profile MODEL (an exported model.onnx or adapt.onnx, or their folder: model.onnx) in onnxruntime on made-up characters: each
     node's median kernel time over the calls after --warmup, summed by op type and by output shape."""
     from maml_export.profile import profile_graph
 

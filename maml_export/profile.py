@@ -32,7 +32,11 @@ def graph_inputs(session, shots: int, query: int) -> dict:
     x_spt, y_spt, x_qry, _ = task_inputs(c, int(meta["channels"]), int(meta["image_size"]))
     tasks = int(meta.get("task_batch") or 0)
     feeds = dict(zip(FUSED_INPUTS, (x_spt, y_spt.astype("int64"), x_qry)))
-    return {k: np.stack([v] * tasks) for k, v in feeds.items()} if tasks else feeds
+    names = [i.name for i in session.get_inputs()]  # model.onnx: all three; adapt.onnx: the support set
+    if not set(names) <= set(feeds):
+        raise ValueError(f"{meta.get('graph', 'this graph')}.onnx takes a task's state ({', '.join(names[:3])}, ...): "
+                         "profile model.onnx or adapt.onnx")
+    return {k: np.stack([feeds[k]] * tasks) if tasks else feeds[k] for k in names}
 
 
 def profile_graph(model: str | os.PathLike, threads: int = 2, shots: int = 1, query: int = 15, runs: int = 12,

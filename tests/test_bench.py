@@ -399,6 +399,14 @@ def test_profile_sums_steady_node_times_by_op_and_shape(tmp_path):
     result = subprocess.run([sys.executable, "-m", "bench.profile", str(tmp_path), "--runs", "2", "--warmup", "2"],
                             capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
     assert result.returncode == 1 and result.stderr.strip() == "error: runs (2) must exceed warmup (2)"
+    # adapt.onnx profiles on the support set alone; predict.onnx needs a task's state: one line
+    adapt = profile_graph(tmp_path / "adapt.onnx", threads=1, shots=1, query=2, runs=2, warmup=1)
+    assert adapt["nodes"] > 0 and not any("10, 64, 14, 14" in r["shape"] for r in adapt["by_shape"])
+    result = subprocess.run([sys.executable, "-m", "bench.profile", str(tmp_path / "predict.onnx")],
+                            capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        "error: predict.onnx takes a task's state (conv1.weight, bn1.weight, bn1.bias, ...): profile model.onnx or "
+        "adapt.onnx"]
 
 
 @pytest.mark.parametrize("head_init", ["meta", "prototypes"])
