@@ -31,6 +31,10 @@ from maml_export.cli import checkpoint_argument, run
                    "query's class depends on it alone: classify one image at a time); 'transductive', the query "
                    "batch's own, as the MAML paper's code does. [default: the checkpoint's; models trained before "
                    "--query-norm existed: transductive]")
+@click.option("--support-shift", type=click.IntRange(min=0), default=None,
+              help="Adaptation also learns from each support image shifted by this many pixels in each direction "
+                   "(9 views, edges replicated): test-time augmentation of the support set, which costs adapt about "
+                   "9x and predict nothing; 0: off. [default: the checkpoint's; the bundled weights: 2]")
 @click.option("--opset", type=click.IntRange(13, 21), default=17, show_default=True, help="ONNX opset version (13 to 21).")
 @click.option("--out", type=str, default="exported", show_default=True,
               help="Output folder for model.onnx, adapt.onnx, predict.onnx (and their Paddle programs) and "
@@ -44,7 +48,7 @@ from maml_export.cli import checkpoint_argument, run
               help="Export a graph for T tasks per call (inputs [T, S, C, H, W], [T, S], [T, Q, C, H, W] -> "
                    "logits [T, Q, ways]; T fixed, S and Q dynamic), for throughput. Parity then runs on --tasks "
                    "rounded up to a multiple of T. [default: one task per call, no task axis]")
-def cli(checkpoint, steps, inner_lr, head_init, query_norm, opset, out, tasks, data, task_batch):
+def cli(checkpoint, steps, inner_lr, head_init, query_norm, support_shift, opset, out, tasks, data, task_batch):
     """Export MAML adaptation (STEPS SGD steps on a support set, then query logits) as ONNX graphs.
 
     \b
@@ -65,7 +69,8 @@ def cli(checkpoint, steps, inner_lr, head_init, query_norm, opset, out, tasks, d
     from maml_export.export import export_model
 
     report = export_model(checkpoint, out, steps=steps, inner_lr=inner_lr, opset=opset, tasks=tasks, data=data,
-                          task_batch=task_batch, head_init=head_init, query_norm=query_norm, echo=print)
+                          task_batch=task_batch, head_init=head_init, query_norm=query_norm,
+                          support_shift=support_shift, echo=print)
     click.echo(f"wrote {', '.join(report.files.values())}")
     top = ", ".join(f"{k} {v}" for k, v in list(report.ops.items())[:5])
     click.echo(f"ONNX graph: {sum(report.ops.values())} nodes ({top}, ...)")

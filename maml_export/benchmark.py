@@ -48,6 +48,7 @@ from .contract import ADAPT_FILE, MODEL_FILE, PREDICT_FILE, RTOL, SUPPORT_IMAGES
 from .kit import FORMAT as KIT_FORMAT
 from .kit import read_kit
 from .machine import GemmWorker, available_cores, count_flops, gpu_gemm_gflops, gpu_name, machine_info
+from .specs import support_views
 from .profile import steps_run
 from .runtimes import (GPU_ROWS, RUNTIMES, SPLITS, Exported, batched, check_provider, export_checkpoint, host,
                        load_exported, onnxruntime, open_session, paddle_eager, query_norm, reheaded)
@@ -225,7 +226,8 @@ def run_flops(exp: Exported, support: int, query: int, ran: int) -> int:
     """FLOPs of an adaptation that ran `ran` of its steps (one more forward of the support set found the fixed
     point), then `query` queries' forward; all steps: `count_flops`."""
     layers, size = exp.config.layers, exp.config.image_size
-    found = count_flops(layers, 0, support, 0, size) if ran < exp.steps else 0
+    # the forward that found the fixed point ran on every view of the support set (specs.support_views)
+    found = count_flops(layers, 0, support * support_views(layers), 0, size) if ran < exp.steps else 0
     return count_flops(layers, support, query, ran, size) + found
 
 

@@ -137,7 +137,7 @@ def check_params(model: Model, params: dict, where: str) -> None:
 
 def as_deployed(ckpt: Checkpoint, ways: int | None = None, inner_lr: float | None = None,
                 head_init: str | None = None, query_norm: str | None = None,
-                temperature: float | None = None) -> Checkpoint:
+                temperature: float | None = None, support_shift: int | None = None) -> Checkpoint:
     """The checkpoint as validation adapted it, i.e. as it is deployed: its config's `deployed_ways`,
     `deployed_inner_lr`, `deployed_steps` and `deployed_head_init` become its `ways`, `inner_lr`, `inner_steps`
     and `head_init` (the `val_*`
@@ -146,7 +146,8 @@ def as_deployed(ckpt: Checkpoint, ways: int | None = None, inner_lr: float | Non
     ones; `head_init`, if given, makes adaptation start the head that way (`--head-init`; "meta" needs a
     `--zero-head` checkpoint, whose zero head is the meta-learned one); `query_norm`, if given, normalises the
     queries that way ("support" or "transductive", `--query-norm`); `temperature`, if given, is what its
-    deployed logits are divided by (`calibration.py`). A bundle is already deployed: it comes
+    deployed logits are divided by (`calibration.py`); `support_shift`, if given, is how many pixels adaptation also
+    shifts each support image by (`--support-shift`, `maml.shifted_support`). A bundle is already deployed: it comes
     back unchanged. `train evaluate` and `maml-export`
     load every checkpoint through this, so a run folder trained with `--val-inner-lr 0.1` exports at 0.1,
     not at its training step size (docs/experiments.md#validating-at-the-deployed-step-size).
@@ -181,12 +182,15 @@ def as_deployed(ckpt: Checkpoint, ways: int | None = None, inner_lr: float | Non
     if temperature is not None:
         config = dataclasses.replace(config, temperature=float(temperature),
                                      layers=with_head(config.layers, temperature=float(temperature)))
+    if support_shift is not None:
+        config = dataclasses.replace(config, support_shift=int(support_shift),
+                                     layers=with_head(config.layers, support_shift=int(support_shift)))
     return dataclasses.replace(ckpt, config=config, params=params)
 
 
 def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float | None = None,
                note: str | None = None, ways: int | None = None, head_init: str | None = None,
-               calibrate=None) -> Checkpoint:
+               calibrate=None, support_shift: int | None = None) -> Checkpoint:
     """Package a run's best checkpoint (chosen on validation) for shipping: `out` (.npz + .json) with the
     weights and config but no optimizer or sampler state, the command that reproduces the run (resumes
     and their changed options included) and the run's metrics log up to that iteration (`out` with
@@ -198,7 +202,8 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
     `inner_lr`, if given, replaces the step size (`maml-export`'s default), for one chosen on the validation
     split; `ways`, if given, ships a `--zero-head` run for that many ways instead (e.g. a run trained on
     20-way tasks and chosen on 5-way ones, shipped for 20 ways too); `head_init`, if given, ships it with that
-    head initialisation (e.g. "prototypes", chosen on the validation split); `note` (e.g. the validation figures
+    head initialisation (e.g. "prototypes", chosen on the validation split); `support_shift`, if given, ships it
+    with that support augmentation (`as_deployed`, chosen on the validation split); `note` (e.g. the validation figures
     behind the choice) goes to `state["note"]`. `calibrate`, if given, is called with the deployed checkpoint
     and returns (temperature, report): the bundle ships with that temperature (`trainer.calibrate`), the
     report in `state["calibration"]`.
@@ -230,7 +235,7 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
                      + f" [{e.get('ranks', 1)} rank(s)]")
     command = "; ".join(steps)
     trained = best.config
-    deployed = as_deployed(best, ways, inner_lr, head_init)
+    deployed = as_deployed(best, ways, inner_lr, head_init, support_shift=support_shift)
     calibration = None
     if calibrate is not None:
         temperature, calibration = calibrate(deployed)

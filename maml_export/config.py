@@ -66,6 +66,10 @@ class MamlConfig:
                                       "its batch-mates; for comparison with papers)")
     temperature: float = _opt(1.0, "what deployed logits are divided by, fitted on validation tasks by `train "
                                    "bundle` so that their softmax is calibrated", cli=False)
+    support_shift: int = _opt(0, "deployed adaptation also learns from each support image shifted by this many pixels "
+                                 "in each direction (9 views, edges replicated); chosen on validation by `train "
+                                 "evaluate --support-shift`, shipped by `train bundle --support-shift`; 0: off",
+                              cli=False)
     val_every: int = _opt(250, "validate (and save the best checkpoint) every this many iterations")
     val_tasks: int = _opt(200, "validation tasks (always the same ones) per validation")
     val_inner_lr: float = _opt(None, "inner step size validation adapts with, i.e. the one the checkpoint will be "
@@ -123,6 +127,10 @@ class MamlConfig:
             raise ConfigError(f"--query-norm must be one of {', '.join(QUERY_NORMS)}, got {self.query_norm!r}")
         if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < float("inf")):
             raise ConfigError(f"temperature must be a positive number, got {self.temperature!r}")
+        if isinstance(self.support_shift, bool) or not isinstance(self.support_shift, int) or \
+                not 0 <= self.support_shift < self.image_size // 2:
+            raise ConfigError(f"--support-shift must be a whole number of pixels from 0 to {self.image_size // 2 - 1} "
+                              f"(below half of --image-size {self.image_size}), got {self.support_shift!r}")
         try:  # the preprocessing checks its own fields (--channels, --pixels, --resize)
             self.preprocessing
         except ValueError as e:
@@ -133,6 +141,7 @@ class MamlConfig:
             self.layers = conv4_specs(self.ways, self.channels, self.image_size, self.hidden, head_init=self.head_init,
                                       query_norm=self.query_norm)
             self.layers[-1]["temperature"] = self.temperature
+            self.layers[-1]["support_shift"] = self.support_shift
         try:  # every key spelled out (an older checkpoint's head has no "init": it is "meta")
             self.layers = [layer_spec(s).spec() for s in self.layers]
         except (TypeError, ValueError) as e:
@@ -146,6 +155,9 @@ class MamlConfig:
         if self.layers[-1].get("temperature", 1.0) != self.temperature:
             raise ConfigError(f"temperature {self.temperature} differs from the layers' head "
                               f"({self.layers[-1].get('temperature')})")
+        if self.layers[-1].get("support_shift", 0) != self.support_shift:
+            raise ConfigError(f"--support-shift {self.support_shift} differs from the layers' head "
+                              f"({self.layers[-1].get('support_shift')})")
 
     @property
     def preprocessing(self) -> Preprocessing:

@@ -236,11 +236,12 @@ def _silent(*args, **kwargs):
 def export_model(checkpoint: str | os.PathLike | None = None, out: str | os.PathLike = "exported", steps: int = 5,
                  inner_lr: float | None = None, opset: int = 17, tasks: int = 8,
                  data: str | os.PathLike | None = None, task_batch: int | None = None, echo=_silent,
-                 head_init: str | None = None, query_norm: str | None = None) -> ExportReport:
+                 head_init: str | None = None, query_norm: str | None = None,
+                 support_shift: int | None = None) -> ExportReport:
     """Trace, check, convert and validate; writes model.json, model.pdiparams, model.onnx, export.json
     into `out`. `task_batch` T: a graph for T tasks per call (None or 0: the single-task graph); parity
     then runs on `tasks` rounded up to a multiple of T. `head_init`, if given, replaces the checkpoint's
-    ("meta" or "prototypes", see `as_deployed`). `echo` is print-like (gets `end=` and `flush=`):
+    ("meta" or "prototypes", see `as_deployed`), as do `query_norm` and `support_shift`. `echo` is print-like (gets `end=` and `flush=`):
     one progress line per stage and one ✓/✗ line per parity comparison. Raises ExportError (after
     writing export.json) on a parity failure."""
     if steps < 1:  # with 0 steps the support inputs would be unused, and jit.save refuses that
@@ -256,7 +257,8 @@ def export_model(checkpoint: str | os.PathLike | None = None, out: str | os.Path
     ckpt_path = resolve_checkpoint(checkpoint) if checkpoint is not None else default_checkpoint()
     try:
         # a run folder exports as validated
-        ckpt = as_deployed(load_checkpoint(ckpt_path), head_init=head_init, query_norm=query_norm)
+        ckpt = as_deployed(load_checkpoint(ckpt_path), head_init=head_init, query_norm=query_norm,
+                           support_shift=support_shift)
     except CheckpointError as e:
         raise CheckpointError(f"--checkpoint: {e}") from None
     config, params = ckpt.config, ckpt.params

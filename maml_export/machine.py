@@ -24,6 +24,7 @@ from importlib import metadata
 from typing import NamedTuple
 
 from .errors import MamlError
+from .specs import support_views
 
 
 def available_cores() -> int:
@@ -52,8 +53,10 @@ class Product(NamedTuple):
 def matrix_products(specs: list[dict], support: int, query: int, steps: int, image_size: int = 28) -> list[Product]:
     """The matrix products of `steps` SGD steps on `support` images, then one forward on `query` images,
     as im2col sees them (a convolution is (out, in*k*k) x (in*k*k, images*h*w)); per SGD step each layer's
-    forward, weight gradient and input gradient, except the first layer's input gradient (the image's)."""
+    forward, weight gradient and input gradient, except the first layer's input gradient (the image's). Under
+    the head's support_shift the steps run on 9 views of each support image (`specs.support_views`)."""
     size, layers = image_size, []  # (name, out, in, per image spatial size)
+    support *= support_views(specs)
     for s in specs:
         if s["type"] == "Conv2d":
             size = (size + 2 * s["padding"] - s["kernel"]) // s["stride"] + 1

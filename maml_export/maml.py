@@ -103,6 +103,22 @@ def steps_to_fixed_point(model: Model, params: dict, x, y, steps: int, inner_lr:
     return dict(zip(names, out[:len(names)])), dict(zip(stat_names, out[len(names):]))
 
 
+def shifted_support(x_spt, y_spt, shift: int):
+    """The support set with each image also shifted by `shift` pixels: 9 views, every (dy, dx) in {-shift, 0,
+    shift}^2, the edges replicated (Omniglot's are paper, 0). x_spt (T, S, C, H, W), y_spt (T, S) -> (T, 9*S,
+    C, H, W), (T, 9*S); view-major, the unshifted view in the middle. Test-time augmentation of the support set
+    only: each query is still one image under the task's state (docs/experiments.md#support-shifts).
+    """
+    T, C, H, W = x_spt.shape[0], x_spt.shape[2], x_spt.shape[3], x_spt.shape[4]
+    x = x_spt.reshape([-1, C, H, W])
+    # edges replicated by concatenation, not F.pad: paddle2onnx mis-converts pad3d (docs/design.md#paddle2onnx-mis-converts-pad3d)
+    x = paddle.concat([x[:, :, :1]] * shift + [x] + [x[:, :, -1:]] * shift, axis=2)
+    padded = paddle.concat([x[:, :, :, :1]] * shift + [x] + [x[:, :, :, -1:]] * shift, axis=3)  # (T*S, C, H+2k, W+2k)
+    views = [padded[:, :, top:top + H, left:left + W] for top in (0, shift, 2 * shift) for left in (0, shift, 2 * shift)]
+    x = paddle.concat([v.reshape([T, -1, C, H, W]) for v in views], axis=1)  # (T, 9*S, C, H, W)
+    return x, paddle.concat([y_spt] * len(views), axis=1)
+
+
 def predict(model: Model, fast: dict, x_qry):
     """Query logits (T, Q, ways) under an adapted state (`MAML.adapt`), divided by the head's temperature.
 
@@ -185,8 +201,11 @@ class MAML:
               first_order: bool | None = None) -> dict:
         """x_spt (T, S, C, H, W), y_spt (T, S) -> the adapted state, task-stacked: the fast weights (the head
         starting from `prototype_head`'s under the model's head_init "prototypes") and, under query_norm
-        "support", each batch norm's support statistics under them ("bn1.mean", "bn1.var": (T, C))."""
+        "support", each batch norm's support statistics under them ("bn1.mean", "bn1.var": (T, C)). Under the
+        head's support_shift K > 0, adaptation learns from the shifted support set (`shifted_support`)."""
         support = self.model.query_norm == "support"
+        if self.model.support_shift:
+            x_spt, y_spt = shifted_support(x_spt, y_spt, self.model.support_shift)
         if self.stop_at_fixed_point:
             fast, stats = steps_to_fixed_point(self.model, self._start(x_spt, y_spt), x_spt, y_spt,
                                                self.steps if steps is None else steps,

@@ -90,6 +90,11 @@ class Model:
         """What deployed logits are divided by (see `layers.Linear`)."""
         return getattr(self.layers[-1], "temperature", 1.0)
 
+    @property
+    def support_shift(self) -> int:
+        """How many pixels adaptation also shifts each support image by, 0: none (see `layers.Linear`)."""
+        return getattr(self.layers[-1], "support_shift", 0)
+
     def support_stats(self, params: dict, x) -> dict:
         """Each batch norm's statistics of the images x (T, S, C, H, W) under `params`, as params entries
         {"bn1.mean": (T, C), "bn1.var": (T, C), ...}: given to `forward` with the params, they normalise

@@ -124,7 +124,7 @@ def reheaded(base: Exported, ways: int, workdir: Path, data) -> Exported:
         raise ConfigError(f"--configs: {e}") from None
     # the same network, whichever head init, temperature or query normalisation; exported with the base's
     norm = query_norm(base.config)
-    same = lambda layers: with_head(with_query_norm(layers, norm), init="meta", temperature=1.0)  # noqa: E731
+    same = lambda layers: with_head(with_query_norm(layers, norm), init="meta", temperature=1.0, support_shift=0)  # noqa: E731
     for path in sorted(PRETRAINED_DIR.glob(f"*-{ways}w*s.npz")):
         if same(load_checkpoint(path).config.layers) == same(specs):
             return export_checkpoint(path, workdir / f"{ways}way", base.steps, None, data, f"bundled {path.name}",
@@ -133,7 +133,7 @@ def reheaded(base: Exported, ways: int, workdir: Path, data) -> Exported:
     params = model.with_zero_head(base.params)
     config = MamlConfig(name=f"{c.name}-backbone-{ways}w", ways=ways, inner_lr=base.inner_lr, hidden=c.hidden,
                         channels=c.channels, image_size=c.image_size, head_init=c.head_init, query_norm=c.query_norm,
-                        temperature=c.temperature, layers=specs)
+                        temperature=c.temperature, support_shift=c.support_shift, layers=specs)
     path = save_checkpoint(workdir / f"{ways}way.npz", Checkpoint(config, params))
     return export_checkpoint(path, workdir / f"{ways}way", base.steps, base.inner_lr, data,
                              f"{base.source.removeprefix('bundled ')}'s backbone, zero {ways}-way head")
@@ -156,13 +156,16 @@ def paddlerec_loop(exp: Exported, provider="cpu", threads=None):
     import warnings
     import paddle
     from . import paddlerec
+    from .maml import shifted_support
     from .model import Model
     warnings.filterwarnings("ignore", message="When training, we now always track")  # BatchNorm2D in train mode
     net = paddlerec.build_net(Model.from_specs(exp.config.layers), exp.params)
 
     def call(xs, ys, xq):
-        fast = paddlerec.adapt(net, paddle.to_tensor(xs), paddle.to_tensor(ys), exp.steps, exp.inner_lr,
-                               exp.config.head_init)
+        xs, ys = paddle.to_tensor(xs), paddle.to_tensor(ys)
+        if exp.config.support_shift:  # the same augmented support set as the graph's (maml.shifted_support)
+            xs, ys = (t[0] for t in shifted_support(xs[None], ys[None], exp.config.support_shift))
+        fast = paddlerec.adapt(net, xs, ys, exp.steps, exp.inner_lr, exp.config.head_init)
         with paddle.no_grad():
             return fast(paddle.to_tensor(xq)).numpy()
     return lambda xs, ys, xq: lambda: call(xs, ys, xq)
@@ -388,6 +391,7 @@ class TorchMAML:
         # the layers the support statistics need: up to the last batch norm (model.Model.support_stats)
         self.stats_upto = max(i for i, s in enumerate(self.specs) if s["type"] == "BatchNorm") + 1
         self.temperature = self.specs[-1].get("temperature", 1.0)  # layers.Linear's
+        self.support_shift = self.specs[-1].get("support_shift", 0)  # layers.Linear's
 
     def tensor(self, a: np.ndarray):
         return self.torch.from_numpy(a).to(self.device)
@@ -423,6 +427,11 @@ class TorchMAML:
     def adapt(self, xs, ys) -> tuple:
         """(fast weights, support statistics or None) after the SGD steps on the support set (xs, ys)."""
         torch, tf, exp = self.torch, self.tf, self.exp
+        if self.support_shift:  # 9 views of each support image, as maml.shifted_support makes them
+            k, (H, W) = self.support_shift, xs.shape[-2:]
+            padded = tf.pad(xs, (k, k, k, k), mode="replicate")
+            xs = torch.cat([padded[..., top:top + H, left:left + W] for top in (0, k, 2 * k) for left in (0, k, 2 * k)])
+            ys = ys.repeat(9)
         params = [p.clone().requires_grad_() for p in self.meta]
         if exp.config.head_init == "prototypes":  # the head from the support's Euclidean prototypes
             with torch.no_grad():

@@ -119,18 +119,24 @@ class Linear(LayerSpec):
     weights; "prototypes", from the support set's class prototypes (`maml.prototype_head`).
     `temperature` divides the logits a deployed model outputs (`maml.MAML.predict`), fitted on validation
     tasks so that their softmax is calibrated (`calibration.py`); the inner loop's loss never sees it.
+    `support_shift` K > 0: a task's adaptation also learns from each support image shifted by K pixels in each
+    direction (`maml.shifted_support`: 9 views), for the head's prototypes, batch norm's support statistics and
+    the SGD steps; 0: the support set as given. Like the temperature, a deployment setting: training leaves it 0.
     """
 
     in_features: int
     out_features: int
     init: str = "meta"
     temperature: float = 1.0
+    support_shift: int = 0
 
     def __post_init__(self):
         if self.init not in HEAD_INITS:
             raise ValueError(f"unknown head init {self.init!r}; known: {', '.join(HEAD_INITS)}")
         if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < float("inf")):
             raise ValueError(f"the head's temperature must be a positive number, got {self.temperature!r}")
+        if isinstance(self.support_shift, bool) or not isinstance(self.support_shift, int) or self.support_shift < 0:
+            raise ValueError(f"the head's support_shift must be a whole number of pixels >= 0, got {self.support_shift!r}")
 
     def param_shapes(self):
         return {"weight": (self.in_features, self.out_features), "bias": (self.out_features,)}
@@ -181,14 +187,19 @@ def conv4_specs(ways: int, channels: int = 1, image_size: int = 28, hidden: int 
 
 
 def with_head(specs: list[dict], ways: int | None = None, init: str | None = None,
-              temperature: float | None = None) -> list[dict]:
+              temperature: float | None = None, support_shift: int | None = None) -> list[dict]:
     """The same layer specs with a head of `ways` classes (for a backbone trained with `--zero-head`), another
-    `init` and/or `temperature` (see `Linear`); None keeps the head's own."""
+    `init`, `temperature` and/or `support_shift` (see `Linear`); None keeps the head's own."""
     if specs[-1]["type"] != "Linear":
         raise ValueError(f"cannot change the head of a model whose last layer is a {specs[-1]['type']}")
-    changes = {"out_features": ways, "init": init, "temperature": temperature}
+    changes = {"out_features": ways, "init": init, "temperature": temperature, "support_shift": support_shift}
     head = {**specs[-1], **{k: v for k, v in changes.items() if v is not None}}
     return [dict(s) for s in specs[:-1]] + [head]
+
+
+def support_views(specs: list[dict]) -> int:
+    """How many images adaptation learns from per support image: 9 under the head's support_shift (`Linear`), else 1."""
+    return 9 if specs[-1].get("support_shift", 0) else 1
 
 
 def with_query_norm(specs: list[dict], query_norm: str) -> list[dict]:

@@ -398,13 +398,13 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data, tasks: int = 600, s
                         steps: int | None = None, inner_lr: float | None = None, seed: int = TEST_SEED,
                         query: int = 15, threads: int | None = None, progress: bool = True,
                         head_init: str | None = None, query_norm: str | None = None,
-                        ways: int | None = None, shots: int | None = None) -> dict:
+                        ways: int | None = None, shots: int | None = None, support_shift: int | None = None) -> dict:
     """Meta-test accuracy of a checkpoint by the shared protocol (15 queries per class), with its 95% interval,
     and how calibrated its probabilities are (ECE over 15 bins, NLL: `calibration.calibration_report`)."""
     set_threads(threads)
     # a run folder adapts as its validation did; the options, if given, as the config checks them
     ckpt = as_deployed(load_checkpoint(checkpoint), ways=ways, inner_lr=inner_lr, head_init=head_init,
-                       query_norm=query_norm)
+                       query_norm=query_norm, support_shift=support_shift)
     config = ckpt.config
     shots = config.shots if shots is None else shots
     sampler = split_sampler(data, split, config.ways, shots, query, seed, config, ckpt.state.get("data"))
@@ -416,6 +416,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data, tasks: int = 600, s
     return {"checkpoint": str(checkpoint), "config": config.name, "split": split, "tasks": tasks,
             "ways": config.ways, "shots": shots, "query": query, "steps": maml.steps,
             "inner_lr": maml.inner_lr, "head_init": config.head_init, "query_norm": config.query_norm,
+            "support_shift": config.support_shift,
             "queries": QUERIES[config.query_norm], "accuracy": accuracy, "ci95": ci,
             "temperature": config.temperature, "ece": calibration["ece"], "nll": calibration["nll"],
             "seconds": round(time.perf_counter() - started, 2)}

@@ -253,3 +253,46 @@ def test_adaptation_stopping_at_a_fixed_point_equals_every_step():
     for k in every:
         assert np.array_equal(every[k].numpy(), stopped[k].numpy()), k
     assert float((every["conv2.weight"] - params["conv2.weight"].unsqueeze(0)).abs().max()) > 1e-4  # steps ran
+
+
+def test_shifted_support_is_nine_edge_replicated_shifts_of_each_image():
+    """`shifted_support` against numpy's edge padding: view (i, j) is the padded image's window at (i*k, j*k),
+    view-major, labels repeated; the unshifted view (the middle one) is the support set itself."""
+    from maml_export.maml import shifted_support
+    rng = np.random.default_rng(0)
+    x = rng.random((2, 3, 1, 9, 7)).astype("float32")
+    y = np.array([[0, 1, 2], [2, 0, 1]])
+    for k in (1, 2):
+        xs, ys = shifted_support(paddle.to_tensor(x), paddle.to_tensor(y), k)
+        xs, ys = xs.numpy(), ys.numpy()
+        assert xs.shape == (2, 27, 1, 9, 7) and ys.shape == (2, 27)
+        padded = np.pad(x, [(0, 0)] * 3 + [(k, k)] * 2, mode="edge")
+        for v, (i, j) in enumerate((i, j) for i in range(3) for j in range(3)):
+            np.testing.assert_array_equal(xs[:, 3 * v:3 * v + 3], padded[..., i * k:i * k + 9, j * k:j * k + 7])
+            np.testing.assert_array_equal(ys[:, 3 * v:3 * v + 3], y)
+        np.testing.assert_array_equal(xs[:, 12:15], x)
+
+
+def test_support_shift_adapts_on_the_shifted_support_set():
+    """A head with support_shift K adapts as the same model without it does on the 9-view support set: the fast
+    weights and (under support statistics) the statistics of all 9 views; then the queries are predicted alone,
+    unshifted."""
+    from maml_export.data import synthetic_tasks
+    from maml_export.maml import shifted_support
+    from maml_export.specs import with_head
+    plain = Model.from_specs(conv4_specs(ways=5, head_init="prototypes", query_norm="support"))
+    shifted = Model.from_specs(with_head(plain.specs(), support_shift=2))
+    assert shifted.support_shift == 2 and plain.support_shift == 0
+    params = to_tensors(plain.init_params(5), "float64")
+    t = synthetic_tasks(2, 5, 1, 2, seed=6)
+    x_spt, y_spt, x_qry = (paddle.to_tensor(a) for a in (t.x_spt.astype("float64"), t.y_spt, t.x_qry.astype("float64")))
+    with paddle.no_grad():
+        got = MAML(shifted, params, 0.1, steps=2).adapt(x_spt, y_spt)
+        want = MAML(plain, params, 0.1, steps=2).adapt(*shifted_support(x_spt, y_spt, 2))
+        unshifted = MAML(plain, params, 0.1, steps=2).adapt(x_spt, y_spt)
+        logits = MAML(shifted, params, 0.1, steps=2).predict(got, x_qry)
+    assert sorted(got) == sorted(want)
+    for k in got:
+        np.testing.assert_array_equal(got[k].numpy(), want[k].numpy(), err_msg=k)
+    assert float((got["bn1.mean"] - unshifted["bn1.mean"]).abs().max()) > 1e-6  # the views' statistics
+    assert logits.shape == [2, 10, 5]

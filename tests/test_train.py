@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import re
 import shlex
 import signal
 import subprocess
@@ -459,3 +460,13 @@ def test_a_garbage_checkpoint_is_refused_without_advice_to_unpickle_it(tmp_path)
     with pytest.raises(CheckpointError, match="not a .npz of plain arrays") as e:
         load_checkpoint(tmp_path / "c.npz")
     assert "unsafe" not in str(e.value) and "allow_pickle" not in str(e.value)
+
+
+@pytest.mark.parametrize("shift,message", [(-1, "--support-shift must be a whole number of pixels from 0 to 13"),
+                                           (14, "below half of --image-size 28"), (1.5, "got 1.5")])
+def test_support_shift_out_of_range_is_a_config_error(shift, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        MamlConfig(support_shift=shift)
+    config = MamlConfig(support_shift=2)
+    assert config.layers[-1]["support_shift"] == 2
+    assert MamlConfig.from_dict(json.loads(json.dumps(config.to_dict()))).support_shift == 2

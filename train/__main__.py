@@ -80,6 +80,9 @@ def cli(ctx, data, out, resume, threads, save_every_seconds, **options):
               help="where adaptation starts the head (see `python -m train --help`) [default: the checkpoint's]")
 @click.option("--query-norm", type=click.Choice(QUERY_NORMS), default=None,
               help="how queries are normalised (see `python -m train --help`) [default: the checkpoint's]")
+@click.option("--support-shift", type=click.IntRange(min=0), default=None,
+              help="adaptation also learns from each support image shifted by this many pixels in each direction "
+                   "(9 views; see maml-export --help) [default: the checkpoint's]")
 @click.option("--ways", type=click.IntRange(min=2), default=None,
               help="classes per task: a --zero-head checkpoint's backbone with a zero head of that size "
                    "[default: the checkpoint's deployed ways]")
@@ -92,7 +95,7 @@ def cli(ctx, data, out, resume, threads, save_every_seconds, **options):
 @click.option("--seed", type=int, default=None, help="seed of the test tasks [default: fixed]")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores]")
 @click.option("--json", "as_json", is_flag=True, help="print only the JSON result")
-def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_norm, ways, export_dir, shots, query,
+def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_norm, support_shift, ways, export_dir, shots, query,
              seed, threads, as_json):
     """Meta-test accuracy of a checkpoint (or an export), mean over --tasks tasks with its 95% interval, and the
     calibration of its probabilities (ECE, 15 bins)."""
@@ -106,7 +109,8 @@ def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_n
     else:
         result = evaluate_checkpoint(checkpoint_argument(checkpoint) or default_checkpoint(), data, tasks, split,
                                      steps, inner_lr, seed, query, threads, progress=not as_json, head_init=head_init,
-                                     query_norm=query_norm, ways=ways, shots=shots)
+                                     query_norm=query_norm, ways=ways, shots=shots,
+                                     support_shift=support_shift)
     if not as_json:
         head = f"{result['head_init']} head, " if "head_init" in result else ""
         click.echo(f"{result['config']}: {result['ways']}-way {result['shots']}-shot, {result['steps']} steps, {head}"
@@ -131,6 +135,10 @@ def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_n
 @click.option("--head-init", type=click.Choice(HEAD_INITS), default=None,
               help="ship with this head initialisation, e.g. 'prototypes' chosen on the validation split with "
                    "`evaluate --split val --head-init` [default: the run's]")
+@click.option("--support-shift", type=click.IntRange(min=0), default=None,
+              help="ship with adaptation also learning from each support image shifted by this many pixels (9 "
+                   "views), chosen on the validation split with `evaluate --split val --support-shift`; the "
+                   "temperature is fitted with it [default: the run's, 0]")
 @click.option("--calibration-tasks", type=click.IntRange(min=0), default=200, show_default=True,
               help="validation tasks (--calibration-query queries per class) the temperature is fitted on, so that "
                    "the shipped model's probabilities are calibrated; 0: ship without one (temperature 1)")
@@ -140,7 +148,7 @@ def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_n
 @click.option("--data", type=click.Path(), default=None,
               help="the data for --calibration-tasks, Omniglot or the run's image folder [default: the run's own; "
                    "else $OMNIGLOT_DIR]")
-def bundle(run, out, inner_lr, note, ways, head_init, calibration_tasks, calibration_query, data):
+def bundle(run, out, inner_lr, note, ways, head_init, support_shift, calibration_tasks, calibration_query, data):
     """Package RUN's best checkpoint (chosen on validation) for shipping: weights and config without
     optimizer state, the temperature that calibrates its probabilities, the command that reproduces the run,
     and its metrics log up to that iteration."""
@@ -150,7 +158,7 @@ def bundle(run, out, inner_lr, note, ways, head_init, calibration_tasks, calibra
         from maml_export.trainer import calibrate as fit
         calibrate = lambda deployed: fit(deployed, data, calibration_tasks, calibration_query)  # noqa: E731
     # --inner-lr, --ways: checked by the shipped config (MamlConfig), as for training
-    ckpt = bundle_run(run, out, inner_lr, note, ways, head_init, calibrate)
+    ckpt = bundle_run(run, out, inner_lr, note, ways, head_init, calibrate, support_shift)
     click.echo(json.dumps({"out": out, "iteration": ckpt.iteration, **ckpt.state}))
 
 
