@@ -652,6 +652,9 @@ def test_maml_export_with_a_corrupt_checkpoint_is_one_line(tmp_path):
     assert usage.returncode == 2 and usage.stderr.startswith("error:") and usage.stderr.count("\n") == 1
     zero = run_cli("export", "--checkpoint", str(bad), "--steps", "0")  # an option out of range: a usage error
     assert zero.returncode == 2 and "--steps" in zero.stderr
+    shift = run_cli("export", "--support-shift", "14", "--out", str(tmp_path / "exp"))  # too large for 28x28 images
+    assert shift.returncode != 0 and shift.stderr.count("\n") == 1, shift.stderr
+    assert shift.stderr.startswith("error: --support-shift must be a whole number of pixels from 0 to 13")
 
 
 class Unpool(paddle.nn.Layer):
