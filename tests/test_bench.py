@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from maml_export.adapter import Adapter
 from maml_export.benchmark import BenchConfig, agreement, parse_configs, time_calls, time_interleaved
 from maml_export.machine import GemmWorker, count_flops, gemm_gflops, matrix_products
 from maml_export.errors import ConfigError, MamlError
@@ -40,6 +41,13 @@ def test_flop_counter_reproduces_the_notes(ways, shots, notes):
     flops = count_flops(conv4_specs(ways), support=ways * shots, query=ways * 15, steps=5)
     # docs/benchmarks.md#the-flop-floor gives two decimals; 20w5s counts 34.887 GFLOP, first written as 34.88 (truncated)
     assert abs(flops / 1e9 - notes) < 0.01, flops
+
+
+def test_flop_counter_counts_the_steps_on_every_view_of_a_shifted_support_set():
+    from maml_export.specs import with_head
+    shifted = with_head(conv4_specs(5), support_shift=2)
+    assert count_flops(shifted, support=5, query=75, steps=5) == count_flops(conv4_specs(5), support=45, query=75, steps=5)
+    assert count_flops(shifted, support=0, query=75, steps=5) == count_flops(conv4_specs(5), support=0, query=75, steps=5)
 
 
 def test_flop_counter_by_hand():
@@ -178,7 +186,11 @@ def test_cli_end_to_end_writes_the_json_schema_and_all_peers_agree(exported, tmp
     assert {"cpu", "cores", "threads", "python", "versions"} <= set(doc["machine"])
     gemm = doc["gemm_round_robin"]["5w1s"]  # the floor's GEMM, timed round-robin with the rows
     assert gemm["runs"] == 3 and 1 < gemm["p50_gflops"] <= gemm["best_gflops"] < 1e5
-    assert doc["flop_floor_ms"]["5w1s"] == pytest.approx(2.922028800e9 / gemm["p50_gflops"] / 1e6)
+    # 2.92 GFLOP (docs/benchmarks.md#the-flop-floor); the steps on 9 views of each image under a support shift
+    shift = json.loads(Adapter(exported.parent).metadata["config"])["support_shift"]
+    flops = count_flops(conv4_specs(5), support=5 * (9 if shift else 1), query=75, steps=5)
+    assert doc["models"]["5w1s"]["flops"] == flops and (shift or flops == 2_922_028_800)
+    assert doc["flop_floor_ms"]["5w1s"] == pytest.approx(flops / gemm["p50_gflops"] / 1e6)
     rows = {r["runtime"]: r for r in doc["results"] if r["stage"] == "adapt+predict"}  # the split rows: below
     skipped = {s["runtime"]: s["reason"] for s in doc["skipped"] if s["runtime"] in RUNTIMES}
     assert set(rows) | set(skipped) == RUNTIMES and {"onnxruntime", "paddle-eager", "paddlerec-loop"} <= set(rows)
@@ -336,9 +348,11 @@ def test_kit_times_the_graph_without_paddle_against_eager_paddles_logits(exporte
     assert rows["onnxruntime predict x1"]["max_rel_vs_eager"] is None and "not checked" in run.stdout
     other = bench("--kit", str(kit), "--configs", "5w1s", "--task-batch", "3")
     assert other.returncode != 0 and "holds 2 tasks a call" in other.stderr and "--task-batch 3" in other.stderr
-    gemm = doc["gemm_round_robin"]["5w1s"]
-    assert gemm["runs"] == 2 and doc["flop_floor_ms"]["5w1s"] == pytest.approx(2.922028800e9 / gemm["p50_gflops"] / 1e6)
-    own = doc["flop_floor_ms"]["5w1s"] * r.get("flops", 2.922028800e9) / 2.922028800e9  # the work that ran
+    gemm, flops = doc["gemm_round_robin"]["5w1s"], doc["models"]["5w1s"]["flops"]
+    shift = json.loads(Adapter(exported.parent).metadata["config"])["support_shift"]  # 9 views: see the test above
+    assert flops == count_flops(conv4_specs(5), support=5 * (9 if shift else 1), query=75, steps=5)
+    assert gemm["runs"] == 2 and doc["flop_floor_ms"]["5w1s"] == pytest.approx(flops / gemm["p50_gflops"] / 1e6)
+    own = doc["flop_floor_ms"]["5w1s"] * r.get("flops", flops) / flops  # the work that ran
     assert r["floor_multiple"] == pytest.approx(r["p50_ms"] / own)
     missing = bench("--kit", str(kit), "--configs", "20w5s")
     assert missing.returncode != 0 and "the kit" in missing.stderr and "has no 20w5s" in missing.stderr
