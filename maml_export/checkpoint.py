@@ -183,8 +183,9 @@ def as_deployed(ckpt: Checkpoint, ways: int | None = None, inner_lr: float | Non
         config = dataclasses.replace(config, temperature=float(temperature),
                                      layers=with_head(config.layers, temperature=float(temperature)))
     if support_shift is not None:
-        config = dataclasses.replace(config, support_shift=int(support_shift),
-                                     layers=with_head(config.layers, support_shift=int(support_shift)))
+        # not int(): the config refuses a fractional shift instead of truncating it
+        config = dataclasses.replace(config, support_shift=support_shift,
+                                     layers=with_head(config.layers, support_shift=support_shift))
     return dataclasses.replace(ckpt, config=config, params=params)
 
 

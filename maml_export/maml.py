@@ -25,6 +25,7 @@ import paddle
 
 from .layers import Linear, softmax_cross_entropy
 from .model import Model
+from .specs import support_windows
 
 
 def expand_to_tasks(params: dict, tasks: int) -> dict:
@@ -114,7 +115,7 @@ def shifted_support(x_spt, y_spt, shift: int):
     # edges replicated by concatenation, not F.pad: paddle2onnx mis-converts pad3d (docs/design.md#paddle2onnx-mis-converts-pad3d)
     x = paddle.concat([x[:, :, :1]] * shift + [x] + [x[:, :, -1:]] * shift, axis=2)
     padded = paddle.concat([x[:, :, :, :1]] * shift + [x] + [x[:, :, :, -1:]] * shift, axis=3)  # (T*S, C, H+2k, W+2k)
-    views = [padded[:, :, top:top + H, left:left + W] for top in (0, shift, 2 * shift) for left in (0, shift, 2 * shift)]
+    views = [padded[:, :, top:top + H, left:left + W] for top, left in support_windows(shift)]
     x = paddle.concat([v.reshape([T, -1, C, H, W]) for v in views], axis=1)  # (T, 9*S, C, H, W)
     return x, paddle.concat([y_spt] * len(views), axis=1)
 

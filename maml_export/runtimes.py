@@ -28,6 +28,7 @@ import numpy as np
 from .contract import (ADAPT_FILE, FUSED_INPUTS, LOGITS, PREDICT_FILE, QUERY_IMAGES, SUPPORT_IMAGES,
                        SUPPORT_LABELS)
 from .errors import ConfigError, MamlError
+from .specs import support_windows
 
 GPU = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 from .cli import GPU_INSTALL as INSTALL  # noqa: E402
@@ -428,10 +429,10 @@ class TorchMAML:
         """(fast weights, support statistics or None) after the SGD steps on the support set (xs, ys)."""
         torch, tf, exp = self.torch, self.tf, self.exp
         if self.support_shift:  # 9 views of each support image, as maml.shifted_support makes them
-            k, (H, W) = self.support_shift, xs.shape[-2:]
+            k, (H, W), windows = self.support_shift, xs.shape[-2:], support_windows(self.support_shift)
             padded = tf.pad(xs, (k, k, k, k), mode="replicate")
-            xs = torch.cat([padded[..., top:top + H, left:left + W] for top in (0, k, 2 * k) for left in (0, k, 2 * k)])
-            ys = ys.repeat(9)
+            xs = torch.cat([padded[..., top:top + H, left:left + W] for top, left in windows])
+            ys = ys.repeat(len(windows))
         params = [p.clone().requires_grad_() for p in self.meta]
         if exp.config.head_init == "prototypes":  # the head from the support's Euclidean prototypes
             with torch.no_grad():

@@ -197,9 +197,17 @@ def with_head(specs: list[dict], ways: int | None = None, init: str | None = Non
     return [dict(s) for s in specs[:-1]] + [head]
 
 
+def support_windows(shift: int) -> list[tuple[int, int]]:
+    """The views a support shift K makes of each image (`Linear.support_shift`): the (top, left) corners of the
+    image-sized windows into the image padded by K on every side, every shift (dy, dx) in {-K, 0, K}^2, view-major,
+    the unshifted view (K, K) in the middle. `maml.shifted_support` and maml-bench's PyTorch peer cut these."""
+    return [(top, left) for top in (0, shift, 2 * shift) for left in (0, shift, 2 * shift)]
+
+
 def support_views(specs: list[dict]) -> int:
     """How many images adaptation learns from per support image: 9 under the head's support_shift (`Linear`), else 1."""
-    return 9 if specs[-1].get("support_shift", 0) else 1
+    shift = specs[-1].get("support_shift", 0)
+    return len(support_windows(shift)) if shift else 1
 
 
 def with_query_norm(specs: list[dict], query_norm: str) -> list[dict]:

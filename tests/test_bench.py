@@ -176,6 +176,15 @@ def exported_support(tmp_path_factory) -> Path:
     return _export(tmp_path_factory, query_norm="support")
 
 
+def expected_5w1s_flops(exported: Path) -> int:
+    """The 5w1s FLOPs maml-bench counts for `exported`: 2.92 GFLOP (docs/benchmarks.md#the-flop-floor), the steps on
+    9 views of each support image under the export's support shift."""
+    shift = json.loads(Adapter(exported.parent).metadata["config"])["support_shift"]
+    flops = count_flops(conv4_specs(5), support=5 * (9 if shift else 1), query=75, steps=5)
+    assert shift or flops == 2_922_028_800
+    return flops
+
+
 def test_cli_end_to_end_writes_the_json_schema_and_all_peers_agree(exported, tmp_path):
     result = bench("--provider", "cpu", "--model", str(exported), "--configs", "5w1s", "--runs", "3", "--warmup", "1",
                    "--json", str(tmp_path / "bench.json"))
@@ -186,10 +195,8 @@ def test_cli_end_to_end_writes_the_json_schema_and_all_peers_agree(exported, tmp
     assert {"cpu", "cores", "threads", "python", "versions"} <= set(doc["machine"])
     gemm = doc["gemm_round_robin"]["5w1s"]  # the floor's GEMM, timed round-robin with the rows
     assert gemm["runs"] == 3 and 1 < gemm["p50_gflops"] <= gemm["best_gflops"] < 1e5
-    # 2.92 GFLOP (docs/benchmarks.md#the-flop-floor); the steps on 9 views of each image under a support shift
-    shift = json.loads(Adapter(exported.parent).metadata["config"])["support_shift"]
-    flops = count_flops(conv4_specs(5), support=5 * (9 if shift else 1), query=75, steps=5)
-    assert doc["models"]["5w1s"]["flops"] == flops and (shift or flops == 2_922_028_800)
+    flops = expected_5w1s_flops(exported)
+    assert doc["models"]["5w1s"]["flops"] == flops
     assert doc["flop_floor_ms"]["5w1s"] == pytest.approx(flops / gemm["p50_gflops"] / 1e6)
     rows = {r["runtime"]: r for r in doc["results"] if r["stage"] == "adapt+predict"}  # the split rows: below
     skipped = {s["runtime"]: s["reason"] for s in doc["skipped"] if s["runtime"] in RUNTIMES}
@@ -349,8 +356,7 @@ def test_kit_times_the_graph_without_paddle_against_eager_paddles_logits(exporte
     other = bench("--kit", str(kit), "--configs", "5w1s", "--task-batch", "3")
     assert other.returncode != 0 and "holds 2 tasks a call" in other.stderr and "--task-batch 3" in other.stderr
     gemm, flops = doc["gemm_round_robin"]["5w1s"], doc["models"]["5w1s"]["flops"]
-    shift = json.loads(Adapter(exported.parent).metadata["config"])["support_shift"]  # 9 views: see the test above
-    assert flops == count_flops(conv4_specs(5), support=5 * (9 if shift else 1), query=75, steps=5)
+    assert flops == expected_5w1s_flops(exported)
     assert gemm["runs"] == 2 and doc["flop_floor_ms"]["5w1s"] == pytest.approx(flops / gemm["p50_gflops"] / 1e6)
     own = doc["flop_floor_ms"]["5w1s"] * r.get("flops", flops) / flops  # the work that ran
     assert r["floor_multiple"] == pytest.approx(r["p50_ms"] / own)
