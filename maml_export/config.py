@@ -70,6 +70,9 @@ class MamlConfig:
                                  "in each direction (9 views, edges replicated); chosen on validation by `train "
                                  "evaluate --support-shift`, shipped by `train bundle --support-shift`; 0: off",
                               cli=False)
+    augment_shift: int = _opt(0, "training's data augmentation: every training image (support and query) shifted by "
+                                 "its own random whole number of pixels from -K to K along each axis, edges "
+                                 "replicated; validation and test images never are; 0: off")
     val_every: int = _opt(250, "validate (and save the best checkpoint) every this many iterations")
     val_tasks: int = _opt(200, "validation tasks (always the same ones) per validation")
     val_inner_lr: float = _opt(None, "inner step size validation adapts with, i.e. the one the checkpoint will be "
@@ -131,6 +134,10 @@ class MamlConfig:
                 not 0 <= self.support_shift < self.image_size // 2:
             raise ConfigError(f"--support-shift must be a whole number of pixels from 0 to {self.image_size // 2 - 1} "
                               f"(below half of --image-size {self.image_size}), got {self.support_shift!r}")
+        if isinstance(self.augment_shift, bool) or not isinstance(self.augment_shift, int) or \
+                not 0 <= self.augment_shift < self.image_size // 2:
+            raise ConfigError(f"--augment-shift must be a whole number of pixels from 0 to {self.image_size // 2 - 1} "
+                              f"(below half of --image-size {self.image_size}), got {self.augment_shift!r}")
         try:  # the preprocessing checks its own fields (--channels, --pixels, --resize)
             self.preprocessing
         except ValueError as e:

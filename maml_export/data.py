@@ -293,6 +293,27 @@ class Tasks(NamedTuple):
     y_qry: numpy.ndarray  # int64   [T, ways*query]
 
 
+def random_shifts(images: numpy.ndarray, shift: int, rng: numpy.random.Generator) -> numpy.ndarray:
+    """Each image of `images` [..., C, H, W] shifted by its own random whole number of pixels from -shift to shift
+    along each axis, the edges replicated (as `maml.shifted_support` replicates them for its fixed shifts): the
+    training data augmentation `--augment-shift` (docs/training.md#augmentation). Draws from `rng`."""
+    if shift == 0:
+        return images
+    *lead, C, H, W = images.shape
+    flat = images.reshape(-1, C, H, W)
+    padded = numpy.pad(flat, ((0, 0), (0, 0), (shift, shift), (shift, shift)), mode="edge")  # (B, C, H+2k, W+2k)
+    top, left = rng.integers(0, 2 * shift + 1, size=(2, len(flat)))  # each image's window in the padded one
+    rows = (top[:, None] + numpy.arange(H))[:, None, :, None]  # (B, 1, H, 1)
+    cols = (left[:, None] + numpy.arange(W))[:, None, None, :]  # (B, 1, 1, W)
+    batch, channel = numpy.arange(len(flat))[:, None, None, None], numpy.arange(C)[None, :, None, None]
+    return padded[batch, channel, rows, cols].reshape(images.shape)
+
+
+def shift_tasks(tasks: Tasks, shift: int, rng: numpy.random.Generator) -> Tasks:
+    """`tasks` with every support and query image randomly shifted (`random_shifts`)."""
+    return tasks._replace(x_spt=random_shifts(tasks.x_spt, shift, rng), x_qry=random_shifts(tasks.x_qry, shift, rng))
+
+
 def synthetic_tasks(num_tasks: int, ways: int, shots: int, query: int, seed: int = 0, size: int = IMAGE_SIZE,
                     channels: int = 1) -> Tasks:
     """Tasks of made-up characters, for checks that must run without Omniglot (`maml-export` and

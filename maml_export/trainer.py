@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .calibration import calibration_report, fit_temperature
 from .checkpoint import Checkpoint, as_deployed, load_checkpoint, save_checkpoint
 from .config import RESUME_MAY_CHANGE, VALIDATION, MamlConfig, flag
-from .data import TaskSampler
+from .data import TaskSampler, shift_tasks
 from .folders import open_dataset
 from .distributed import RankLostError, Ranks
 from .errors import ConfigError, DataError, MamlError
@@ -244,7 +244,10 @@ class Training:
         c, ranks = self.config, self.ranks
         began = time.perf_counter()
         block = ranks.block(c.meta_batch)
-        step = self.maml.meta_step(*as_tensors(a[block] for a in self.sampler.sample(c.meta_batch)))
+        tasks = self.sampler.sample(c.meta_batch)
+        if c.augment_shift:  # drawn from the task stream's generator, so that --resume continues it exactly
+            tasks = shift_tasks(tasks, c.augment_shift, self.sampler.rng)
+        step = self.maml.meta_step(*as_tensors(a[block] for a in tasks))
         self.adam.step(ranks.mean_of_blocks(step.grads, c.meta_batch))
         if c.zero_head:
             zero_head(self.model, self.params)

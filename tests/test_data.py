@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import DATA
-from maml_export.data import TaskSampler, Tasks, load_omniglot, split_characters
+from maml_export.data import TaskSampler, Tasks, load_omniglot, random_shifts, shift_tasks, split_characters
 from maml_export.errors import DataError
 
 URL = "https://github.com/brendenlake/omniglot/tree/master/python"
@@ -376,3 +376,26 @@ def test_synthetic_tasks_are_drawings_the_bundled_weights_learn():
         x_spt, y_spt, x_qry = (paddle.to_tensor(a) for a in tasks[:3])
         logits = maml.predict(maml.adapt(x_spt, y_spt), x_qry).numpy()
     assert (logits.argmax(-1) == tasks.y_qry).mean() > 0.9  # measured: 1.0 (prototype head; with the zero head 0.929; chance: 0.2)
+
+
+def test_random_shifts_are_edge_replicated_windows_of_every_offset():
+    """--augment-shift: each image is the window of its edge-padded self at its own random offset in [-K, K]^2."""
+    images = np.random.default_rng(1).random((2, 60, 3, 12, 10)).astype("float32")  # [..., C, H, W], 3 channels
+    shifted = random_shifts(images, 2, np.random.default_rng(7))
+    assert shifted.shape == images.shape and shifted.dtype == images.dtype
+    top, left = np.random.default_rng(7).integers(0, 5, size=(2, 120))  # the same draws, in the same order
+    flat, out = images.reshape(-1, 3, 12, 10), shifted.reshape(-1, 3, 12, 10)
+    for i in range(120):
+        padded = np.pad(flat[i], ((0, 0), (2, 2), (2, 2)), mode="edge")
+        np.testing.assert_array_equal(out[i], padded[:, top[i]:top[i] + 12, left[i]:left[i] + 10])
+    assert len(set(zip(top, left))) == 25  # every one of the 25 offsets was drawn (120 draws)
+    assert random_shifts(images, 0, np.random.default_rng(7)) is images
+
+
+def test_shift_tasks_shifts_the_images_and_keeps_the_labels(images):
+    tasks = TaskSampler(images, np.arange(len(images)), 5, 1, 3, seed=0).sample(2)
+    shifted = shift_tasks(tasks, 1, np.random.default_rng(0))
+    np.testing.assert_array_equal(shifted.y_spt, tasks.y_spt)
+    np.testing.assert_array_equal(shifted.y_qry, tasks.y_qry)
+    assert shifted.x_spt.shape == tasks.x_spt.shape and shifted.x_qry.shape == tasks.x_qry.shape
+    assert not np.array_equal(shifted.x_qry, tasks.x_qry)

@@ -88,6 +88,25 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
 
 
 @needs_data
+def test_augment_shift_changes_training_and_resumes_exactly(tmp_path):
+    """The shifts come from the task stream's generator, saved in every checkpoint: a resumed augmented run ends
+    with the weights of an uninterrupted one, and they differ from the unaugmented run's."""
+    augmented = {**SMALL, "augment_shift": 2}
+    train(MamlConfig(iterations=4, val_every=2, **augmented), DATA, tmp_path / "a", progress=False)
+    train(MamlConfig(iterations=2, val_every=2, **augmented), DATA, tmp_path / "b", progress=False)
+    train(MamlConfig(**augmented), DATA, tmp_path / "b", resume=True, overrides={"iterations": 4}, progress=False)
+    train(MamlConfig(iterations=4, val_every=2, **SMALL), DATA, tmp_path / "plain", progress=False)
+    a, b, plain = (load_checkpoint(tmp_path / run / "latest.npz") for run in ("a", "b", "plain"))
+    assert a.config.augment_shift == b.config.augment_shift == 2 and plain.config.augment_shift == 0
+    for name in a.params:
+        np.testing.assert_array_equal(a.params[name], b.params[name], err_msg=name)
+    assert not np.array_equal(a.params["conv1.weight"], plain.params["conv1.weight"])
+    with pytest.raises(ConfigError, match="--augment-shift"):  # the training data is part of the run
+        train(MamlConfig(**SMALL), DATA, tmp_path / "b", resume=True, overrides={"iterations": 5, "augment_shift": 1},
+              progress=False)
+
+
+@needs_data
 def test_resume_may_lower_the_meta_lr_but_not_change_the_model(tmp_path):
     train(MamlConfig(iterations=1, val_every=5, **SMALL), DATA, tmp_path, progress=False)
     with pytest.raises(ConfigError, match="--hidden"):
@@ -335,6 +354,7 @@ def test_head_init_prototypes_trains_second_order_and_ships_from_a_zero_head_run
     (["--ways", "3", "--val-ways", "2"], "pass --zero-head"),
     (["--val-query", "0"], "--val-query must be at least 1"),
     (["--val-ways", "1", "--zero-head"], "--val-ways must be at least 2"),
+    (["--augment-shift", "14"], "--augment-shift must be a whole number of pixels from 0 to 13"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, args, message):
     if "/nonexistent/omniglot" not in args:
