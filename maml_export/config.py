@@ -130,14 +130,11 @@ class MamlConfig:
             raise ConfigError(f"--query-norm must be one of {', '.join(QUERY_NORMS)}, got {self.query_norm!r}")
         if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < float("inf")):
             raise ConfigError(f"temperature must be a positive number, got {self.temperature!r}")
-        if isinstance(self.support_shift, bool) or not isinstance(self.support_shift, int) or \
-                not 0 <= self.support_shift < self.image_size // 2:
-            raise ConfigError(f"--support-shift must be a whole number of pixels from 0 to {self.image_size // 2 - 1} "
-                              f"(below half of --image-size {self.image_size}), got {self.support_shift!r}")
-        if isinstance(self.augment_shift, bool) or not isinstance(self.augment_shift, int) or \
-                not 0 <= self.augment_shift < self.image_size // 2:
-            raise ConfigError(f"--augment-shift must be a whole number of pixels from 0 to {self.image_size // 2 - 1} "
-                              f"(below half of --image-size {self.image_size}), got {self.augment_shift!r}")
+        for name in ("support_shift", "augment_shift"):  # shifts in whole pixels, below half the image
+            shift = getattr(self, name)
+            if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift < self.image_size // 2:
+                raise ConfigError(f"{flag(name)} must be a whole number of pixels from 0 to {self.image_size // 2 - 1} "
+                                  f"(below half of --image-size {self.image_size}), got {shift!r}")
         try:  # the preprocessing checks its own fields (--channels, --pixels, --resize)
             self.preprocessing
         except ValueError as e:

@@ -299,7 +299,7 @@ def random_shifts(images: numpy.ndarray, shift: int, rng: numpy.random.Generator
     training data augmentation `--augment-shift` (docs/training.md#augmentation). Draws from `rng`."""
     if shift == 0:
         return images
-    *lead, C, H, W = images.shape
+    C, H, W = images.shape[-3:]
     flat = images.reshape(-1, C, H, W)
     padded = numpy.pad(flat, ((0, 0), (0, 0), (shift, shift), (shift, shift)), mode="edge")  # (B, C, H+2k, W+2k)
     top, left = rng.integers(0, 2 * shift + 1, size=(2, len(flat)))  # each image's window in the padded one
