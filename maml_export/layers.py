@@ -258,6 +258,9 @@ class Linear(specs.Linear, Layer):
         return dx, {"weight": dw, "bias": db}
 
 
+_LOG_TINY = -87.3  # log of float32's smallest normal number, 1.18e-38
+
+
 def softmax_cross_entropy(logits, labels):
     """Mean cross-entropy per task and its gradient.
 
@@ -269,11 +272,17 @@ def softmax_cross_entropy(logits, labels):
     # types, and that one node on the CPU ruled out a CUDA graph (seen on an H100, onnxruntime-gpu 1.30)
     classes = paddle.arange(logits.shape[2], dtype=labels.dtype)
     onehot = (labels.unsqueeze(-1) == classes).astype(logits.dtype)
-    log_p = F.log_softmax(logits, axis=-1)
+    # log-softmax written out, not F.log_softmax: Paddle's CPU kernel clips x - max at -64, so a saturated class
+    # kept probability e^-64 and eager's gradient was never exactly zero where onnxruntime's is. Probabilities
+    # below float32's smallest normal number (e^-87.3) are zero: Paddle's CPU exp floors there (e^-89.4) where
+    # onnxruntime's underflows. So eager inference stops at the fixed point too (docs/design.md#adaptation-stops-at-a-fixed-point)
+    shifted = logits - logits.max(axis=-1, keepdim=True)
+    log_p = shifted - paddle.log(paddle.exp(shifted).sum(axis=-1, keepdim=True))
+    probs = paddle.where(log_p > _LOG_TINY, paddle.exp(log_p), paddle.zeros_like(log_p))
     loss = -(onehot * log_p).sum(axis=-1).mean(axis=-1)
     # n may be dynamic (-1) in a static graph: divide by the count computed at run time
     count = paddle.shape(labels)[1].astype(logits.dtype) if n is None or n < 0 else float(n)
-    dlogits = (paddle.exp(log_p) - onehot) / count
+    dlogits = (probs - onehot) / count
     return loss, dlogits
 
 

@@ -80,8 +80,8 @@ def steps_to_fixed_point(model: Model, params: dict, x, y, steps: int, inner_lr:
     So each step is a `paddle.static.nn.cond` (an ONNX `If` in a traced graph) whose other branch passes the
     weights and the statistics of that step's own forward through. In onnxruntime, with the prototype head, a
     1-shot support loss's softmax is exactly one-hot and adaptation is one forward pass instead of 6 forwards
-    and 5 backwards. (Eager Paddle's CPU softmax clips at exp(-64), so its gradient is never exactly zero and it
-    runs every step: docs/design.md#adaptation-stops-at-a-fixed-point.) No meta-gradient flows through it.
+    and 5 backwards; eager Paddle too, since `softmax_cross_entropy` sets probabilities below float32's smallest
+    normal number to zero (docs/design.md#adaptation-stops-at-a-fixed-point). No meta-gradient flows through it.
     """
     if steps == 0:
         return params, (model.support_stats(params, x) if stats else {})

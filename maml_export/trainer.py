@@ -265,11 +265,12 @@ class Training:
         """Accuracy ± 95 % interval on the validation tasks, adapted as deployed (--val-* options), logged."""
         c = self.config
         inner_lr, steps = c.deployed_inner_lr, c.deployed_steps
-        sampler, deployed = self.val_sampler(), self.maml
+        sampler = self.val_sampler()
+        deployed = MAML(self.model, self.params, inner_lr, steps, stop_at_fixed_point=True)  # as exported
         if c.deployed_ways != c.ways or c.deployed_head_init != c.head_init:
             # --val-ways, --val-head-init: the current backbone with a zero or prototype head, as `train bundle` ships it
             shipped = as_deployed(Checkpoint(c, self._weights()))
-            deployed = MAML(Model.from_specs(shipped.config.layers), to_tensors(shipped.params), inner_lr, steps)
+            deployed = _deployed_maml(shipped, steps)
         accuracy, ci = mean_ci95(evaluate(deployed, sampler, c.val_tasks, batch=c.meta_batch, ranks=self.ranks,
                                           steps=steps, inner_lr=inner_lr))
         if self.ranks.main:
@@ -392,9 +393,10 @@ def split_sampler(data, split: str, ways: int, shots: int, query: int, seed: int
 
 
 def _deployed_maml(ckpt: Checkpoint, steps: int | None = None) -> MAML:
+    """The checkpoint as deployed in eager Paddle: adaptation stops at a fixed point, as the exported graphs'."""
     config = ckpt.config
     return MAML(Model.from_specs(config.layers), to_tensors(ckpt.params), config.inner_lr,
-                config.inner_steps if steps is None else steps)
+                config.inner_steps if steps is None else steps, stop_at_fixed_point=True)
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data, tasks: int = 600, split: str = "test",

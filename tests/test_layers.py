@@ -113,6 +113,19 @@ def test_softmax_cross_entropy_gradient():
     assert rel_err(dlogits.numpy(), expected.numpy()) <= TOL
 
 
+def test_softmax_cross_entropy_is_exact_for_saturated_logits():
+    """float32 margins of 70 to 300: the probabilities are exp(-margin) down to float32's smallest normal number
+    and 0 below, not Paddle's log_softmax's e^-64 floor, so a 1-shot prototype head's gradient is exactly zero,
+    as in onnxruntime."""
+    margins = np.array([[0.0, -300.0, -70.0, -80.0], [-200.0, 0.0, -250.0, -90.0]], np.float32)
+    loss, dlogits = softmax_cross_entropy(paddle.to_tensor(margins[None]), paddle.to_tensor([[0, 1]]))
+    want = np.where(margins > -87.3, np.exp(margins.astype(np.float64)), 0)
+    np.testing.assert_allclose(dlogits.numpy()[0].astype(np.float64) * 2 + np.eye(2, 4), want, rtol=1e-5, atol=0)
+    assert float(loss[0]) == 0.0
+    saturated = paddle.to_tensor([[[0.0, -300.0, -200.0], [-150.0, 0.0, -300.0]]])
+    assert not softmax_cross_entropy(saturated, paddle.to_tensor([[0, 1]]))[1].numpy().any()
+
+
 @pytest.mark.parametrize("channels,size,hidden,tasks", [(1, 28, 8, 2), (3, 21, 4, 1)])
 def test_whole_model_backward(channels, size, hidden, tasks):
     """The composed backward of a full conv-4 (odd sizes: 21 -> 10 -> 5 -> 2 -> 1) equals autograd."""

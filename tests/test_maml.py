@@ -6,7 +6,7 @@ import pytest
 from maml_export import paddlerec
 from maml_export.data import TaskSampler, load_omniglot, split_characters
 from maml_export.layers import softmax_cross_entropy
-from maml_export.maml import MAML, expand_to_tasks, prototype_head, query_loss_and_grads
+from maml_export.maml import MAML, expand_to_tasks, prototype_head, query_loss_and_grads, shifted_support
 from maml_export.model import Model, to_tensors
 from maml_export.specs import conv4_specs
 
@@ -238,8 +238,8 @@ def test_first_order_prototype_head_keeps_the_path_through_the_prototypes():
 
 def test_adaptation_stopping_at_a_fixed_point_equals_every_step():
     """MAML(stop_at_fixed_point=True).adapt, one nested cond per step, gives the fast weights and support statistics
-    of the plain loop bit for bit where the steps move the weights (freshly initialised, zero head). Eager Paddle
-    never reaches the other branch (its softmax clips at exp(-64)); onnxruntime does: test_export's
+    of the plain loop bit for bit where the steps move the weights (freshly initialised, zero head). Where they
+    do not: test_eager_adaptation_stops_where_the_prototype_heads_gradient_is_zero and test_export's
     test_adapt_onnx_stops_at_a_fixed_point_and_only_there."""
     from maml_export.data import synthetic_tasks
     model = Model.from_specs(conv4_specs(ways=5, head_init="meta", query_norm="support"))
@@ -253,6 +253,26 @@ def test_adaptation_stopping_at_a_fixed_point_equals_every_step():
     for k in every:
         assert np.array_equal(every[k].numpy(), stopped[k].numpy()), k
     assert float((every["conv2.weight"] - params["conv2.weight"].unsqueeze(0)).abs().max()) > 1e-4  # steps ran
+
+
+def test_eager_adaptation_stops_where_the_prototype_heads_gradient_is_zero(omniglot_tasks):
+    """The bundled weights on 1-shot test tasks: every support logit margin is in the hundreds, the exact softmax
+    is one-hot and the first gradient exactly zero, so eager Paddle stops there too (`train evaluate`, `train
+    bundle` and validation adapt so) with the queries' logits of the loop that runs every step."""
+    from maml_export.checkpoint import load_checkpoint
+    ckpt = load_checkpoint("omniglot-5w1s")
+    model, params = Model.from_specs(ckpt.config.layers), to_tensors(ckpt.params)
+    x_spt, y_spt, x_qry, _ = (paddle.to_tensor(a[:4]) for a in omniglot_tasks)
+    maml = MAML(model, params, 0.01, steps=5)
+    with paddle.no_grad():
+        support = shifted_support(x_spt, y_spt, model.support_shift)  # what adapt learns from (the bundle's shifts)
+        _, dlogits = softmax_cross_entropy(model.forward(maml._start(*support), support[0])[0], support[1])
+        assert not dlogits.numpy().any()  # the first step's logit gradient: exactly zero, so the first cond stops
+        stopped = MAML(model, params, 0.01, steps=5, stop_at_fixed_point=True).adapt(x_spt, y_spt)
+        every = maml.adapt(x_spt, y_spt)
+        for k in every:
+            assert np.array_equal(every[k].numpy(), stopped[k].numpy()), k
+        np.testing.assert_array_equal(maml.predict(every, x_qry).numpy(), maml.predict(stopped, x_qry).numpy())
 
 
 def test_shifted_support_is_nine_edge_replicated_shifts_of_each_image():
