@@ -137,7 +137,8 @@ def check_params(model: Model, params: dict, where: str) -> None:
 
 def as_deployed(ckpt: Checkpoint, ways: int | None = None, inner_lr: float | None = None,
                 head_init: str | None = None, query_norm: str | None = None,
-                temperature: float | None = None, support_shift: int | None = None) -> Checkpoint:
+                temperature: float | None = None, support_shift: int | None = None,
+                feature_scale: float | None = None) -> Checkpoint:
     """The checkpoint as validation adapted it, i.e. as it is deployed: its config's `deployed_ways`,
     `deployed_inner_lr`, `deployed_steps` and `deployed_head_init` become its `ways`, `inner_lr`, `inner_steps`
     and `head_init` (the `val_*`
@@ -147,7 +148,8 @@ def as_deployed(ckpt: Checkpoint, ways: int | None = None, inner_lr: float | Non
     `--zero-head` checkpoint, whose zero head is the meta-learned one); `query_norm`, if given, normalises the
     queries that way ("support" or "transductive", `--query-norm`); `temperature`, if given, is what its
     deployed logits are divided by (`calibration.py`); `support_shift`, if given, is how many pixels adaptation also
-    shifts each support image by (`--support-shift`, `maml.shifted_support`). A bundle is already deployed: it comes
+    shifts each support image by (`--support-shift`, `maml.shifted_support`); `feature_scale`, if given, multiplies
+    the features by it (`scale_features`: the prototype logits by its square). A bundle is already deployed: it comes
     back unchanged. `train evaluate` and `maml-export`
     load every checkpoint through this, so a run folder trained with `--val-inner-lr 0.1` exports at 0.1,
     not at its training step size (docs/experiments.md#validating-at-the-deployed-step-size).
@@ -186,12 +188,34 @@ def as_deployed(ckpt: Checkpoint, ways: int | None = None, inner_lr: float | Non
         # not int(): the config refuses a fractional shift instead of truncating it
         config = dataclasses.replace(config, support_shift=support_shift,
                                      layers=with_head(config.layers, support_shift=support_shift))
+    if feature_scale not in (None, 1):
+        params = scale_features(config, params, feature_scale)
     return dataclasses.replace(ckpt, config=config, params=params)
+
+
+def scale_features(config: MamlConfig, params: dict, scale: float) -> dict:
+    """`params` with the last batch norm's weight and bias multiplied by `scale` > 0: since only max-pooling, ReLU
+    and flattening follow it, every feature is multiplied by `scale` and every prototype logit by its square
+    (bit for bit for a power of two). Classes do not change; the support loss saturates sooner, so adaptation
+    reaches its fixed point (docs/design.md#the-feature-scale), and the temperature fitted afterwards divides
+    the square back out of the probabilities."""
+    if not (isinstance(scale, (int, float)) and 0 < scale < float("inf")):
+        raise CheckpointError(f"the feature scale must be a positive number, got {scale!r} (--feature-scale)")
+    layers = config.layers
+    last = max(i for i, spec in enumerate(layers) if spec["type"] == "BatchNorm")
+    if any(spec["type"] not in ("MaxPool2", "ReLU", "Flatten") for spec in layers[last + 1:-1]):
+        raise CheckpointError(f"{config.name}: layers other than max-pooling, ReLU and flattening follow the last "
+                              f"batch norm, so scaling it would not scale the features (leave out --feature-scale)")
+    name = Model.from_specs(layers).names[last]
+    scaled = dict(params)
+    for k in (f"{name}.weight", f"{name}.bias"):
+        scaled[k] = (params[k] * scale).astype(params[k].dtype)
+    return scaled
 
 
 def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float | None = None,
                note: str | None = None, ways: int | None = None, head_init: str | None = None,
-               calibrate=None, support_shift: int | None = None) -> Checkpoint:
+               calibrate=None, support_shift: int | None = None, feature_scale: float | None = None) -> Checkpoint:
     """Package a run's best checkpoint (chosen on validation) for shipping: `out` (.npz + .json) with the
     weights and config but no optimizer or sampler state, the command that reproduces the run (resumes
     and their changed options included) and the run's metrics log up to that iteration (`out` with
@@ -204,7 +228,8 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
     split; `ways`, if given, ships a `--zero-head` run for that many ways instead (e.g. a run trained on
     20-way tasks and chosen on 5-way ones, shipped for 20 ways too); `head_init`, if given, ships it with that
     head initialisation (e.g. "prototypes", chosen on the validation split); `support_shift`, if given, ships it
-    with that support augmentation (`as_deployed`, chosen on the validation split); `note` (e.g. the validation figures
+    with that support augmentation (`as_deployed`, chosen on the validation split); `feature_scale`, if given,
+    ships its features multiplied by it (`scale_features`) and records it in `state["feature_scale"]`; `note` (e.g. the validation figures
     behind the choice) goes to `state["note"]`. `calibrate`, if given, is called with the deployed checkpoint
     and returns (temperature, report): the bundle ships with that temperature (`trainer.calibrate`), the
     report in `state["calibration"]`.
@@ -236,7 +261,7 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
                      + f" [{e.get('ranks', 1)} rank(s)]")
     command = "; ".join(steps)
     trained = best.config
-    deployed = as_deployed(best, ways, inner_lr, head_init, support_shift=support_shift)
+    deployed = as_deployed(best, ways, inner_lr, head_init, support_shift=support_shift, feature_scale=feature_scale)
     calibration = None
     if calibrate is not None:
         temperature, calibration = calibrate(deployed)
@@ -249,6 +274,8 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
                               ("head_init_trained", deployed.config.head_init, trained.head_init)):
         if shipped != was:
             state[key] = was
+    if feature_scale not in (None, 1):
+        state["feature_scale"] = feature_scale
     if calibration:
         state["calibration"] = calibration
     if note:

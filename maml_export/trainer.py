@@ -403,13 +403,14 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data, tasks: int = 600, s
                         steps: int | None = None, inner_lr: float | None = None, seed: int = TEST_SEED,
                         query: int = 15, threads: int | None = None, progress: bool = True,
                         head_init: str | None = None, query_norm: str | None = None,
-                        ways: int | None = None, shots: int | None = None, support_shift: int | None = None) -> dict:
+                        ways: int | None = None, shots: int | None = None, support_shift: int | None = None,
+                        feature_scale: float | None = None) -> dict:
     """Meta-test accuracy of a checkpoint by the shared protocol (15 queries per class), with its 95% interval,
     and how calibrated its probabilities are (ECE over 15 bins, NLL: `calibration.calibration_report`)."""
     set_threads(threads)
     # a run folder adapts as its validation did; the options, if given, as the config checks them
     ckpt = as_deployed(load_checkpoint(checkpoint), ways=ways, inner_lr=inner_lr, head_init=head_init,
-                       query_norm=query_norm, support_shift=support_shift)
+                       query_norm=query_norm, support_shift=support_shift, feature_scale=feature_scale)
     config = ckpt.config
     shots = config.shots if shots is None else shots
     sampler = split_sampler(data, split, config.ways, shots, query, seed, config, ckpt.state.get("data"))

@@ -316,3 +316,34 @@ def test_support_shift_adapts_on_the_shifted_support_set():
         np.testing.assert_array_equal(got[k].numpy(), want[k].numpy(), err_msg=k)
     assert float((got["bn1.mean"] - unshifted["bn1.mean"]).abs().max()) > 1e-6  # the views' statistics
     assert logits.shape == [2, 10, 5]
+
+
+def test_feature_scale_multiplies_the_prototype_logits_by_its_square_and_stops_adaptation():
+    """`scale_features` by 4 (a power of two) on a freshly initialised conv-4 with support statistics: every
+    query logit of the unadapted prototype head is exactly 16 times the unscaled one, so no class changes; the
+    scaled support loss saturates where the unscaled one does not (eager adapts to its fixed point at once);
+    a scale that is not a positive number is refused naming the flag."""
+    from maml_export.checkpoint import scale_features
+    from maml_export.errors import CheckpointError
+    from maml_export.config import MamlConfig
+    from maml_export.data import synthetic_tasks
+    config = MamlConfig(ways=5, head_init="prototypes", query_norm="support")
+    model = Model.from_specs(config.layers)
+    params = model.init_params(0)
+    x_spt, y_spt, x_qry, _ = (paddle.to_tensor(a) for a in synthetic_tasks(2, 5, 1, 3, seed=1))
+    logits = {}
+    for scale in (1, 4):
+        maml = MAML(model, to_tensors(scale_features(config, params, scale)), 0.01, steps=0)
+        with paddle.no_grad():
+            logits[scale] = maml.predict(maml.adapt(x_spt, y_spt), x_qry).numpy()
+    assert np.array_equal(logits[4], 16 * logits[1])
+    scaled = MAML(model, to_tensors(scale_features(config, params, 64)), 0.01, steps=3)
+    with paddle.no_grad():
+        start = scaled._start(x_spt, y_spt)
+        assert not softmax_cross_entropy(model.forward(start, x_spt)[0], y_spt)[1].numpy().any()  # saturated
+        _, unscaled = softmax_cross_entropy(model.forward(MAML(model, to_tensors(params), 0.01, 3)._start(x_spt, y_spt),
+                                                          x_spt)[0], y_spt)
+    assert unscaled.numpy().any()  # without the scale the first step would move the weights
+    for bad in (0, -2.0, float("inf")):
+        with pytest.raises(CheckpointError, match="--feature-scale"):
+            scale_features(config, params, bad)

@@ -63,6 +63,11 @@ def cli(ctx, data, out, resume, threads, save_every_seconds, **options):
     click.echo(json.dumps(summary))
 
 
+FEATURE_SCALE_HELP = ("multiply the features by this (the last batch norm's weight and bias; the prototype logits by its "
+                      "square, classes unchanged), so that a 1-shot support loss saturates and adaptation stops at its "
+                      "fixed point: docs/design.md#the-feature-scale; the temperature divides it back out")
+
+
 @cli.command()
 @click.option("--checkpoint", type=click.Path(), default=None,
               help="checkpoint .npz, a run folder (its best.npz, chosen on validation), or a bundled one by name "
@@ -83,6 +88,8 @@ def cli(ctx, data, out, resume, threads, save_every_seconds, **options):
 @click.option("--support-shift", type=click.IntRange(min=0), default=None,
               help="adaptation also learns from each support image shifted by this many pixels in each direction "
                    "(9 views; see maml-export --help) [default: the checkpoint's]")
+@click.option("--feature-scale", type=click.FloatRange(min=0, min_open=True), default=None,
+              help=FEATURE_SCALE_HELP)
 @click.option("--ways", type=click.IntRange(min=2), default=None,
               help="classes per task: a --zero-head checkpoint's backbone with a zero head of that size "
                    "[default: the checkpoint's deployed ways]")
@@ -95,8 +102,8 @@ def cli(ctx, data, out, resume, threads, save_every_seconds, **options):
 @click.option("--seed", type=int, default=None, help="seed of the test tasks [default: fixed]")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores]")
 @click.option("--json", "as_json", is_flag=True, help="print only the JSON result")
-def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_norm, support_shift, ways, export_dir, shots, query,
-             seed, threads, as_json):
+def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_norm, support_shift, feature_scale, ways,
+             export_dir, shots, query, seed, threads, as_json):
     """Meta-test accuracy of a checkpoint (or an export), mean over --tasks tasks with its 95% interval, and the
     calibration of its probabilities (ECE, 15 bins)."""
     from maml_export.checkpoint import default_checkpoint
@@ -110,7 +117,7 @@ def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_n
         result = evaluate_checkpoint(checkpoint_argument(checkpoint) or default_checkpoint(), data, tasks, split,
                                      steps, inner_lr, seed, query, threads, progress=not as_json, head_init=head_init,
                                      query_norm=query_norm, ways=ways, shots=shots,
-                                     support_shift=support_shift)
+                                     support_shift=support_shift, feature_scale=feature_scale)
     if not as_json:
         head = f"{result['head_init']} head, " if "head_init" in result else ""
         click.echo(f"{result['config']}: {result['ways']}-way {result['shots']}-shot, {result['steps']} steps, {head}"
@@ -139,6 +146,8 @@ def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_n
               help="ship with adaptation also learning from each support image shifted by this many pixels (9 "
                    "views), chosen on the validation split with `evaluate --split val --support-shift`; the "
                    "temperature is fitted with it [default: the run's, 0]")
+@click.option("--feature-scale", type=click.FloatRange(min=0, min_open=True), default=None,
+              help=FEATURE_SCALE_HELP + " [default: 1]")
 @click.option("--calibration-tasks", type=click.IntRange(min=0), default=200, show_default=True,
               help="validation tasks (--calibration-query queries per class) the temperature is fitted on, so that "
                    "the shipped model's probabilities are calibrated; 0: ship without one (temperature 1)")
@@ -148,7 +157,8 @@ def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_n
 @click.option("--data", type=click.Path(), default=None,
               help="the data for --calibration-tasks, Omniglot or the run's image folder [default: the run's own; "
                    "else $OMNIGLOT_DIR]")
-def bundle(run, out, inner_lr, note, ways, head_init, support_shift, calibration_tasks, calibration_query, data):
+def bundle(run, out, inner_lr, note, ways, head_init, support_shift, feature_scale, calibration_tasks, calibration_query,
+           data):
     """Package RUN's best checkpoint (chosen on validation) for shipping: weights and config without
     optimizer state, the temperature that calibrates its probabilities, the command that reproduces the run,
     and its metrics log up to that iteration."""
@@ -158,7 +168,7 @@ def bundle(run, out, inner_lr, note, ways, head_init, support_shift, calibration
         from maml_export.trainer import calibrate as fit
         calibrate = lambda deployed: fit(deployed, data, calibration_tasks, calibration_query)  # noqa: E731
     # --inner-lr, --ways: checked by the shipped config (MamlConfig), as for training
-    ckpt = bundle_run(run, out, inner_lr, note, ways, head_init, calibrate, support_shift)
+    ckpt = bundle_run(run, out, inner_lr, note, ways, head_init, calibrate, support_shift, feature_scale)
     click.echo(json.dumps({"out": out, "iteration": ckpt.iteration, **ckpt.state}))
 
 
