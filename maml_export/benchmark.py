@@ -301,7 +301,10 @@ def bench_config(c: BenchConfig, exp: Exported, binders: dict, report: dict, dat
             other_function = name == "paddlerec-loop" and query_norm(exp.config) == "support"
             fields = {"stage": "adapt+predict", **({"detail": "queries normalised together, as PaddleRec does: "
                                                               "not compared"} if other_function else {})}
-            if name == "onnxruntime" and stopped:
+            # Paddle Inference runs the same traced program, its `cond`s and its written-out softmax, so it stops
+            # where onnxruntime does (docs/design.md#adaptation-stops-at-a-fixed-point; Paddle eager and PaddleRec's
+            # loop run every step, as a learn2learn-style loop does)
+            if name in ("onnxruntime", "paddle-inference") and stopped:
                 fields.update(detail=stopped, flops=run_flops(exp, len(xs), len(xq), ran))
             calls[name] = (call, fields, (lambda out: None) if other_function else fused)
     for name, runtime in SPLITS.items():
