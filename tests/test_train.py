@@ -279,6 +279,16 @@ def test_bundle_ships_the_best_checkpoint_with_the_command_that_reproduces_the_r
     other_ways = cli("bundle", str(run), "--out", str(tmp_path / "x.npz"), "--ways", "3")  # a meta-learned head
     assert other_ways.returncode != 0 and len(other_ways.stderr.strip().splitlines()) == 1
     assert "--zero-head" in other_ways.stderr and not (tmp_path / "x.npz").exists()
+    scaled = cli("bundle", str(run), "--out", str(tmp_path / "scaled.npz"), "--feature-scale", "4",
+                 "--calibration-tasks", "0")  # the last batch norm's weight and bias times 4, recorded
+    assert scaled.returncode == 0, scaled.stderr
+    scaled = load_checkpoint(tmp_path / "scaled.npz")
+    for k, v in best.params.items():
+        assert np.array_equal(scaled.params[k], 4 * v if k in ("bn4.weight", "bn4.bias") else v), k
+    assert scaled.state["feature_scale"] == 4.0
+    for bad in ("0", "inf"):
+        refused = cli("bundle", str(run), "--out", str(tmp_path / "x.npz"), "--feature-scale", bad, "--calibration-tasks", "0")
+        assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1 and "--feature-scale" in refused.stderr
     no_step = cli("bundle", str(run), "--out", str(tmp_path / "x.npz"), "--inner-lr", "0")  # the config's own check
     assert no_step.returncode != 0 and no_step.stderr.strip().splitlines() == ["error: --inner-lr must be positive, got 0.0"]
     assert not (tmp_path / "x.npz").exists()
