@@ -238,25 +238,33 @@ class Training:
         return self.dataset.sampler("val", c.deployed_ways, c.shots, c.query if c.val_query is None else c.val_query,
                                     VAL_SEED)
 
-    def step(self) -> tuple[float, float]:
-        """One meta-iteration (every rank draws the meta-batch and adapts its block; the meta-gradient is their
-        mean); returns the meta-batch's query loss and accuracy, averaged over the ranks."""
+    def meta_gradient(self) -> tuple[dict, float, float]:
+        """The next meta-batch's meta-gradient (name -> tensor), query loss and accuracy: means over all its
+        tasks, the same on every rank (each rank draws the whole meta-batch, adapts its block, and the blocks'
+        means are summed over ranks)."""
         c, ranks = self.config, self.ranks
-        began = time.perf_counter()
         block = ranks.block(c.meta_batch)
         tasks = self.sampler.sample(c.meta_batch)
         if c.augment_shift:  # drawn from the task stream's generator, so that --resume continues it exactly
             tasks = shift_tasks(tasks, c.augment_shift, self.sampler.rng)
         step = self.maml.meta_step(*as_tensors(a[block] for a in tasks))
-        self.adam.step(ranks.mean_of_blocks(step.grads, c.meta_batch))
+        metrics = ranks.mean_of_blocks({"loss": paddle.to_tensor([step.loss]),
+                                        "accuracy": paddle.to_tensor([step.accuracy])}, c.meta_batch)
+        return (ranks.mean_of_blocks(step.grads, c.meta_batch), float(metrics["loss"][0]),
+                float(metrics["accuracy"][0]))
+
+    def step(self) -> tuple[float, float]:
+        """One meta-iteration: the meta-gradient (`meta_gradient`), then Adam; returns the meta-batch's query
+        loss and accuracy."""
+        c = self.config
+        began = time.perf_counter()
+        grads, loss, accuracy = self.meta_gradient()
+        self.adam.step(grads)
         if c.zero_head:
             zero_head(self.model, self.params)
         self.iteration += 1
         self.seconds += time.perf_counter() - began
-        metrics = ranks.mean_of_blocks({"loss": paddle.to_tensor([step.loss]),
-                                        "accuracy": paddle.to_tensor([step.accuracy])}, c.meta_batch)
-        loss, accuracy = float(metrics["loss"][0]), float(metrics["accuracy"][0])
-        if ranks.main:
+        if self.ranks.main:
             self.files.log({"iteration": self.iteration, "loss": round(loss, 5), "accuracy": round(accuracy, 4),
                             "seconds": round(self.seconds, 2)})
         return loss, accuracy
