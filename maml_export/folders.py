@@ -37,6 +37,7 @@ DEFAULT_SPLIT = "0.7,0.1,0.2"
 FOLDER_DEFAULTS = {"channels": 3, "image_size": 84}  # miniImageNet's, when the CLI is not given them
 CACHE_VERSION = "folders-v1"
 FOLDER_PROTOCOL = "image folders"  # how a folder-trained config's protocol starts
+EVERY_CLASS = "every class"  # the split of a class folder measured by a model trained elsewhere (`open_dataset`)
 _LAYOUTS = {"folders": "DIR/{train,val,test}/<class>/", "csv": "DIR/images/ + {train,val,test}.csv",
             "classes": "DIR/<class>/"}
 
@@ -145,12 +146,15 @@ def _read_csv(root: Path, split: str) -> ClassFiles:
 
 
 def class_files(root: Path, kind: str, split: str | None) -> dict[str, ClassFiles]:
-    """Each split's classes and files, for the layout `kind` (`split`: the fractions, for 'classes' only)."""
+    """Each split's classes and files, for the layout `kind` (`split`: the fractions, for 'classes' only;
+    EVERY_CLASS: every class in each split)."""
     if kind == "folders":
         return {s: _class_folders(root / s) for s in SPLITS}
     if kind == "csv":
         return {s: _read_csv(root, s) for s in SPLITS}
     every = _class_folders(root)
+    if split == EVERY_CLASS:  # a model that never saw the folder: each split is all of it
+        return {s: every for s in SPLITS}
     picks = split_classes(every.names, parse_split(split or DEFAULT_SPLIT))
     return {s: ClassFiles([every.names[i] for i in sorted(idx)], [every.files[i] for i in sorted(idx)])
             for s, idx in picks.items()}
@@ -323,7 +327,7 @@ def folder_protocol(kind: str, config) -> str:
 
 
 def open_dataset(data, config, *, new_run: bool = False, given: dict | None = None, need: int | None = None,
-                 cache_dir=None):
+                 cache_dir=None, measure: bool = False):
     """The dataset in the folder `data`, and `config` as training on it records it: (dataset, config).
 
     Omniglot (either half present) takes its protocol's pixels only (1x28x28 ink, LANCZOS; no --split).
@@ -332,7 +336,9 @@ def open_dataset(data, config, *, new_run: bool = False, given: dict | None = No
     `pixels` becomes 'plain' and `split` the default fractions (class-folder layout only); with `given` (the
     options a CLI user gave), channels and image_size not in it become FOLDER_DEFAULTS; and its `protocol` says
     how the data was read. `need` (default shots + query): classes with fewer images are left out, with one
-    warning line.
+    warning line. With `measure` (evaluation, calibration), a model trained on Omniglot may measure itself on an
+    image folder: its classes are all new to the model, so a `DIR/<class>/` folder gives every class to each
+    split (the other layouts keep their own split), prepared as the model's own pixels; one notice line says so.
     """
     root = Path(data).expanduser()
     if not root.is_dir() and not trained_on_folders(config):  # said as Omniglot's loader says it, + own images
@@ -350,7 +356,13 @@ def open_dataset(data, config, *, new_run: bool = False, given: dict | None = No
     kind = layout(root)
     if kind != "classes" and config.split:
         raise ConfigError(f"--split {config.split}: {root} gives its own split ({_LAYOUTS[kind]}); drop --split")
-    if not trained_on_folders(config):
+    if not trained_on_folders(config) and measure and not new_run:
+        config = dataclasses.replace(config, split=EVERY_CLASS if kind == "classes" else None)
+        which = "every class of the folder is" if kind == "classes" else "the folder's own split is"
+        print(f"notice: {root} is an image folder ({_LAYOUTS[kind]}) and {config.name} was trained on Omniglot: "
+              f"{which} new to it, its images prepared as the model's own ({config.preprocessing.describe()})",
+              file=sys.stderr, flush=True)
+    elif not trained_on_folders(config):
         if not new_run:
             raise ConfigError(f"--data {root} is an image folder ({_LAYOUTS[kind]}); this model was trained on "
                               f"Omniglot ({config.protocol}): pass Omniglot's folder")

@@ -396,7 +396,7 @@ def split_sampler(data, split: str, ways: int, shots: int, query: int, seed: int
                   recorded: str | None = None) -> TaskSampler:
     """Tasks of `split` ("train", "val", "test") of the data in `data_dir(data, recorded)`: Omniglot's protocol
     split, or the image folders `config` (default: Omniglot's) was trained on, prepared as it says."""
-    dataset, _ = open_dataset(data_dir(data, recorded), config or MamlConfig(), need=shots + query)
+    dataset, _ = open_dataset(data_dir(data, recorded), config or MamlConfig(), need=shots + query, measure=True)
     return dataset.sampler(split, ways, shots, query, seed)
 
 
@@ -484,3 +484,41 @@ def evaluate_export(export: str | os.PathLike, data, tasks: int = 600, split: st
             "same_class_alone_and_in_batch": int((alone.argmax(-1) == batched.argmax(-1)).sum()),
             "answers": int(labels.size), "temperature": adapter.temperature, "ece": calibration["ece"],
             "nll": calibration["nll"]}
+
+
+def evaluate_suite(checkpoint: str | os.PathLike, data, tasks: int = 200, split: str = "test",
+                   shots: tuple = (1, 5), conditions: tuple | None = None, seed: int = TEST_SEED, query: int = 15,
+                   threads: int | None = None, progress: bool = True, ways: int | None = None,
+                   steps: int | None = None, inner_lr: float | None = None, feature_scale: float | None = None) -> dict:
+    """The robustness suite (`suite.py`) on Omniglot's `split`: per condition and shots, the accuracy of each
+    query alone (its support set's statistics) with 0 steps and with the deployed steps, paired on the same
+    tasks, and the paired difference with its 95 % interval."""
+    from .suite import CONDITIONS, SUITE_SEED, split_drawings, suite_images
+    set_threads(threads)
+    ckpt = as_deployed(load_checkpoint(checkpoint), ways=ways, inner_lr=inner_lr, feature_scale=feature_scale)
+    if ckpt.config.protocol != MamlConfig().protocol:
+        raise ConfigError(f"{checkpoint} was trained on image folders: the suite redraws Omniglot's drawings, "
+                          f"for Omniglot models (measure yours with `evaluate --data FOLDER`)")
+    maml = _deployed_maml(ckpt, steps)
+    characters = split_drawings(data_dir(data), split)
+    rows = []
+    for condition in conditions or CONDITIONS:
+        images = suite_images(characters, condition)
+        for k in shots:
+            sampler = lambda: TaskSampler(images, np.arange(len(images)), ckpt.config.ways, k, query, seed)  # noqa: E731
+            hits = {}
+            for n in (0, maml.steps):
+                logits, labels = query_logits(maml, sampler(), tasks, steps=n, progress=progress)
+                hits[n] = (logits.argmax(-1) == labels).mean(axis=1)
+            accuracy, ci = mean_ci95(hits[maml.steps])
+            zero, zero_ci = mean_ci95(hits[0])
+            gain, gain_ci = mean_ci95(hits[maml.steps] - hits[0])
+            rows.append({"condition": condition, "ways": ckpt.config.ways, "shots": k, "accuracy": accuracy,
+                         "ci95": ci, "accuracy_0_steps": zero, "ci95_0_steps": zero_ci, "steps_gain": gain,
+                         "steps_gain_ci95": gain_ci})
+            if progress:
+                tqdm.write(f"{condition:>9} {ckpt.config.ways}-way {k}-shot: {100 * zero:.2f} % with 0 steps, "
+                           f"{100 * accuracy:.2f} % with {maml.steps} ({100 * gain:+.2f} ± {100 * gain_ci:.2f})")
+    return {"checkpoint": str(checkpoint), "config": ckpt.config.name, "split": split, "tasks": tasks,
+            "query": query, "seed": seed, "suite_seed": SUITE_SEED, "steps": maml.steps, "inner_lr": maml.inner_lr,
+            "support_shift": ckpt.config.support_shift, "queries": QUERIES[ckpt.config.query_norm], "rows": rows}

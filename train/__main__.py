@@ -101,15 +101,36 @@ FEATURE_SCALE_HELP = ("multiply the features by this (the last batch norm's weig
 @click.option("--query", type=click.IntRange(min=1), default=15, show_default=True, help="query images per class")
 @click.option("--seed", type=int, default=None, help="seed of the test tasks [default: fixed]")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores]")
+@click.option("--suite", type=click.Choice(["shift"]), default=None,
+              help="the robustness suite: Omniglot's --split redrawn as people draw (tilted, small and off-centre, "
+                   "thinner and thicker strokes, elastic, all together; maml_export/suite.py), 1- and 5-shot (or "
+                   "--shots), each query alone, 0 steps and the deployed steps paired on the same tasks")
 @click.option("--json", "as_json", is_flag=True, help="print only the JSON result")
 def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_norm, support_shift, feature_scale, ways,
-             export_dir, shots, query, seed, threads, as_json):
+             export_dir, shots, query, seed, threads, suite, as_json):
     """Meta-test accuracy of a checkpoint (or an export), mean over --tasks tasks with its 95% interval, and the
-    calibration of its probabilities (ECE, 15 bins)."""
+    calibration of its probabilities (ECE, 15 bins).
+
+    \b
+    Examples:
+      maml-train evaluate --tasks 600                          (the bundled 5-way 1-shot model, Omniglot's test split)
+      maml-train evaluate --checkpoint omniglot-20w1s --suite shift --tasks 200 --split val
+      maml-train evaluate --data my-drawings/ --shots 5        (a bundle on your own labelled folder's test classes)
+    """
     from maml_export.checkpoint import default_checkpoint
     from maml_export.protocol import TEST_SEED
-    from maml_export.trainer import evaluate_checkpoint, evaluate_export
+    from maml_export.trainer import evaluate_checkpoint, evaluate_export, evaluate_suite
     seed = TEST_SEED if seed is None else seed
+    if suite:
+        if export_dir or head_init or query_norm or support_shift is not None:
+            raise click.UsageError("--suite evaluates a checkpoint as deployed: leave out --export, --head-init, "
+                                   "--query-norm and --support-shift")
+        result = evaluate_suite(checkpoint_argument(checkpoint) or default_checkpoint(), data, tasks, split,
+                                (shots,) if shots else (1, 5), seed=seed, query=query, threads=threads,
+                                progress=not as_json, ways=ways, steps=steps, inner_lr=inner_lr,
+                                feature_scale=feature_scale)
+        click.echo(json.dumps(result))
+        return
     if export_dir:
         result = evaluate_export(export_dir, data, tasks, split, seed, query, threads, progress=not as_json,
                                  shots=shots)

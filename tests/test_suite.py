@@ -1,0 +1,105 @@
+"""The robustness suite (maml_export/suite.py) and measuring an Omniglot model on a labelled folder: the redrawn
+drawings are what each condition says and the same for a seed; `maml-train evaluate --suite shift` pairs 0 steps
+with the deployed steps on the same tasks; `evaluate --data FOLDER` measures a bundle on a user's own classes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from maml_export.data import drawing_pixels, load_omniglot, split_characters
+from maml_export.suite import CONDITIONS, redraw, split_drawings, suite_images
+
+from conftest import DATA, needs_omniglot
+
+pytestmark = needs_omniglot
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.fixture(scope="module")
+def val_drawings():
+    return split_drawings(DATA, "val")
+
+
+def bbox(image: np.ndarray) -> tuple:
+    """(height, width, centre row, centre column) of the ink (> 0.2) of a [28, 28] image."""
+    rows, cols = np.nonzero(image > 0.2)
+    return np.ptp(rows) + 1, np.ptp(cols) + 1, (rows.min() + rows.max()) / 2, (cols.min() + cols.max()) / 2
+
+
+def test_as_drawn_is_the_protocol_and_every_condition_is_reproducible(val_drawings):
+    characters = val_drawings[:6]
+    protocol = load_omniglot(DATA)[split_characters()["val"][:6]]  # the cached protocol pixels
+    assert np.array_equal(suite_images(characters, "as-drawn"), protocol)
+    for condition in CONDITIONS[1:]:
+        once, again = suite_images(characters, condition), suite_images(characters, condition)
+        assert np.array_equal(once, again), condition  # the same seed redraws the same pixels
+        if condition not in ("thin", "thick"):  # the pen widths are fixed; the others draw their parameters
+            assert not np.array_equal(once, suite_images(characters, condition, seed=1)), condition
+        assert once.shape == protocol.shape and once.dtype == np.float32 and 0 <= once.min() and once.max() <= 1
+        changed = np.abs(once - protocol).reshape(-1, 28 * 28).max(axis=1)
+        assert (changed > 0.2).mean() > 0.9, condition  # (nearly) every drawing is redrawn
+
+
+def test_each_condition_does_what_it_says(val_drawings):
+    drawings = [d for char in val_drawings[:10] for d in char[:4]]
+    rng = lambda: np.random.default_rng(0)  # noqa: E731
+    protocol = np.stack([drawing_pixels(d) / 255 for d in drawings])
+    ink = {c: np.stack([redraw(d, c, r) for r in [rng()] for d in drawings]) for c in CONDITIONS}
+    mass = {c: ink[c].sum(axis=(1, 2)) / protocol.sum(axis=(1, 2)) for c in CONDITIONS}
+    assert np.all(mass["thin"] < 0.95) and np.all(mass["thick"] > 1.3)  # pen width
+    assert np.all(mass["thin"] > 0.3)  # thinner strokes, not erased ones
+    assert np.median(np.abs(mass["tilted"] - 1)) < 0.1 and np.median(np.abs(mass["elastic"] - 1)) < 0.1
+    small = np.array([bbox(i)[:2] for i in ink["small"]]) / np.array([bbox(i)[:2] for i in protocol])
+    assert 0.5 <= np.median(small) <= 0.8 and np.all(small < 1)  # 50-80 % of the size (at 28 px, +- a pixel)
+    centres = np.array([bbox(i)[2:] for i in ink["small"]]) - np.array([bbox(i)[2:] for i in protocol])
+    assert np.abs(centres).max() > 3  # placed off-centre, not only shrunk in place
+    # tilted: a rotated copy fits the drawing rotated back better than the drawing as it is
+    for image, tilted in zip(protocol[:8], ink["tilted"][:8]):
+        best = min(np.abs(np.asarray(Image.fromarray(tilted).rotate(a, Image.Resampling.BILINEAR)) - image).sum()
+                   for a in range(-30, 31, 2) if abs(a) >= 10)
+        assert best < np.abs(tilted - image).sum()
+
+
+def test_suite_pairs_zero_steps_with_the_deployed_steps(tmp_path):
+    done = run("-m", "train", "evaluate", "--suite", "shift", "--split", "val", "--tasks", "3", "--shots", "1",
+               "--json", "--data", DATA)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert [r["condition"] for r in result["rows"]] == list(CONDITIONS) and result["steps"] == 5
+    for row in result["rows"]:
+        assert row["steps_gain"] == pytest.approx(row["accuracy"] - row["accuracy_0_steps"])
+        assert 0 <= row["accuracy"] <= 1 and row["shots"] == 1 and row["ways"] == 5
+    # the protocol's own tasks: as-drawn is `evaluate` at 0 steps on the same seed
+    plain = run("-m", "train", "evaluate", "--split", "val", "--tasks", "3", "--steps", "0", "--json", "--data", DATA)
+    assert json.loads(plain.stdout)["accuracy"] == pytest.approx(result["rows"][0]["accuracy_0_steps"])
+    bad = run("-m", "train", "evaluate", "--suite", "shift", "--export", str(tmp_path))
+    assert bad.returncode == 2 and "--suite" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_an_omniglot_bundle_measures_itself_on_a_labelled_folder(tmp_path):
+    """A user's own labelled drawings (here: PNGs of Omniglot's test characters, paper white, in a folder per
+    class) measured with the bundled model, prepared as its training data was: one notice line, no refusal."""
+    folder = tmp_path / "my-drawings"
+    for c, drawings in enumerate(split_drawings(DATA, "test")[:8]):
+        (folder / f"glyph-{c}").mkdir(parents=True)
+        for i, paper in enumerate(drawings[:7]):
+            Image.fromarray(np.where(paper, 255, 0).astype(np.uint8)).save(folder / f"glyph-{c}" / f"{i}.png")
+    done = run("-m", "train", "evaluate", "--data", str(folder), "--tasks", "10", "--query", "5", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    notices = [line for line in done.stderr.splitlines() if line.startswith("notice:")]
+    assert len(notices) == 1 and "every class of the folder" in notices[0] and "Traceback" not in done.stderr
+    result = json.loads(done.stdout)
+    assert result["ways"] == 5 and result["accuracy"] > 0.9
+    # training an Omniglot run on it is still refused: only measuring reads a folder with a model trained elsewhere
+    export = run("-m", "export", "--data", str(folder), "--out", str(tmp_path / "e"))
+    assert export.returncode != 0 and "trained on Omniglot" in export.stderr
