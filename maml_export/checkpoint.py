@@ -232,7 +232,9 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
     ships its features multiplied by it (`scale_features`) and records it in `state["feature_scale"]`; `note` (e.g. the validation figures
     behind the choice) goes to `state["note"]`. `calibrate`, if given, is called with the deployed checkpoint
     and returns (temperature, report): the bundle ships with that temperature (`trainer.calibrate`), the
-    report in `state["calibration"]`.
+    report in `state["calibration"]`. The bundle's config is named after its file (`out`'s stem, e.g.
+    omniglot-5w1s: what `--checkpoint` takes, what exports, `maml-web` and errors call it); the run's name goes to
+    `state["run"]`.
     """
     import shlex
     run, out = Path(run), Path(out)
@@ -280,7 +282,8 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
         state["calibration"] = calibration
     if note:
         state["note"] = note
-    bundle = Checkpoint(dataclasses.replace(deployed.config, iterations=best.iteration), deployed.params,
+    state["run"] = trained.name  # the bundle names itself by its file (omniglot-5w1s): what the CLIs and the page show
+    bundle = Checkpoint(dataclasses.replace(deployed.config, iterations=best.iteration, name=out.stem), deployed.params,
                         best.iteration, {}, state)
     save_checkpoint(out, bundle)
     _atomic_write(out.with_suffix(".metrics.jsonl"), lambda f: f.write("".join(json.dumps(e) + "\n" for e in kept).encode()))

@@ -73,6 +73,10 @@ class MamlConfig:
     augment_shift: int = _opt(0, "training's data augmentation: every training image (support and query) shifted by "
                                  "its own random whole number of pixels from -K to K along each axis, edges "
                                  "replicated; validation and test images never are; 0: off")
+    augment_redraw: float = _opt(0.0, "training's data augmentation: each training image (support and query) is, with "
+                                      "this probability, redrawn from its full-resolution drawing as people draw "
+                                      "(tilted, small and off-centre, thinner or thicker, elastic, or all: the "
+                                      "robustness suite's conditions, `evaluate --suite shift`); Omniglot only; 0: off")
     val_every: int = _opt(250, "validate (and save the best checkpoint) every this many iterations")
     val_tasks: int = _opt(200, "validation tasks (always the same ones) per validation")
     val_inner_lr: float = _opt(None, "inner step size validation adapts with, i.e. the one the checkpoint will be "
@@ -135,6 +139,8 @@ class MamlConfig:
             if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift < self.image_size // 2:
                 raise ConfigError(f"{flag(name)} must be a whole number of pixels from 0 to {self.image_size // 2 - 1} "
                                   f"(below half of --image-size {self.image_size}), got {shift!r}")
+        if not (isinstance(self.augment_redraw, (int, float)) and 0 <= self.augment_redraw <= 1):
+            raise ConfigError(f"--augment-redraw must be a probability from 0 to 1, got {self.augment_redraw!r}")
         try:  # the preprocessing checks its own fields (--channels, --pixels, --resize)
             self.preprocessing
         except ValueError as e:

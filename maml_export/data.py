@@ -386,8 +386,9 @@ class TaskSampler:
         self.num_classes = num_classes
         self.rng = numpy.random.Generator(numpy.random.PCG64(seed))  # never the global RNG
 
-    def sample(self, num_tasks: int) -> Tasks:
-        """`num_tasks` tasks; a vectorised gather, a few ms for 32 tasks of 5-way 1-shot 15-query."""
+    def draw(self, num_tasks: int) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
+        """Which images `num_tasks` tasks take: characters [T, N] (indices into `images`), their rotations
+        [T, N] (quarter turns) and drawings [T, N, K+Q] (K to the support, Q to the query)."""
         if num_tasks < 1:
             raise DataError(f"num_tasks must be at least 1 (got {num_tasks})")
         t, n, k, q = num_tasks, self.ways, self.shots, self.query
@@ -395,12 +396,20 @@ class TaskSampler:
         # order is the label order (label i = classes[:, i]).
         classes = numpy.stack([self.rng.choice(self.num_classes, n, replace=False)
                                for _ in range(t)])
-        chars, rotations = self.characters[classes // 4], classes % 4
         # Drawings [T, N, K+Q]: the first K+Q of a random permutation of each character's drawings.
         order = self.rng.permuted(numpy.broadcast_to(numpy.arange(self.images.shape[1]),
                                                      (t, n, self.images.shape[1])), axis=-1)
-        drawings = order[..., :k + q]
-        batch = self.images[chars[..., None], drawings]  # [T, N, K+Q, 28, 28], a fresh copy
+        return self.characters[classes // 4], classes % 4, order[..., :k + q]
+
+    def images_of(self, chars: numpy.ndarray, drawings: numpy.ndarray) -> numpy.ndarray:
+        """The unrotated images [T, N, K+Q, 28, 28] of `draw`'s characters and drawings (a fresh copy)."""
+        return self.images[chars[..., None], drawings]
+
+    def sample(self, num_tasks: int) -> Tasks:
+        """`num_tasks` tasks; a vectorised gather, a few ms for 32 tasks of 5-way 1-shot 15-query."""
+        t, n, k, q = num_tasks, self.ways, self.shots, self.query
+        chars, rotations, drawings = self.draw(num_tasks)
+        batch = self.images_of(chars, drawings)  # [T, N, K+Q, 28, 28]
         for r in (1, 2, 3):  # rotate in place, one gather per rotation
             selected = rotations == r
             if selected.any():

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .data import HALVES, OMNIGLOT_PIXELS, drawings, find_source, split_characters
+from .data import HALVES, OMNIGLOT_PIXELS, TaskSampler, drawings, find_source, split_characters
 from .errors import DataError
 
 CONDITIONS = ("as-drawn", "tilted", "small", "thin", "thick", "elastic", "all")
@@ -121,19 +121,27 @@ def redraw(paper: np.ndarray, condition: str, rng: np.random.Generator) -> np.nd
     return OMNIGLOT_PIXELS.uint8(Image.fromarray(gray, mode="L"))[0].astype(np.float32) / np.float32(255)
 
 
-def split_drawings(root: str, split: str) -> list:
-    """The raw drawings of one split of Omniglot in `root`: per character of the split (the protocol's order of
-    `split_characters`), its list of bool paper masks."""
-    wanted = split_characters()[split]
-    found, start = {}, 0
+def raw_drawings(root: str, characters) -> dict:
+    """The raw drawings of `characters` (the protocol's numbering) of Omniglot in `root`: character -> its list
+    of bool paper masks [105, 105]."""
+    wanted, found, start = set(int(c) for c in characters), {}, 0
     for half in HALVES:
         source = find_source(Path(root), half)
         if source is None:
             raise DataError(f"{root} has no images_{half} data (.npz, .zip or folder): the suite redraws "
                             f"Omniglot's own drawings, pass Omniglot's folder with --data")
         for index, char in enumerate(drawings(*source), start):
-            found[index] = char
+            if index in wanted:
+                found[index] = char
         start = index + 1
+    return found
+
+
+def split_drawings(root: str, split: str) -> list:
+    """The raw drawings of one split of Omniglot in `root`: per character of the split (the protocol's order of
+    `split_characters`), its list of bool paper masks."""
+    wanted = split_characters()[split]
+    found = raw_drawings(root, wanted)
     return [found[c] for c in wanted]
 
 
@@ -142,3 +150,28 @@ def suite_images(characters: list, condition: str, seed: int = SUITE_SEED) -> np
     images a `data.TaskSampler` draws tasks from. Deterministic for a seed (each condition its own stream)."""
     rng = np.random.default_rng([seed, CONDITIONS.index(condition)])
     return np.stack([[redraw(d, condition, rng) for d in char] for char in characters])
+
+
+class RedrawingSampler(TaskSampler):
+    """Training's data augmentation `--augment-redraw P`: a task sampler of whose images each is, with probability
+    P, redrawn under one of the suite's conditions (tilted ... all, chosen per image) from its full-resolution
+    drawing. Everything is drawn from the task stream's generator, so `--resume` continues it exactly.
+
+    Takes over `sampler`'s characters, sizes and generator; `drawings` maps each of its characters to its raw
+    drawings (`raw_drawings`).
+    """
+
+    REDRAWN = CONDITIONS[1:]
+
+    def __init__(self, sampler: TaskSampler, drawings: dict, p: float):
+        self.__dict__.update(vars(sampler))
+        self.drawings, self.p = drawings, p
+
+    def images_of(self, chars: np.ndarray, drawings: np.ndarray) -> np.ndarray:
+        batch = super().images_of(chars, drawings)  # [T, N, K+Q, 28, 28]
+        redrawn = self.rng.random(drawings.shape) < self.p
+        conditions = self.rng.integers(len(self.REDRAWN), size=drawings.shape)
+        for t, n, i in zip(*np.nonzero(redrawn)):
+            paper = self.drawings[int(chars[t, n])][int(drawings[t, n, i])]
+            batch[t, n, i] = redraw(paper, self.REDRAWN[conditions[t, n, i]], self.rng)
+        return batch

@@ -191,6 +191,13 @@ class Training:
             need=self.config.shots + max(self.config.query, self.config.val_query or self.config.query))
         c = self.config
         self.sampler = self.dataset.sampler("train", c.ways, c.shots, c.query, c.seed)
+        if c.augment_redraw:
+            if self.dataset.kind != "omniglot":
+                raise ConfigError("--augment-redraw redraws Omniglot's full-resolution drawings: leave it out for "
+                                  "image folders")
+            from .suite import RedrawingSampler, raw_drawings
+            self.sampler = RedrawingSampler(self.sampler, raw_drawings(self.data, self.dataset.splits["train"]),
+                                            c.augment_redraw)
         self.val_sampler()  # fail now, not at the first validation, if the validation split cannot give such tasks
         self.model = Model.from_specs(c.layers)
         initial, origin = (ckpt.params, None) if ckpt else initial_params(self.model, c)
@@ -489,13 +496,15 @@ def evaluate_export(export: str | os.PathLike, data, tasks: int = 600, split: st
 def evaluate_suite(checkpoint: str | os.PathLike, data, tasks: int = 200, split: str = "test",
                    shots: tuple = (1, 5), conditions: tuple | None = None, seed: int = TEST_SEED, query: int = 15,
                    threads: int | None = None, progress: bool = True, ways: int | None = None,
-                   steps: int | None = None, inner_lr: float | None = None, feature_scale: float | None = None) -> dict:
+                   steps: int | None = None, inner_lr: float | None = None, support_shift: int | None = None,
+                   feature_scale: float | None = None) -> dict:
     """The robustness suite (`suite.py`) on Omniglot's `split`: per condition and shots, the accuracy of each
     query alone (its support set's statistics) with 0 steps and with the deployed steps, paired on the same
     tasks, and the paired difference with its 95 % interval."""
     from .suite import CONDITIONS, SUITE_SEED, split_drawings, suite_images
     set_threads(threads)
-    ckpt = as_deployed(load_checkpoint(checkpoint), ways=ways, inner_lr=inner_lr, feature_scale=feature_scale)
+    ckpt = as_deployed(load_checkpoint(checkpoint), ways=ways, inner_lr=inner_lr, support_shift=support_shift,
+                       feature_scale=feature_scale)
     if ckpt.config.protocol != MamlConfig().protocol:
         raise ConfigError(f"{checkpoint} was trained on image folders: the suite redraws Omniglot's drawings, "
                           f"for Omniglot models (measure yours with `evaluate --data FOLDER`)")

@@ -454,8 +454,11 @@ def test_single_task_adaptation_stops_at_a_fixed_point_task_batches_run_every_st
 
 
 def test_adapt_onnx_stops_at_a_fixed_point_and_only_there(exported, tmp_path):
-    """The bundled weights' 1-shot support loss is exactly zero in onnxruntime (prototype head, one-hot softmax): adapt.onnx
-    runs no backward pass (no ConvTranspose) and gives the state of every step; a zero head's steps all run."""
+    """The shipped weights' steps all run (their 1-shot support loss is not saturated: each step's gradient is
+    not zero). The same weights with their features x16 (`train bundle --feature-scale 16`: prototype logits
+    x256) saturate it exactly in onnxruntime (one-hot softmax): adapt.onnx runs no backward pass (no
+    ConvTranspose) and gives the state of every step."""
+    from maml_export.checkpoint import save_checkpoint
     from maml_export.data import synthetic_tasks
     from maml_export.profile import executed_ops, steps_run
     out, _ = exported
@@ -465,18 +468,15 @@ def test_adapt_onnx_stops_at_a_fixed_point_and_only_there(exported, tmp_path):
     t = synthetic_tasks(1, 5, 1, 15, seed=2)
     feeds = {"x_spt": t.x_spt[0], "y_spt": t.y_spt[0]}
     ran = executed_ops(out / "adapt.onnx", feeds)
-    assert ran["Conv"] > 0 and ran["ConvTranspose"] == 0, ran
-    assert steps_run(out / "adapt.onnx", feeds, ckpt.config.layers) == 0
-    assert_matches_eager(ckpt, Adapter(out).adapt(t.x_spt[0], t.y_spt[0]).predict(t.x_qry[0]),
-                         t.x_spt[0], t.y_spt[0], t.x_qry[0])
-    # the same weights with a zero head (head_init "meta"): the first gradient is not zero, every step runs
-    export_model(default_checkpoint(), tmp_path / "zero", steps=5, tasks=2, data=DATA, head_init="meta",
-                 query_norm="support")
-    ran = executed_ops(tmp_path / "zero" / "adapt.onnx", feeds)
     assert ran["ConvTranspose"] == 5 * 3, ran  # 5 steps x the input gradients of conv2..conv4
-    assert steps_run(tmp_path / "zero" / "adapt.onnx", feeds, ckpt.config.layers) == 5
-    assert_matches_eager(as_deployed(load_checkpoint(default_checkpoint()), head_init="meta", query_norm="support"),
-                         Adapter(tmp_path / "zero").adapt(t.x_spt[0], t.y_spt[0]).predict(t.x_qry[0]),
+    assert steps_run(out / "adapt.onnx", feeds, ckpt.config.layers) == 5
+    scaled = as_deployed(ckpt, feature_scale=16)
+    save_checkpoint(tmp_path / "scaled.npz", scaled)
+    export_model(tmp_path / "scaled.npz", tmp_path / "scaled", steps=5, tasks=2, data=DATA)
+    ran = executed_ops(tmp_path / "scaled" / "adapt.onnx", feeds)
+    assert ran["Conv"] > 0 and ran["ConvTranspose"] == 0, ran
+    assert steps_run(tmp_path / "scaled" / "adapt.onnx", feeds, scaled.config.layers) == 0
+    assert_matches_eager(scaled, Adapter(tmp_path / "scaled").adapt(t.x_spt[0], t.y_spt[0]).predict(t.x_qry[0]),
                          t.x_spt[0], t.y_spt[0], t.x_qry[0])
 
 

@@ -256,11 +256,12 @@ def test_adaptation_stopping_at_a_fixed_point_equals_every_step():
 
 
 def test_eager_adaptation_stops_where_the_prototype_heads_gradient_is_zero(omniglot_tasks):
-    """The bundled weights on 1-shot test tasks: every support logit margin is in the hundreds, the exact softmax
-    is one-hot and the first gradient exactly zero, so eager Paddle stops there too (`train evaluate`, `train
-    bundle` and validation adapt so) with the queries' logits of the loop that runs every step."""
-    from maml_export.checkpoint import load_checkpoint
-    ckpt = load_checkpoint("omniglot-5w1s")
+    """The bundled weights with their features x16 (`--feature-scale 16`) on 1-shot test tasks: every support logit
+    margin is in the hundreds, the exact softmax is one-hot and the first gradient exactly zero, so eager Paddle
+    stops there too (`train evaluate`, `train bundle` and validation adapt so) with the queries' logits of the
+    loop that runs every step."""
+    from maml_export.checkpoint import as_deployed, load_checkpoint
+    ckpt = as_deployed(load_checkpoint("omniglot-5w1s"), feature_scale=16)
     model, params = Model.from_specs(ckpt.config.layers), to_tensors(ckpt.params)
     x_spt, y_spt, x_qry, _ = (paddle.to_tensor(a[:4]) for a in omniglot_tasks)
     maml = MAML(model, params, 0.01, steps=5)

@@ -88,21 +88,23 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
 
 
 @needs_data
-def test_augment_shift_changes_training_and_resumes_exactly(tmp_path):
-    """The shifts come from the task stream's generator, saved in every checkpoint: a resumed augmented run ends
-    with the weights of an uninterrupted one, and they differ from the unaugmented run's."""
-    augmented = {**SMALL, "augment_shift": 2}
+@pytest.mark.parametrize("option, value", [("augment_shift", 2), ("augment_redraw", 0.5)])
+def test_augmentation_changes_training_and_resumes_exactly(tmp_path, option, value):
+    """The shifts and the redrawings come from the task stream's generator, saved in every checkpoint: a resumed
+    augmented run ends with the weights of an uninterrupted one, and they differ from the unaugmented run's."""
+    augmented = {**SMALL, option: value}
     train(MamlConfig(iterations=4, val_every=2, **augmented), DATA, tmp_path / "a", progress=False)
     train(MamlConfig(iterations=2, val_every=2, **augmented), DATA, tmp_path / "b", progress=False)
     train(MamlConfig(**augmented), DATA, tmp_path / "b", resume=True, overrides={"iterations": 4}, progress=False)
     train(MamlConfig(iterations=4, val_every=2, **SMALL), DATA, tmp_path / "plain", progress=False)
     a, b, plain = (load_checkpoint(tmp_path / run / "latest.npz") for run in ("a", "b", "plain"))
-    assert a.config.augment_shift == b.config.augment_shift == 2 and plain.config.augment_shift == 0
+    assert getattr(a.config, option) == getattr(b.config, option) == value and not getattr(plain.config, option)
     for name in a.params:
         np.testing.assert_array_equal(a.params[name], b.params[name], err_msg=name)
     assert not np.array_equal(a.params["conv1.weight"], plain.params["conv1.weight"])
-    with pytest.raises(ConfigError, match="--augment-shift"):  # the training data is part of the run
-        train(MamlConfig(**SMALL), DATA, tmp_path / "b", resume=True, overrides={"iterations": 5, "augment_shift": 1},
+    flag = "--" + option.replace("_", "-")
+    with pytest.raises(ConfigError, match=flag):  # the training data is part of the run
+        train(MamlConfig(**SMALL), DATA, tmp_path / "b", resume=True, overrides={"iterations": 5, option: value / 2},
               progress=False)
 
 
@@ -266,6 +268,8 @@ def test_bundle_ships_the_best_checkpoint_with_the_command_that_reproduces_the_r
     assert shipped.iteration == best.iteration and not shipped.optimizer and "sampler" not in shipped.state
     assert all(np.array_equal(shipped.params[k], v) for k, v in best.params.items())
     assert shipped.state["best_val_accuracy"] == best.state["best_val_accuracy"]
+    # named by what it is, its file (omniglot-5w1s), not by the run it came from
+    assert shipped.config.name == "model" and shipped.state["run"] == best.config.name
     assert shipped.config.inner_lr == 0.15 and shipped.state["inner_lr_trained"] == 0.4  # adapts with 0.15 now
     assert shipped.state["note"] == "chosen on validation" and "--inner-lr 0.4 " in shipped.state["command"]
     command = shipped.state["command"]  # the start options as given (meta-lr 1e-3), then the resume's change
@@ -365,6 +369,7 @@ def test_head_init_prototypes_trains_second_order_and_ships_from_a_zero_head_run
     (["--val-query", "0"], "--val-query must be at least 1"),
     (["--val-ways", "1", "--zero-head"], "--val-ways must be at least 2"),
     (["--augment-shift", "14"], "--augment-shift must be a whole number of pixels from 0 to 13"),
+    (["--augment-redraw", "1.5"], "--augment-redraw must be a probability from 0 to 1"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, args, message):
     if "/nonexistent/omniglot" not in args:

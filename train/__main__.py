@@ -122,13 +122,13 @@ def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_n
     from maml_export.trainer import evaluate_checkpoint, evaluate_export, evaluate_suite
     seed = TEST_SEED if seed is None else seed
     if suite:
-        if export_dir or head_init or query_norm or support_shift is not None:
-            raise click.UsageError("--suite evaluates a checkpoint as deployed: leave out --export, --head-init, "
-                                   "--query-norm and --support-shift")
+        if export_dir or head_init or query_norm:
+            raise click.UsageError("--suite evaluates a checkpoint as deployed, each query alone: leave out --export, "
+                                   "--head-init and --query-norm")
         result = evaluate_suite(checkpoint_argument(checkpoint) or default_checkpoint(), data, tasks, split,
                                 (shots,) if shots else (1, 5), seed=seed, query=query, threads=threads,
                                 progress=not as_json, ways=ways, steps=steps, inner_lr=inner_lr,
-                                feature_scale=feature_scale)
+                                support_shift=support_shift, feature_scale=feature_scale)
         click.echo(json.dumps(result))
         return
     if export_dir:
