@@ -131,6 +131,8 @@ PREDICT = ["-m", "export.predict", "--model", "m.onnx", "--support", "s", "--que
     (["-m", "bench.train_speed", "--threads", "0"], 2, "--threads"),
     (["-m", "bench.train_speed", "--ways", "1"], 2, "--ways"),
     (["-m", "train", "--ways", "1"], 2, "--ways must be at least 2"),
+    (["-m", "train", "--ways", "0"], 2, "--ways must be at least 2, got 0"),  # one bound, not "at least 1" here
+    (["-m", "train", "--val-ways", "0", "--zero-head"], 2, "--val-ways must be at least 2, got 0"),
     (["-m", "bench", "--configs", "1w1s"], 2, "N >= 2"),
     (["-m", "export", "--steps", "0"], 2, "--steps"),
     (["-m", "train", "evaluate", "--tasks", "0"], 2, "--tasks"),
