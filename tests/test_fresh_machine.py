@@ -52,6 +52,29 @@ def test_the_data_lookup_is_only_in_conftest():
         assert not re.search(r"[\"']shared[\"']|(pytest\.skip|skipif)\(.*(?i:omniglot)", source), path.name
 
 
+def test_the_readme_apt_line_asks_for_nodejs_and_npm_only_where_npm_is_missing(tmp_path):
+    """Where Node.js came from elsewhere (NodeSource, nvm), apt's nodejs conflicts with its npm ("nodejs :
+    Conflicts: npm"): the README's line, run by bash with apt-get replaced by echo, asks for them only where
+    `npm` is missing, as .ci/run does."""
+    lines = [line.split("  #")[0] for line in (ROOT / "README.md").read_text().splitlines() if "apt-get install" in line]
+    assert lines, "the README says how to install Chromium"
+    with_npm, without = tmp_path / "with-npm", tmp_path / "without"
+    with_npm.mkdir()
+    without.mkdir()
+    (with_npm / "npm").write_text("#!/bin/sh\n")
+    (with_npm / "npm").chmod(0o755)
+    for line in lines:
+        asked = {}
+        for name, path in (("with npm", with_npm), ("without npm", without)):
+            echo = line.replace("apt-get install -y", "echo", 1)
+            done = subprocess.run(["/bin/bash", "-c", echo], capture_output=True, text=True, env={"PATH": str(path)},
+                                  timeout=30)
+            assert done.returncode == 0, done.stderr
+            asked[name] = done.stdout.split()
+        assert asked["with npm"] == ["chromium", "chromium-driver"], line
+        assert asked["without npm"] == ["chromium", "chromium-driver", "nodejs", "npm"], line
+
+
 # --- maml-train: the trainer's CLI, from any folder -----------------------------------------------------------
 
 def console_script(name: str, bindir: Path) -> Path:
