@@ -723,6 +723,41 @@ def test_maml_export_out_that_cannot_be_written_is_one_line_before_any_work(tmp_
         assert "[1/6]" not in done.stdout  # refused before tracing, not after
 
 
+def test_maml_export_checks_data_before_any_work_and_leaves_no_folder(tmp_path):
+    """--data that does not exist is refused in one line before tracing (it was found at stage 5 of 6, after
+    12 s), and the --out folder and its missing parents are not made."""
+    out = tmp_path / "new" / "exp"
+    done = run_cli("export", "--data", "/nonexistent", "--out", str(out), "--steps", "1", "--tasks", "1")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: ") and "/nonexistent does not exist" in done.stderr and "--data" in done.stderr
+    assert "[1/6]" not in done.stdout and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failed_export_leaves_no_partial_folder(tmp_path, monkeypatch, existing):
+    """A failure mid-export (here tracing, after it wrote a file) removes what the export made: a new --out and the
+    parents made for it, or, in a folder that was there, its own files; what was there stays as it was."""
+    import maml_export.export as export
+
+    def half_written(net, specs, prefix):
+        prefix.with_suffix(".json").write_text("half a program")
+        raise ExportError("tracing the static graph model failed: as a test would have it")
+
+    monkeypatch.setattr(export, "trace", half_written)
+    out = tmp_path / "mine" if existing else tmp_path / "new" / "exp"
+    if existing:
+        out.mkdir()
+        (out / "notes.txt").write_text("the user's")
+        (out / "model.json").write_text("an earlier export's")
+    with pytest.raises(ExportError, match="as a test would have it"):
+        export_model(None, out, steps=1, tasks=1, data=None)
+    if existing:
+        assert sorted(p.name for p in out.iterdir()) == ["model.json", "notes.txt"]
+        assert (out / "model.json").read_text() == "an earlier export's"
+    else:
+        assert list(tmp_path.iterdir()) == []
+
+
 def test_maml_export_takes_a_run_folders_best_checkpoint(checkpoint, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
