@@ -41,7 +41,7 @@ from .checkpoint import as_deployed, default_checkpoint, load_checkpoint, resolv
 from .errors import CheckpointError, ExportError, OutputError
 from .maml import MAML, predict
 from .model import Model
-from .contract import (ADAPT_FILE, ADAPT_INPUTS, FUSED_INPUTS, LOGITS, MODEL_FILE, PREDICT_FILE,
+from .contract import (ADAPT_FILE, ADAPT_INPUTS, FUSED_INPUTS, LOGITS, MAX_STEPS, MODEL_FILE, PREDICT_FILE,
                        QUERY_IMAGES, RTOL, SPLIT_RTOL, SUPPORT_IMAGES, SUPPORT_LABELS, state_names)
 from .layers import BatchNorm
 from .onnx_convert import check_ops, convert, finish_onnx, inspect_program, metadata
@@ -286,6 +286,8 @@ def export_model(checkpoint: str | os.PathLike | None = None, out: str | os.Path
     writing export.json) on a parity failure."""
     if steps < 1:  # with 0 steps the support inputs would be unused, and jit.save refuses that
         raise ExportError(f"--steps must be at least 1, got {steps}")
+    if steps > MAX_STEPS:  # each step is traced: see contract.MAX_STEPS
+        raise ExportError(f"--steps must be at most {MAX_STEPS} (every step is unrolled into the graph), got {steps}")
     if not 13 <= opset <= 21:  # paddle2onnx needs 13 for this graph; 13, 17, 19 and 21 were tested
         raise ExportError(f"--opset must be between 13 and 21, got {opset}")
     if tasks < 1:

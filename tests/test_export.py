@@ -723,6 +723,27 @@ def test_maml_export_out_that_cannot_be_written_is_one_line_before_any_work(tmp_
         assert "[1/6]" not in done.stdout  # refused before tracing, not after
 
 
+def test_steps_above_the_stated_bound_are_refused_before_any_work(tmp_path):
+    """--steps 1000 traced for 10 minutes, then died of a RecursionError: the bound is in --help, and more is one
+    line naming --steps, at once."""
+    from maml_export.contract import MAX_STEPS
+    done = run_cli("export", "--steps", str(MAX_STEPS + 1), "--out", str(tmp_path / "exp"), timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--steps" in done.stderr, done.stderr
+    assert f"1<=x<={MAX_STEPS}" in done.stderr and done.stdout == "" and not (tmp_path / "exp").exists()
+    assert f"1 to {MAX_STEPS}" in " ".join(run_cli("export", "--help").stdout.split())
+    with pytest.raises(ExportError, match=f"--steps must be at most {MAX_STEPS}"):
+        export_model(None, tmp_path / "exp", steps=1000)
+
+
+@pytest.mark.slow
+def test_an_export_at_the_steps_bound_works(tmp_path):
+    """The bound is one that exports: all of maml-export at --steps MAX_STEPS (about 1.5 minutes on 2 cores)."""
+    from maml_export.contract import MAX_STEPS
+    done = run_cli("export", "--steps", str(MAX_STEPS), "--tasks", "1", "--out", str(tmp_path / "exp"), timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr
+    assert json.loads((tmp_path / "exp" / "export.json").read_text())["steps"] == MAX_STEPS
+
+
 def test_maml_export_checks_data_before_any_work_and_leaves_no_folder(tmp_path):
     """--data that does not exist is refused in one line before tracing (it was found at stage 5 of 6, after
     12 s), and the --out folder and its missing parents are not made."""
