@@ -611,6 +611,32 @@ def test_maml_predict_on_a_folder_tree(exported, omniglot, tmp_path):
     assert "5-way" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
+def test_quick_start_examples_are_written_and_classified(exported, omniglot_dir, tmp_path):
+    """`maml-train examples` writes support/<class>/ and a flat query/ from Omniglot's evaluation set, and
+    maml-predict, as the quick start runs it, names a class for every query image (the right one, nearly always:
+    the file names tell); a query folder laid out like --support is refused saying the query folder is flat."""
+    out = tmp_path / "examples"
+    done = run_cli("train", "examples", "--out", str(out), "--data", omniglot_dir)
+    assert done.returncode == 0, done.stderr
+    classes = sorted(p.name for p in (out / "support").iterdir())
+    assert len(classes) == 5 and all(len(list((out / "support" / c).glob("*.png"))) == 1 for c in classes)
+    queries = sorted((out / "query").iterdir())
+    assert len(queries) == 15 and all(q.suffix == ".png" and q.is_file() for q in queries)  # flat
+    assert all(int(c.removeprefix("char")) >= 964 for c in classes)  # images_evaluation's characters
+    predicted = run_cli("export.predict", "--model", str(exported[0]), "--support", str(out / "support"), "--query",
+                        str(out / "query"), "--json")
+    assert predicted.returncode == 0, predicted.stderr
+    answers = {p["file"]: p["class"] for p in json.loads(predicted.stdout)["predictions"]}
+    assert sorted(answers) == [q.name for q in queries] and set(answers.values()) <= set(classes)
+    assert sum(answer == file.split("-")[0] for file, answer in answers.items()) >= 13, answers
+    again = run_cli("train", "examples", "--out", str(out), "--data", omniglot_dir)  # never mixes two sets
+    assert again.returncode == 1 and "already holds files" in again.stderr and again.stderr.count("\n") == 1
+    nested = run_cli("export.predict", "--model", str(exported[0]), "--support", str(out / "support"), "--query",
+                     str(out / "support"))
+    assert nested.returncode == 1 and nested.stderr.count("\n") == 1, nested.stderr
+    assert "must hold the images to classify themselves (flat)" in nested.stderr
+
+
 # --- maml-export CLI and failure paths ----------------------------------------------------------------
 
 def test_maml_export_cli_prints_stages_and_parity(checkpoint, tmp_path):
