@@ -158,6 +158,8 @@ PREDICT = ["-m", "export.predict", "--model", "m.onnx", "--support", "s", "--que
     (["-m", "train", "--val-ways", "0", "--zero-head"], 2, "--val-ways must be at least 2, got 0"),
     (["-m", "bench", "--configs", "1w1s"], 2, "N >= 2"),
     (["-m", "export", "--steps", "0"], 2, "--steps"),
+    (["-m", "export", "--steps", "1000"], 2, "'--steps': 1000 is not in the range 1<=x<=20"),  # before any work
+    (["-m", "bench", "--steps", "21"], 2, "'--steps': 21 is not in the range 1<=x<=20"),  # bench exports too
     (["-m", "train", "evaluate", "--tasks", "0"], 2, "--tasks"),
     (["-m", "train", "--data", "/nonexistent/omniglot", "--out", "{tmp}/run"], 1, "/nonexistent/omniglot does not exist"),
     (["-m", "export", "--checkpoint", "/nonexistent/c.npz", "--out", "{tmp}/exp"], 1, "/nonexistent/c.npz does not exist"),
