@@ -216,6 +216,7 @@ def test_accuracy_on_20_test_tasks_equals_eager(exported, omniglot, checkpoint):
 
 
 @pytest.mark.parametrize("bundled", sorted(PRETRAINED_DIR.glob("*.npz")), ids=lambda p: p.stem)
+@pytest.mark.slow
 def test_bundled_weights_are_trained_for_their_ways(bundled, omniglot):
     """Every shipped checkpoint (docs/pretrained.md) says how it was made and chosen, and adapts well on real test tasks
     of its own number of ways (chance: 1/ways)."""
@@ -231,6 +232,7 @@ def test_bundled_weights_are_trained_for_their_ways(bundled, omniglot):
     assert accuracy > 0.8, accuracy
 
 
+@pytest.mark.slow
 def test_a_meta_learned_head_exports_too(omniglot, tmp_path):
     """The bundled 5-way weights start each task's head from the support's prototypes; `maml-export --head-init
     meta` exports them with the meta-learned (here zero) head instead, validated as well, another function."""
@@ -277,6 +279,7 @@ def test_dynamic_support_and_query_sizes(exported, omniglot, checkpoint, shots, 
     assert max(np.abs(f - first[-1]).max() for f in first) <= 1e-5 * scale
 
 
+@pytest.mark.slow
 def test_transductive_export_makes_a_query_depend_on_its_batch(omniglot, tmp_path):
     """--query-norm transductive: the queries are normalised together, as the MAML paper's code does, so the first
     image's logits depend on which other images are in the batch; the export says so instead of checking it."""
@@ -639,6 +642,7 @@ def test_quick_start_examples_are_written_and_classified(exported, omniglot_dir,
 
 # --- maml-export CLI and failure paths ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_maml_export_cli_prints_stages_and_parity(checkpoint, tmp_path):
     done = run_cli("export", "--checkpoint", str(checkpoint), "--steps", "2", "--tasks", "1",
                    "--out", str(tmp_path / "exp"))
@@ -653,6 +657,7 @@ def test_maml_export_cli_prints_stages_and_parity(checkpoint, tmp_path):
     assert meta["steps"] == "2"
 
 
+@pytest.mark.slow
 def test_quick_start_export_validates_without_omniglot(tmp_path):
     """README's quick start on a machine without the dataset: the bundled weights, 5 steps, parity on tasks of
     made-up characters (on random binary images the bundled weights failed it: the steps amplified float32
