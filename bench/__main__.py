@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from maml_export.cli import GPU_INSTALL, run
+from maml_export.contract import MAX_STEPS
 
 
 COLUMNS = ("p50 ms", "p90 ms", "p99 ms", "mean ms", "tasks/s", "queries/s", "vs fastest", "x floor", "runs",
@@ -120,8 +121,9 @@ def table(report: dict) -> str:
                    "of the same architecture and steps, from a bundled checkpoint of those ways if one exists, else "
                    "the model's conv weights with a zero head (latency does not depend on the values); the table "
                    "says which.")
-@click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="Inner SGD steps in the graph. [default: the --model's, or 5 when exporting]")
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=None,
+              help=f"Inner SGD steps in the graph, 1 to {MAX_STEPS} (as maml-export). [default: the --model's, or 5 "
+                   "when exporting]")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads. [default: all cores]")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed calls per row.")
 @click.option("--runs", type=click.IntRange(min=1), default=20, show_default=True, help="Timed calls per row.")

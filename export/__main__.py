@@ -11,14 +11,16 @@ from __future__ import annotations
 import click
 
 from maml_export.cli import checkpoint_argument, run
+from maml_export.contract import MAX_STEPS
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--checkpoint", type=str, default=None,
               help="Checkpoint (.npz written by `maml-train`; a run folder: its best.npz, the checkpoint chosen on "
                    "validation (pass RUN/latest.npz for where training stopped); or a bundled one by name: "
                    "omniglot-5w1s, omniglot-20w1s). [default: the bundled omniglot-5w1s]")
-@click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Inner SGD steps on the support set, unrolled into the graph.")
+@click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=5, show_default=True,
+              help=f"Inner SGD steps on the support set, unrolled into the graph: 1 to {MAX_STEPS} (each step is "
+                   f"traced, and time and memory grow with them: {MAX_STEPS} take about 1.5 minutes on 2 cores).")
 @click.option("--inner-lr", type=float, default=None,
               help="Inner SGD step size. [default: the checkpoint's deployed one: a bundle's, a run's "
                    "--val-inner-lr if it has one, else its --inner-lr]")

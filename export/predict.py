@@ -5,7 +5,8 @@
     maml-predict --model exported --task task.npz --query query/              # classify later
 
 support/ holds one sub-folder per class (the class names; sorted, they are labels 0..n-1, and n must
-be the model's ways), each with one or more images; query/ holds the images to classify. Images of
+be the model's ways), each with one or more images; query/ holds the images to classify, flat (no
+sub-folders). `maml-train examples` writes such a pair from Omniglot's evaluation set. Images of
 any size and mode (PNG, JPEG, ...) are prepared exactly as the model's training images were, from the
 export's metadata (`maml_export.images.Preprocessing`): for Omniglot's models grayscale (transparent
 pixels count as paper), dark ink on light paper inverted so that ink is 1.0, resized to 28x28 with
@@ -69,7 +70,8 @@ def read_support(folder: Path, ways: int, preprocessing: Preprocessing) -> tuple
 @click.option("--save-task", "save_file", type=str, default=None,
               help="Save the task learned from --support to this file (.npz), to classify later with --task "
                    "without the support images.")
-@click.option("--query", type=str, default=None, help="Folder of images to classify.")
+@click.option("--query", type=str, default=None,
+              help="Folder of images to classify, the images themselves in it (flat, no sub-folders).")
 @click.option("--unknown-below", type=click.FloatRange(0, 1), default=None,
               help="Answer 'unknown' when the top probability is below this (probabilities are calibrated on "
                    "validation tasks; docs/deploy.md lists how often right answers fall below each threshold).")
@@ -142,6 +144,11 @@ def cli(model_path, support, task_file, save_file, query, unknown_below, as_json
         raise ValueError(f"--query {query_dir} is not a directory")
     found = image_files(query_dir)
     if not found:
+        folders = [p.name for p in sorted(query_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+        if folders:  # one sub-folder per class is --support's layout
+            raise ValueError(f"--query {query_dir} holds sub-folders ({', '.join(folders[:3])}"
+                             f"{', ...' if len(folders) > 3 else ''}), not images: the query folder must hold the "
+                             "images to classify themselves (flat); one sub-folder per class is for --support")
         raise ValueError(f"--query {query_dir} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     files, images, failed = [], [], {}  # a bad file is reported and left out; the others are classified
     for f in found:

@@ -112,6 +112,17 @@ def handler(export: Path, dist: Path) -> type[http.server.BaseHTTPRequestHandler
         def do_HEAD(self) -> None:
             self.do_GET(body=False)
 
+        def handle(self) -> None:
+            # A browser that closes the tab or reloads mid-download is no server error: one line, not
+            # socketserver's traceback of the BrokenPipeError or ConnectionResetError.
+            try:
+                super().handle()
+            except ConnectionError as e:
+                self.close_connection = True
+                what = getattr(self, "path", None) or "a request"
+                click.echo(f"maml-web: {self.client_address[0]} closed the connection during {what} "
+                           f"({type(e).__name__})", err=True)
+
         def log_message(self, format, *args) -> None:  # noqa: A002 - the base class's name
             pass  # one line per file would bury the URL; errors reach the browser's console
 

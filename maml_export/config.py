@@ -110,16 +110,16 @@ class MamlConfig:
     def __post_init__(self):
         if self.iterations < 0:  # 0: no meta-training (a bundle of an --init run's starting weights)
             raise ConfigError(f"--iterations must be at least 0, got {self.iterations}")
-        for name in ("ways", "shots", "query", "inner_steps", "meta_batch", "hidden", "val_tasks",
+        for name in ("ways", "val_ways"):  # first: --ways 0 and --ways 1 get the same bound
+            if getattr(self, name) is not None and getattr(self, name) < 2:
+                raise ConfigError(f"{flag(name)} must be at least 2, got {getattr(self, name)}")
+        for name in ("shots", "query", "inner_steps", "meta_batch", "hidden", "val_tasks",
                      "val_every", "val_query", "val_steps"):  # None: an optional one not given
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
         for name in ("inner_lr", "meta_lr", "val_inner_lr"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"{flag(name)} must be positive, got {getattr(self, name)}")
-        for name in ("ways", "val_ways"):
-            if getattr(self, name) is not None and getattr(self, name) < 2:
-                raise ConfigError(f"{flag(name)} must be at least 2, got {getattr(self, name)}")
         if self.val_ways not in (None, self.ways) and not self.zero_head:
             raise ConfigError(f"--val-ways {self.val_ways} differs from --ways {self.ways}: pass --zero-head, so that "
                               f"the backbone adapts from a zero head of any number of ways")

@@ -30,6 +30,12 @@ RTOL = 1e-4
 # onnxruntime kernels on the same values, so only the order of float sums may differ.
 SPLIT_RTOL = 1e-5
 
+# The most inner SGD steps an export unrolls. Every step is traced into the graphs, so tracing time and memory grow
+# with them: 20 steps export (trace, convert, parity) in 1.5 minutes on 2 cores at 1.6 GB; at 50 Paddle's tracing
+# failed ("forward doesn't exist in the Module transformed from AST"), at 1000 it hit Python's recursion limit
+# after 10 minutes and 8 GB. maml-export refuses more before any work.
+MAX_STEPS = 20
+
 # Metadata keys every graph carries (onnx metadata_props), read by `adapter.Adapter`.
 REQUIRED_METADATA = ("ways", "steps", "inner_lr", "image_size", "channels")
 

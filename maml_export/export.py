@@ -23,7 +23,9 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -36,11 +38,11 @@ import paddle2onnx
 
 from . import __version__
 from .checkpoint import as_deployed, default_checkpoint, load_checkpoint, resolve_checkpoint
-from .errors import CheckpointError, ExportError
+from .errors import CheckpointError, ExportError, OutputError
 from .maml import MAML, predict
 from .model import Model
-from .contract import (ADAPT_FILE, ADAPT_INPUTS, FUSED_INPUTS, LOGITS, MODEL_FILE, PREDICT_FILE, QUERY_IMAGES, RTOL,
-                       SPLIT_RTOL, SUPPORT_IMAGES, SUPPORT_LABELS, state_names)
+from .contract import (ADAPT_FILE, ADAPT_INPUTS, FUSED_INPUTS, LOGITS, MAX_STEPS, MODEL_FILE, PREDICT_FILE,
+                       QUERY_IMAGES, RTOL, SPLIT_RTOL, SUPPORT_IMAGES, SUPPORT_LABELS, state_names)
 from .layers import BatchNorm
 from .onnx_convert import check_ops, convert, finish_onnx, inspect_program, metadata
 from .parity import parity, parity_line, parity_tasks, split_parity
@@ -196,6 +198,43 @@ def graph_specs(model: Model, params: dict, config, steps: int, inner_lr: float,
     return [fused, adapt, predict]
 
 
+@contextlib.contextmanager
+def staging(out: Path):
+    """A fresh folder the export is written into: beside `out` when `out` does not exist yet (renamed to it at the
+    end), else inside it (its files then replace same-named ones of `out`, nothing else there is touched). If the
+    block raises, the folder goes, and so do the parent folders made for it: a failed export leaves nothing."""
+    out = out.absolute()
+    existed = out.is_dir()
+    made, parent = [], out if existed else out.parent
+    while not parent.exists():  # --out a/b/c with only a/: b is made now, and removed again on a failure
+        made.append(parent)
+        parent = parent.parent
+    try:
+        (out if existed else out.parent).mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out if existed else out.parent))
+    except OSError as e:
+        raise OutputError(f"--out {out}: cannot create the directory ({e.strerror or e})") from None
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        work.chmod(0o777 & ~umask)  # mkdtemp's 0700 would otherwise become --out's mode
+        yield work
+        if existed:
+            for f in sorted(work.iterdir()):
+                os.replace(f, out / f.name)
+            work.rmdir()
+        else:
+            os.rename(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        for folder in made:  # innermost first; one the user filled meanwhile stays
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
 # ---------------------------------------------------------------------------------------------
 # all stages (2 and 3 are in onnx_convert.py)
 # ---------------------------------------------------------------------------------------------
@@ -239,13 +278,16 @@ def export_model(checkpoint: str | os.PathLike | None = None, out: str | os.Path
                  head_init: str | None = None, query_norm: str | None = None,
                  support_shift: int | None = None) -> ExportReport:
     """Trace, check, convert and validate; writes model.json, model.pdiparams, model.onnx, export.json
-    into `out`. `task_batch` T: a graph for T tasks per call (None or 0: the single-task graph); parity
+    into `out`, all at once when complete (`staging`): a failure leaves no partial folder, and --data is read
+    before the work. `task_batch` T: a graph for T tasks per call (None or 0: the single-task graph); parity
     then runs on `tasks` rounded up to a multiple of T. `head_init`, if given, replaces the checkpoint's
     ("meta" or "prototypes", see `as_deployed`), as do `query_norm` and `support_shift`. `echo` is print-like (gets `end=` and `flush=`):
     one progress line per stage and one ✓/✗ line per parity comparison. Raises ExportError (after
     writing export.json) on a parity failure."""
     if steps < 1:  # with 0 steps the support inputs would be unused, and jit.save refuses that
         raise ExportError(f"--steps must be at least 1, got {steps}")
+    if steps > MAX_STEPS:  # each step is traced: see contract.MAX_STEPS
+        raise ExportError(f"--steps must be at most {MAX_STEPS} (every step is unrolled into the graph), got {steps}")
     if not 13 <= opset <= 21:  # paddle2onnx needs 13 for this graph; 13, 17, 19 and 21 were tested
         raise ExportError(f"--opset must be between 13 and 21, got {opset}")
     if tasks < 1:
@@ -267,10 +309,10 @@ def export_model(checkpoint: str | os.PathLike | None = None, out: str | os.Path
         raise ExportError(f"--inner-lr must be positive, got {inner_lr}")
     model = Model.from_specs(config.layers)
     out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ExportError(f"--out {out}: cannot create the directory ({e.strerror})") from None
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file, not a folder")
+    # every input is checked before the minutes of work: --data (or $OMNIGLOT_DIR) is read now, not at stage 5
+    task_list, source = parity_tasks(config, tasks, data)
     graphs = graph_specs(model, params, config, steps, inner_lr, task_batch)
     files = {}
     for g in graphs:
@@ -281,57 +323,58 @@ def export_model(checkpoint: str | os.PathLike | None = None, out: str | os.Path
     which = "1 graph" if task_batch else "3 graphs (model, adapt, predict)"
 
     stage = _Stages(echo, 6, report.timings)
-    with stage(f"tracing {which}"):
-        for g in graphs:
-            trace(g.net, g.specs, out / g.name)
-    report.files = {k: v for k, v in report.files.items() if k == "report" or Path(v).suffix == ".onnx"
-                    or Path(v).exists()}  # predict has no weights: no predict.pdiparams
-    with stage("checking ops against paddle2onnx"):
-        programs = {g.name: inspect_program(out / g.name) for g in graphs}
-        for program in programs.values():
-            check_ops(program.ops)
-    with stage(f"converting to ONNX (opset {opset})"):
-        for g in graphs:
-            convert(out / g.name, out / f"{g.name}.onnx", opset)
-    with stage("cleaning graphs, writing metadata"):
-        ops = {g.name: finish_onnx(out / f"{g.name}.onnx", {**meta, "graph": g.name}, g.inputs, g.outputs, g.dims,
-                                   g.doc) for g in graphs}
-        report.ops = dict(ops["model"].most_common())
-    with stage("parity eager / static / onnxruntime"):
-        task_list, source = parity_tasks(config, tasks, data)
-        report.parity = parity(out / "model.onnx", out / "model", model, params, steps, inner_lr, task_list,
-                               task_batch)
-    with stage("split graphs against the fused one"):
-        if not task_batch:
-            report.parity.update(split_parity(out / MODEL_FILE, out / ADAPT_FILE, out / PREDICT_FILE, task_list,
-                                              independent=model.query_norm == "support"))
-    for name, r in report.parity.items():
-        echo(parity_line(name, r))
-    if task_batch:
-        echo("  - adapt.onnx / predict.onnx: not written for a --task-batch export (one task per call only)")
-    elif model.query_norm != "support":
-        echo("  - each query alone vs in its batch: not checked: --query-norm transductive normalises the queries "
-             "together, so a query's logits depend on its batch-mates")
+    with staging(out) as work:  # written beside (or in) --out, moved into it once complete
+        with stage(f"tracing {which}"):
+            for g in graphs:
+                trace(g.net, g.specs, work / g.name)
+        report.files = {k: v for k, v in report.files.items() if k == "report" or Path(v).suffix == ".onnx"
+                        or (work / Path(v).name).exists()}  # predict has no weights: no predict.pdiparams
+        with stage("checking ops against paddle2onnx"):
+            programs = {g.name: inspect_program(work / g.name) for g in graphs}
+            for program in programs.values():
+                check_ops(program.ops)
+        with stage(f"converting to ONNX (opset {opset})"):
+            for g in graphs:
+                convert(work / g.name, work / f"{g.name}.onnx", opset)
+        with stage("cleaning graphs, writing metadata"):
+            ops = {g.name: finish_onnx(work / f"{g.name}.onnx", {**meta, "graph": g.name}, g.inputs, g.outputs,
+                                       g.dims, g.doc) for g in graphs}
+            report.ops = dict(ops["model"].most_common())
+        with stage("parity eager / static / onnxruntime"):
+            report.parity = parity(work / "model.onnx", work / "model", model, params, steps, inner_lr, task_list,
+                                   task_batch)
+        with stage("split graphs against the fused one"):
+            if not task_batch:
+                report.parity.update(split_parity(work / MODEL_FILE, work / ADAPT_FILE, work / PREDICT_FILE,
+                                                  task_list, independent=model.query_norm == "support"))
+        for name, r in report.parity.items():
+            echo(parity_line(name, r))
+        if task_batch:
+            echo("  - adapt.onnx / predict.onnx: not written for a --task-batch export (one task per call only)")
+        elif model.query_norm != "support":
+            echo("  - each query alone vs in its batch: not checked: --query-norm transductive normalises the "
+                 "queries together, so a query's logits depend on its batch-mates")
 
-    failed = [f"{k} differ by more than {r['rtol']:.0e} relative on task {', '.join(map(str, r['failed_tasks']))} "
-              f"(up to {r['max_rel']:.1e})" + (f", and the export is not within {RTOL:.0e} of float64 Paddle either"
-                                               if r["rtol"] == RTOL else "")
-              for k, r in report.parity.items() if not r["ok"]]
-    import onnxruntime
+        failed = [f"{k} differ by more than {r['rtol']:.0e} relative on task {', '.join(map(str, r['failed_tasks']))} "
+                  f"(up to {r['max_rel']:.1e})" + (f", and the export is not within {RTOL:.0e} of float64 Paddle "
+                                                   "either" if r["rtol"] == RTOL else "")
+                  for k, r in report.parity.items() if not r["ok"]]
+        import onnxruntime
 
-    doc = {"config": config.to_dict(), "checkpoint": str(ckpt_path), "iteration": ckpt.iteration,
-           "checkpoint_sha256": hashlib.sha256(ckpt_path.read_bytes()).hexdigest(),
-           "steps": steps, "inner_lr": inner_lr, "opset": opset, "task_batch": task_batch, "metadata": meta,
-           "versions": {"maml_export": __version__, "paddle": paddle.__version__,
-                        "paddle2onnx": paddle2onnx.__version__, "onnx": onnx.__version__,
-                        "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
-                        "python": sys.version.split()[0]},
-           "timings_s": report.timings,
-           "parity": {"tasks": tasks, "source": source, "rtol": RTOL, "split_rtol": SPLIT_RTOL, "passed": not failed,
-                      "results": report.parity},
-           "paddle_ops": dict(programs["model"].ops.most_common()), "onnx_ops": {k: dict(v.most_common()) for k, v in ops.items()},
-           "files": report.files}
-    (out / "export.json").write_text(json.dumps(doc, indent=1))
+        doc = {"config": config.to_dict(), "checkpoint": str(ckpt_path), "iteration": ckpt.iteration,
+               "checkpoint_sha256": hashlib.sha256(ckpt_path.read_bytes()).hexdigest(),
+               "steps": steps, "inner_lr": inner_lr, "opset": opset, "task_batch": task_batch, "metadata": meta,
+               "versions": {"maml_export": __version__, "paddle": paddle.__version__,
+                            "paddle2onnx": paddle2onnx.__version__, "onnx": onnx.__version__,
+                            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
+                            "python": sys.version.split()[0]},
+               "timings_s": report.timings,
+               "parity": {"tasks": tasks, "source": source, "rtol": RTOL, "split_rtol": SPLIT_RTOL,
+                          "passed": not failed, "results": report.parity},
+               "paddle_ops": dict(programs["model"].ops.most_common()),
+               "onnx_ops": {k: dict(v.most_common()) for k, v in ops.items()}, "files": report.files}
+        (work / "export.json").write_text(json.dumps(doc, indent=1))
+    # a parity failure is a complete export, kept for its figures (export.json says "passed": false)
     if failed:
         raise ExportError(f"the export in {out} does not match eager Paddle: {'; '.join(failed)}. The SGD steps "
                           "amplify float32 rounding on untrained or diverging weights (then try fewer --steps or a "

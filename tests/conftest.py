@@ -8,6 +8,9 @@ test agrees: OMNIGLOT_DIR is set to DATA when there is one and unset when there 
 unmarked test that needs the data fails on a machine without it instead of passing on this one.
 
     python -m pytest -q --no-omniglot     # as on a fresh machine: the data ignored wherever it is
+
+Tests that take ten seconds or more are marked `slow` (by hand, or by using a fixture of SLOW_FIXTURES):
+`python -m pytest -q -m "not slow"` is the fast loop; CI runs them all.
 """
 from __future__ import annotations
 
@@ -84,10 +87,16 @@ def omniglot_dir() -> str:
     return require_omniglot()
 
 
+# Module fixtures that export a model or train one (half a minute or more on 2 cores): the tests on them are slow
+SLOW_FIXTURES = {"exported", "exported_batch", "exported_support", "shapes_run"}
+
+
 def pytest_collection_modifyitems(items):
     for item in items:  # fixturenames: the whole closure, so a fixture built on omniglot_dir marks its users
         if "omniglot_dir" in getattr(item, "fixturenames", ()):
             item.add_marker(needs_omniglot)
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

@@ -405,6 +405,7 @@ def test_cli_help_explains_the_options():
 
 # --- python -m bench.profile ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_profile_sums_steady_node_times_by_op_and_shape(tmp_path):
     from maml_export.export import export_model
     from maml_export.profile import profile_graph
@@ -430,6 +431,7 @@ def test_profile_sums_steady_node_times_by_op_and_shape(tmp_path):
 
 
 @pytest.mark.parametrize("head_init", ["meta", "prototypes"])
+@pytest.mark.slow
 def test_peers_recover_the_weights_and_compute_the_graphs_function_for_either_head(head_init, tmp_path):
     """`load_exported` gives the Paddle peers the export's weights (a prototype head's parameters are not in the
     graph; a meta-learned head's are, here non-zero), and every peer computes the graph's logits."""

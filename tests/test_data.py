@@ -353,6 +353,7 @@ def test_impossible_tasks_are_refused(images, ways, shots, query, option):
 # Made-up characters: the inputs of every check that runs without Omniglot
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_synthetic_tasks_are_drawings_the_bundled_weights_learn():
     """Strokes on blank paper, deterministic per seed, and characters in the graph's domain: the bundled
     5-way weights adapt to them (on binary noise the export's parity check failed: see synthetic_tasks)."""

@@ -216,6 +216,7 @@ def test_accuracy_on_20_test_tasks_equals_eager(exported, omniglot, checkpoint):
 
 
 @pytest.mark.parametrize("bundled", sorted(PRETRAINED_DIR.glob("*.npz")), ids=lambda p: p.stem)
+@pytest.mark.slow
 def test_bundled_weights_are_trained_for_their_ways(bundled, omniglot):
     """Every shipped checkpoint (docs/pretrained.md) says how it was made and chosen, and adapts well on real test tasks
     of its own number of ways (chance: 1/ways)."""
@@ -231,6 +232,7 @@ def test_bundled_weights_are_trained_for_their_ways(bundled, omniglot):
     assert accuracy > 0.8, accuracy
 
 
+@pytest.mark.slow
 def test_a_meta_learned_head_exports_too(omniglot, tmp_path):
     """The bundled 5-way weights start each task's head from the support's prototypes; `maml-export --head-init
     meta` exports them with the meta-learned (here zero) head instead, validated as well, another function."""
@@ -277,6 +279,7 @@ def test_dynamic_support_and_query_sizes(exported, omniglot, checkpoint, shots, 
     assert max(np.abs(f - first[-1]).max() for f in first) <= 1e-5 * scale
 
 
+@pytest.mark.slow
 def test_transductive_export_makes_a_query_depend_on_its_batch(omniglot, tmp_path):
     """--query-norm transductive: the queries are normalised together, as the MAML paper's code does, so the first
     image's logits depend on which other images are in the batch; the export says so instead of checking it."""
@@ -611,8 +614,35 @@ def test_maml_predict_on_a_folder_tree(exported, omniglot, tmp_path):
     assert "5-way" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
+def test_quick_start_examples_are_written_and_classified(exported, omniglot_dir, tmp_path):
+    """`maml-train examples` writes support/<class>/ and a flat query/ from Omniglot's evaluation set, and
+    maml-predict, as the quick start runs it, names a class for every query image (the right one, nearly always:
+    the file names tell); a query folder laid out like --support is refused saying the query folder is flat."""
+    out = tmp_path / "examples"
+    done = run_cli("train", "examples", "--out", str(out), "--data", omniglot_dir)
+    assert done.returncode == 0, done.stderr
+    classes = sorted(p.name for p in (out / "support").iterdir())
+    assert len(classes) == 5 and all(len(list((out / "support" / c).glob("*.png"))) == 1 for c in classes)
+    queries = sorted((out / "query").iterdir())
+    assert len(queries) == 15 and all(q.suffix == ".png" and q.is_file() for q in queries)  # flat
+    assert all(int(c.removeprefix("char")) >= 964 for c in classes)  # images_evaluation's characters
+    predicted = run_cli("export.predict", "--model", str(exported[0]), "--support", str(out / "support"), "--query",
+                        str(out / "query"), "--json")
+    assert predicted.returncode == 0, predicted.stderr
+    answers = {p["file"]: p["class"] for p in json.loads(predicted.stdout)["predictions"]}
+    assert sorted(answers) == [q.name for q in queries] and set(answers.values()) <= set(classes)
+    assert sum(answer == file.split("-")[0] for file, answer in answers.items()) >= 13, answers
+    again = run_cli("train", "examples", "--out", str(out), "--data", omniglot_dir)  # never mixes two sets
+    assert again.returncode == 1 and "already holds files" in again.stderr and again.stderr.count("\n") == 1
+    nested = run_cli("export.predict", "--model", str(exported[0]), "--support", str(out / "support"), "--query",
+                     str(out / "support"))
+    assert nested.returncode == 1 and nested.stderr.count("\n") == 1, nested.stderr
+    assert "must hold the images to classify themselves (flat)" in nested.stderr
+
+
 # --- maml-export CLI and failure paths ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_maml_export_cli_prints_stages_and_parity(checkpoint, tmp_path):
     done = run_cli("export", "--checkpoint", str(checkpoint), "--steps", "2", "--tasks", "1",
                    "--out", str(tmp_path / "exp"))
@@ -627,6 +657,7 @@ def test_maml_export_cli_prints_stages_and_parity(checkpoint, tmp_path):
     assert meta["steps"] == "2"
 
 
+@pytest.mark.slow
 def test_quick_start_export_validates_without_omniglot(tmp_path):
     """README's quick start on a machine without the dataset: the bundled weights, 5 steps, parity on tasks of
     made-up characters (on random binary images the bundled weights failed it: the steps amplified float32
@@ -721,6 +752,62 @@ def test_maml_export_out_that_cannot_be_written_is_one_line_before_any_work(tmp_
         assert done.returncode == 1, done.stderr
         assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"error: --out {out}") and reason in done.stderr
         assert "[1/6]" not in done.stdout  # refused before tracing, not after
+
+
+def test_steps_above_the_stated_bound_are_refused_before_any_work(tmp_path):
+    """--steps 1000 traced for 10 minutes, then died of a RecursionError: the bound is in --help, and more is one
+    line naming --steps, at once."""
+    from maml_export.contract import MAX_STEPS
+    done = run_cli("export", "--steps", str(MAX_STEPS + 1), "--out", str(tmp_path / "exp"), timeout=60)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--steps" in done.stderr, done.stderr
+    assert f"1<=x<={MAX_STEPS}" in done.stderr and done.stdout == "" and not (tmp_path / "exp").exists()
+    assert f"1 to {MAX_STEPS}" in " ".join(run_cli("export", "--help").stdout.split())
+    with pytest.raises(ExportError, match=f"--steps must be at most {MAX_STEPS}"):
+        export_model(None, tmp_path / "exp", steps=1000)
+
+
+@pytest.mark.slow
+def test_an_export_at_the_steps_bound_works(tmp_path):
+    """The bound is one that exports: all of maml-export at --steps MAX_STEPS (about 1.5 minutes on 2 cores)."""
+    from maml_export.contract import MAX_STEPS
+    done = run_cli("export", "--steps", str(MAX_STEPS), "--tasks", "1", "--out", str(tmp_path / "exp"), timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr
+    assert json.loads((tmp_path / "exp" / "export.json").read_text())["steps"] == MAX_STEPS
+
+
+def test_maml_export_checks_data_before_any_work_and_leaves_no_folder(tmp_path):
+    """--data that does not exist is refused in one line before tracing (it was found at stage 5 of 6, after
+    12 s), and the --out folder and its missing parents are not made."""
+    out = tmp_path / "new" / "exp"
+    done = run_cli("export", "--data", "/nonexistent", "--out", str(out), "--steps", "1", "--tasks", "1")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("error: ") and "/nonexistent does not exist" in done.stderr and "--data" in done.stderr
+    assert "[1/6]" not in done.stdout and not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failed_export_leaves_no_partial_folder(tmp_path, monkeypatch, existing):
+    """A failure mid-export (here tracing, after it wrote a file) removes what the export made: a new --out and the
+    parents made for it, or, in a folder that was there, its own files; what was there stays as it was."""
+    import maml_export.export as export
+
+    def half_written(net, specs, prefix):
+        prefix.with_suffix(".json").write_text("half a program")
+        raise ExportError("tracing the static graph model failed: as a test would have it")
+
+    monkeypatch.setattr(export, "trace", half_written)
+    out = tmp_path / "mine" if existing else tmp_path / "new" / "exp"
+    if existing:
+        out.mkdir()
+        (out / "notes.txt").write_text("the user's")
+        (out / "model.json").write_text("an earlier export's")
+    with pytest.raises(ExportError, match="as a test would have it"):
+        export_model(None, out, steps=1, tasks=1, data=None)
+    if existing:
+        assert sorted(p.name for p in out.iterdir()) == ["model.json", "notes.txt"]
+        assert (out / "model.json").read_text() == "an earlier export's"
+    else:
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_maml_export_takes_a_run_folders_best_checkpoint(checkpoint, tmp_path):

@@ -19,7 +19,7 @@ DATA_TESTS = ["tests/test_train.py::test_bundle_ships_the_best_checkpoint_with_t
               "tests/test_export.py::test_export_parity_on_omniglot_tasks",
               "tests/test_maml.py::test_five_step_adaptation_equals_paddlerec_loop",
               "tests/test_data.py::test_full_dataset_shape_range_and_spot_check",
-              "tests/test_distributed.py::test_distributed_two_ranks_equal_one_process"]
+              "tests/test_distributed.py::test_distributed_two_ranks_compute_one_process_meta_gradient"]
 
 
 def pytest_in_a_child(*args, **env) -> subprocess.CompletedProcess:
@@ -50,6 +50,29 @@ def test_the_data_lookup_is_only_in_conftest():
     for path in sorted((ROOT / "tests").glob("test_*.py")):
         source = path.read_text()
         assert not re.search(r"[\"']shared[\"']|(pytest\.skip|skipif)\(.*(?i:omniglot)", source), path.name
+
+
+def test_the_readme_apt_line_asks_for_nodejs_and_npm_only_where_npm_is_missing(tmp_path):
+    """Where Node.js came from elsewhere (NodeSource, nvm), apt's nodejs conflicts with its npm ("nodejs :
+    Conflicts: npm"): the README's line, run by bash with apt-get replaced by echo, asks for them only where
+    `npm` is missing, as .ci/run does."""
+    lines = [line.split("  #")[0] for line in (ROOT / "README.md").read_text().splitlines() if "apt-get install" in line]
+    assert lines, "the README says how to install Chromium"
+    with_npm, without = tmp_path / "with-npm", tmp_path / "without"
+    with_npm.mkdir()
+    without.mkdir()
+    (with_npm / "npm").write_text("#!/bin/sh\n")
+    (with_npm / "npm").chmod(0o755)
+    for line in lines:
+        asked = {}
+        for name, path in (("with npm", with_npm), ("without npm", without)):
+            echo = line.replace("apt-get install -y", "echo", 1)
+            done = subprocess.run(["/bin/bash", "-c", echo], capture_output=True, text=True, env={"PATH": str(path)},
+                                  timeout=30)
+            assert done.returncode == 0, done.stderr
+            asked[name] = done.stdout.split()
+        assert asked["with npm"] == ["chromium", "chromium-driver"], line
+        assert asked["without npm"] == ["chromium", "chromium-driver", "nodejs", "npm"], line
 
 
 # --- maml-train: the trainer's CLI, from any folder -----------------------------------------------------------
@@ -131,8 +154,12 @@ PREDICT = ["-m", "export.predict", "--model", "m.onnx", "--support", "s", "--que
     (["-m", "bench.train_speed", "--threads", "0"], 2, "--threads"),
     (["-m", "bench.train_speed", "--ways", "1"], 2, "--ways"),
     (["-m", "train", "--ways", "1"], 2, "--ways must be at least 2"),
+    (["-m", "train", "--ways", "0"], 2, "--ways must be at least 2, got 0"),  # one bound, not "at least 1" here
+    (["-m", "train", "--val-ways", "0", "--zero-head"], 2, "--val-ways must be at least 2, got 0"),
     (["-m", "bench", "--configs", "1w1s"], 2, "N >= 2"),
     (["-m", "export", "--steps", "0"], 2, "--steps"),
+    (["-m", "export", "--steps", "1000"], 2, "'--steps': 1000 is not in the range 1<=x<=20"),  # before any work
+    (["-m", "bench", "--steps", "21"], 2, "'--steps': 21 is not in the range 1<=x<=20"),  # bench exports too
     (["-m", "train", "evaluate", "--tasks", "0"], 2, "--tasks"),
     (["-m", "train", "--data", "/nonexistent/omniglot", "--out", "{tmp}/run"], 1, "/nonexistent/omniglot does not exist"),
     (["-m", "export", "--checkpoint", "/nonexistent/c.npz", "--out", "{tmp}/exp"], 1, "/nonexistent/c.npz does not exist"),

@@ -48,6 +48,7 @@ def test_adam_equals_paddle_adam():
 
 
 @needs_data
+@pytest.mark.slow
 def test_short_training_learns(tmp_path):
     """Loss drops and validation accuracy rises well above both chance (0.2) and the untrained net's."""
     config = MamlConfig(iterations=60, val_every=60, **{**SMALL, "meta_batch": 8, "hidden": 32})
@@ -170,6 +171,7 @@ def test_init_with_zero_head_takes_a_backbone_to_another_number_of_ways(tmp_path
 
 
 @needs_data
+@pytest.mark.slow
 def test_resume_may_change_how_checkpoints_are_chosen(tmp_path):
     """Validating at the step size the weights will be deployed with chooses a new best (docs/experiments.md#validating-at-the-deployed-step-size: at the
     training step size 0.4 the run's best was 2800; at the deployed 0.15 a later checkpoint did better)."""
@@ -196,6 +198,7 @@ def test_resume_may_change_how_checkpoints_are_chosen(tmp_path):
 
 
 @needs_data
+@pytest.mark.slow
 def test_val_ways_chooses_and_ships_the_checkpoint_for_the_ways_it_will_be_deployed_with(tmp_path):
     """Train 3-way, validate and ship 2-way (docs/pretrained.md#omniglot-5w1s: 20-way training for a 5-way deployment): validation
     adapts the backbone from a zero 2-way head on 2-way tasks, and the bundle is a 2-way model. Likewise the
@@ -257,6 +260,7 @@ def test_val_ways_chooses_and_ships_the_checkpoint_for_the_ways_it_will_be_deplo
 
 
 @needs_data
+@pytest.mark.slow
 def test_bundle_ships_the_best_checkpoint_with_the_command_that_reproduces_the_run(tmp_path):
     run = tmp_path / "run"
     train(MamlConfig(iterations=2, val_every=1, **SMALL), DATA, run, progress=False)
@@ -328,6 +332,7 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
 
 
 @needs_data
+@pytest.mark.slow
 def test_head_init_prototypes_trains_second_order_and_ships_from_a_zero_head_run(tmp_path):
     """--head-init prototypes: each task's head starts from its support's prototypes, so the head's own
     meta-parameters stay zero and untrained while the body trains second-order through the prototypes; and a
@@ -450,6 +455,7 @@ def test_a_run_remembers_its_data_and_ctrl_c_says_how_to_continue(tmp_path):
 
 
 @needs_data
+@pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_resume_ends_as_an_uninterrupted_run(tmp_path):
     seed = random.randrange(2 ** 32)
     rng = random.Random(seed)

@@ -199,6 +199,38 @@ def test_web_serves_the_page_the_export_and_onnxruntime_web_locally(server, expo
     assert code == 0 and out.strip() == "stopped", out  # Ctrl-C is how a server stops: no error
 
 
+def test_web_logs_a_dropped_connection_in_one_line(tmp_path, capfd):
+    """A browser that disconnects mid-download (tab closed, reload) gets one line in the server's log, not a
+    BrokenPipeError or ConnectionResetError traceback; the server goes on serving."""
+    import http.server
+    import threading
+
+    from export.web import handler
+    export, dist = tmp_path / "export", tmp_path / "dist"
+    export.mkdir()
+    dist.mkdir()
+    (export / "adapt.onnx").write_bytes(bytes(64 << 20))  # far more than the sockets' buffers hold
+    (export / "predict.onnx").write_bytes(b"small")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler(export, dist))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host, port = server.server_address
+        with socket.create_connection((host, port), timeout=30) as browser:
+            browser.sendall(b"GET /model/adapt.onnx HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            browser.recv(4096)  # the download has started
+            browser.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # close = reset
+        err, deadline = "", time.monotonic() + 30
+        while time.monotonic() < deadline and "closed the connection" not in err and "Traceback" not in err:
+            time.sleep(0.1)
+            err += capfd.readouterr().err
+        assert get(f"http://{host}:{port}/model/predict.onnx")[2] == b"small"  # still serving
+    finally:
+        server.shutdown()
+        server.server_close()
+    err += capfd.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1 and "closed the connection during /model/adapt.onnx" in err, err
+
+
 def test_web_refuses_bad_input_in_one_line(tmp_path, exported):
     for args, says in [(["--model", str(tmp_path / "nothing")], "does not exist (write one with maml-export)"),
                        (["--model", str(exported), "--port", "70000"], "70000 is not in the range")]:

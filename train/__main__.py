@@ -1,5 +1,5 @@
 """`maml-train` or `python -m train`: meta-train MAML on Omniglot or your own image folders; `evaluate`: meta-test
-accuracy; `bundle`; `download`: Omniglot's official zips.
+accuracy; `bundle`; `download`: Omniglot's official zips; `examples`: images to try maml-predict with.
 
 `maml-train` is the installed console script: it runs this same CLI from any folder, where `python -m
 train` would run a `train.py` of the current folder instead, if there is one.
@@ -204,6 +204,31 @@ def download(out, base_url):
     """Download Omniglot's official zips (md5-checked; a file already there is kept) and print their folder."""
     from maml_export.download import download_omniglot
     click.echo(download_omniglot(out, base_url))
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False), default="examples", show_default=True,
+              help="folder for support/ (one sub-folder per class) and query/ (flat)")
+@click.option("--data", type=click.Path(), default=None,
+              help="Omniglot (the .npz pair, the official zips or their folders) [default: $OMNIGLOT_DIR; else "
+                   "Omniglot's official zips in the cache, downloaded on first use]")
+@click.option("--ways", type=click.IntRange(min=2), default=5, show_default=True,
+              help="classes: the model's ways (omniglot-20w1s: 20)")
+@click.option("--shots", type=click.IntRange(min=1), default=1, show_default=True, help="support drawings per class")
+@click.option("--query", type=click.IntRange(min=1), default=3, show_default=True, help="query drawings per class")
+@click.option("--seed", type=int, default=0, show_default=True, help="which characters and drawings")
+def examples(out, data, ways, shots, query, seed):
+    """Write example images for maml-predict from Omniglot's evaluation set (characters of the test split, which
+    no shipped model trained on): OUT/support/<class>/N.png, the classes to learn, and OUT/query/<class>-N.png,
+    the images to classify, in one flat folder (their names tell the answer)."""
+    from maml_export.examples import write_examples
+    from maml_export.outputs import check_writable_dir
+    from maml_export.trainer import data_dir
+    check_writable_dir(out, "--out")
+    done = write_examples(data_dir(data), out, ways, shots, query, seed)
+    click.echo(f"wrote {done['support']}/ ({', '.join(done['classes'])}: {shots} each) and {done['query']}/ "
+               f"({query * ways} images); try: maml-predict --model exported --support {done['support']} "
+               f"--query {done['query']}")
 
 
 def main(args: list[str] | None = None, prog_name: str = "maml-train") -> None:
