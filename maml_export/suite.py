@@ -6,7 +6,9 @@ drawing of a split that way, each drawing with its own random parameters from a 
 
     as-drawn   the protocol's pixels
     tilted     rotated by 10-30 degrees, either way
-    small      scaled to 50-80 % and placed off-centre (anywhere the whole page stays in the frame)
+    small      drawn at 50-80 % of its size with the same pen, placed off-centre (anywhere the whole page
+               stays in the frame): the strokes are widened before the drawing is scaled, so that they keep
+               their width, as a smaller drawing with the same pen does
     thin       strokes thinned (the ink eroded by a 3x3 cross once)
     thick      strokes thickened (the ink dilated by a 3x3 square twice)
     elastic    a smooth random displacement field (a 4x4 grid of N(0, 3 px) offsets, interpolated)
@@ -85,13 +87,22 @@ def _sample(ink: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
     return top * (1 - fy) + bottom * fy
 
 
+STROKE = 5.6  # Omniglot's median stroke width at 105x105, in pixels: each 3x3-cross erosion keeps (w - 2) / w of
+# the ink, measured 64 % and then 30 % (w = 5.6 both times) on 250 drawings of the evaluation set
+
+
 def _warp(ink: np.ndarray, rng: np.random.Generator, tilt: bool, small: bool, elastic: bool) -> np.ndarray:
-    """float ink [H, W] tilted (10-30 degrees, either way), small (50-80 %, off-centre) and/or elastic, in one
-    resampling: each output pixel reads the input where the inverse of the transformation maps it."""
+    """bool ink [H, W] tilted (10-30 degrees, either way), small (50-80 % with the same pen, off-centre) and/or
+    elastic, in one resampling: each output pixel reads the input where the inverse of the transformation maps
+    it. Returns float ink [H, W] in [0, 1]."""
     H, W = ink.shape
     centre = np.array([(H - 1) / 2, (W - 1) / 2])
     angle = np.deg2rad(rng.uniform(10, 30) * rng.choice([-1, 1])) if tilt else 0.0
     scale = rng.uniform(0.5, 0.8) if small else 1.0
+    # the same pen on a smaller drawing: widen the strokes by what scaling takes off (each dilation adds 2 px)
+    for _ in range(round((1 / scale - 1) * STROKE / 2)):
+        ink = _dilate(ink)
+    ink = ink.astype(np.float64)
     # the page's centre lands anywhere the scaled page stays inside the frame
     placed = centre + (rng.uniform(-1, 1, 2) * (1 - scale) * np.array([H, W]) / 2 if small else 0.0)
     yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
@@ -113,10 +124,10 @@ def redraw(paper: np.ndarray, condition: str, rng: np.random.Generator) -> np.nd
         ink = _pen(ink, condition)
     elif condition == "all":
         ink = _pen(ink, ("thin", "as-drawn", "thick")[rng.integers(3)])
-    ink = ink.astype(np.float64)
     if condition in ("tilted", "small", "elastic", "all"):
         ink = _warp(ink, rng, tilt=condition in ("tilted", "all"), small=condition in ("small", "all"),
                     elastic=condition in ("elastic", "all"))
+    ink = ink.astype(np.float64)
     gray = np.round(255 * (1 - ink)).astype(np.uint8)  # paper white, as a drawing file: the preprocessing inverts it
     return OMNIGLOT_PIXELS.uint8(Image.fromarray(gray, mode="L"))[0].astype(np.float32) / np.float32(255)
 
