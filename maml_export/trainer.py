@@ -516,7 +516,7 @@ def evaluate_suite(checkpoint: str | os.PathLike, data, tasks: int = 200, split:
         for k in shots:
             sampler = lambda: TaskSampler(images, np.arange(len(images)), ckpt.config.ways, k, query, seed)  # noqa: E731
             hits = {}
-            for n in (0, maml.steps):
+            for n in sorted({0, maml.steps}):  # paired on the same tasks (fresh samplers of one seed)
                 logits, labels = query_logits(maml, sampler(), tasks, steps=n, progress=progress)
                 hits[n] = (logits.argmax(-1) == labels).mean(axis=1)
             accuracy, ci = mean_ci95(hits[maml.steps])

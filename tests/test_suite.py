@@ -103,3 +103,28 @@ def test_an_omniglot_bundle_measures_itself_on_a_labelled_folder(tmp_path):
     # training an Omniglot run on it is still refused: only measuring reads a folder with a model trained elsewhere
     export = run("-m", "export", "--data", str(folder), "--out", str(tmp_path / "e"))
     assert export.returncode != 0 and "trained on Omniglot" in export.stderr
+
+
+def per_task_accuracy(ckpt, sampler, tasks: int, steps: int) -> np.ndarray:
+    from maml_export.trainer import _deployed_maml, query_logits
+    logits, labels = query_logits(_deployed_maml(ckpt), sampler, tasks, steps=steps)
+    return (logits.argmax(-1) == labels).mean(axis=1)
+
+
+@pytest.mark.slow
+def test_the_shipped_steps_never_lower_a_task_where_they_run(val_drawings):
+    """The shipped bundle's deployed steps against no step, paired on tilted 5-way 5-shot validation tasks, where
+    the support loss is not saturated and every step runs: no task loses more than one of its 75 queries. The same
+    weights with their features x16 (`--feature-scale 16`, what shipped until 2026-12-06, whose steps on such
+    tasks act thousands of times too strongly) lose far more on the same tasks: the check can fail."""
+    from maml_export.checkpoint import as_deployed, load_checkpoint
+    from maml_export.data import TaskSampler
+    images = suite_images(val_drawings, "tilted")
+    sampler = lambda: TaskSampler(images, np.arange(len(images)), 5, 5, 15, seed=7)  # noqa: E731
+    shipped = as_deployed(load_checkpoint("omniglot-5w1s"))
+    steps = shipped.config.inner_steps
+    zero, stepped = per_task_accuracy(shipped, sampler(), 8, 0), per_task_accuracy(shipped, sampler(), 8, steps)
+    assert np.all(stepped >= zero - 1 / 75 - 1e-6), (zero, stepped)
+    scaled = as_deployed(shipped, feature_scale=16)
+    lost = per_task_accuracy(scaled, sampler(), 8, 0) - per_task_accuracy(scaled, sampler(), 8, steps)
+    assert lost.max() > 2 / 75, lost
