@@ -4,7 +4,7 @@
     maml-bench --model export/model.onnx --configs 5w1s --runs 50 --max-seconds 0 --json bench.json
     maml-bench --data ../shared/omniglot --tasks 600           # plus meta-test accuracy
 
-The work is `maml_export.benchmark.run_benchmark`; this module parses options and prints.
+The work is `maml_export.bench.benchmark.run_benchmark`; this module parses options and prints.
 """
 from __future__ import annotations
 
@@ -161,7 +161,7 @@ def cli(provider, model, configs, steps, threads, warmup, runs, max_seconds, dat
     measured in the same run), and checks that every runtime predicts the classes eager Paddle predicts.
     Exits 3 on a disagreement, 1 on an error (2 on a usage error).
     """
-    from maml_export.benchmark import parse_configs, run_benchmark
+    from maml_export.bench.benchmark import parse_configs, run_benchmark
     from maml_export.outputs import check_writable_dir, check_writable_file
 
     parsed = parse_configs(configs)
@@ -173,7 +173,7 @@ def cli(provider, model, configs, steps, threads, warmup, runs, max_seconds, dat
     if write_kit:
         check_writable_dir(write_kit, "--write-kit")
     if write_kit:
-        from maml_export.benchmark import write_kit as write
+        from maml_export.bench.benchmark import write_kit as write
         index = write(Path(write_kit), parsed, model and Path(model), steps, data, task_batch,
                       echo=lambda m: click.echo(m, err=True))
         click.echo(f"wrote the kit {write_kit}: {', '.join(index['configs'])}; time it with maml-bench --kit {write_kit}")

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from maml_export.adapter import Adapter
-from maml_export.benchmark import BenchConfig, agreement, parse_configs, time_calls, time_interleaved
-from maml_export.machine import GemmWorker, count_flops, gemm_gflops, matrix_products
+from maml_export.bench.benchmark import BenchConfig, agreement, parse_configs, time_calls, time_interleaved
+from maml_export.bench.machine import GemmWorker, count_flops, gemm_gflops, matrix_products
 from maml_export.errors import ConfigError, MamlError
 from maml_export.specs import conv4_specs
 
@@ -74,7 +74,7 @@ def test_matrix_products_are_the_counted_flops_with_im2col_shapes():
 
 
 def test_product_bound_times_each_product_in_its_fastest_form():
-    from maml_export.bound import FORMS, product_bound
+    from maml_export.bench.bound import FORMS, product_bound
     specs = conv4_specs(5, hidden=8)
     r = product_bound(specs, support=5, query=10, steps=1, threads=1, rounds=3)
     assert r["flops"] == count_flops(specs, 5, 10, 1) and len(r["products"]) == len(matrix_products(specs, 5, 10, 1))
@@ -262,7 +262,7 @@ def test_split_runtimes_predict_what_the_fused_graph_predicts(query_norm, reques
     gives its row of the batch, as the rows `predict x1` and `predict xQ` assume."""
     from maml_export.contract import SPLIT_RTOL
     from maml_export.data import synthetic_tasks
-    from maml_export.runtimes import SPLITS, host, load_exported, onnxruntime, pytorch_eager
+    from maml_export.bench.runtimes import SPLITS, host, load_exported, onnxruntime, pytorch_eager
     exp = load_exported(request.getfixturevalue("exported_support" if query_norm == "support" else "exported"))
     assert exp.config.query_norm == query_norm
     t = synthetic_tasks(1, 5, 1, 4, seed=3)
@@ -371,7 +371,7 @@ def test_kit_times_the_graph_without_paddle_against_eager_paddles_logits(exporte
 def test_fixed_shape_copy_computes_the_same_logits(exported, tmp_path):
     import onnx
     import onnxruntime
-    from maml_export.runtimes import fixed_shapes
+    from maml_export.bench.runtimes import fixed_shapes
     rng = np.random.default_rng(0)
     feeds = {"x_spt": (rng.random((5, 1, 28, 28)) < 0.2).astype(np.float32), "y_spt": np.arange(5),
              "x_qry": (rng.random((10, 1, 28, 28)) < 0.2).astype(np.float32)}
@@ -408,7 +408,7 @@ def test_cli_help_explains_the_options():
 @pytest.mark.slow
 def test_profile_sums_steady_node_times_by_op_and_shape(tmp_path):
     from maml_export.export import export_model
-    from maml_export.profile import profile_graph
+    from maml_export.bench.profile import profile_graph
 
     export_model(out=tmp_path, steps=1, tasks=1, data=os.environ.get("OMNIGLOT_DIR"))
     report = profile_graph(tmp_path / "model.onnx", threads=1, shots=1, query=2, runs=3, warmup=1)
@@ -439,7 +439,7 @@ def test_peers_recover_the_weights_and_compute_the_graphs_function_for_either_he
     from maml_export.checkpoint import as_deployed, default_checkpoint, load_checkpoint, save_checkpoint
     from maml_export.data import synthetic_tasks
     from maml_export.export import export_model
-    from maml_export.runtimes import load_exported, paddle_eager, paddlerec_loop, pytorch_eager
+    from maml_export.bench.runtimes import load_exported, paddle_eager, paddlerec_loop, pytorch_eager
     # transductive and uncalibrated: the function PaddleRec's loop computes (queries normalised together, raw logits)
     ckpt = as_deployed(load_checkpoint(default_checkpoint()), head_init=head_init, query_norm="transductive",
                        temperature=1.0)
@@ -464,7 +464,7 @@ def test_other_ways_use_the_bundled_checkpoint_of_those_ways(exported, tmp_path)
     """`--configs 20w1s` beside the 5-way graph times the bundled 20-way weights (whatever either's head init),
     not the 5-way backbone with a zero head."""
     from maml_export.checkpoint import PRETRAINED_DIR
-    from maml_export.runtimes import load_exported, reheaded
+    from maml_export.bench.runtimes import load_exported, reheaded
     if not (PRETRAINED_DIR / "omniglot-20w1s.npz").is_file():
         pytest.skip("no bundled 20-way checkpoint")
     got = reheaded(load_exported(exported), 20, tmp_path, None)

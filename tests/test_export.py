@@ -463,7 +463,7 @@ def test_adapt_onnx_stops_at_a_fixed_point_and_only_there(exported, tmp_path):
     ConvTranspose) and gives the state of every step."""
     from maml_export.checkpoint import save_checkpoint
     from maml_export.data import synthetic_tasks
-    from maml_export.profile import executed_ops, steps_run
+    from maml_export.bench.profile import executed_ops, steps_run
     out, _ = exported
     ckpt = deployed(default_checkpoint()) if default_checkpoint().is_file() else None
     if ckpt is None or ckpt.config.head_init != "prototypes":

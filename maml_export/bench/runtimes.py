@@ -25,13 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import (ADAPT_FILE, FUSED_INPUTS, LOGITS, PREDICT_FILE, QUERY_IMAGES, SUPPORT_IMAGES,
+from ..contract import (ADAPT_FILE, FUSED_INPUTS, LOGITS, PREDICT_FILE, QUERY_IMAGES, SUPPORT_IMAGES,
                        SUPPORT_LABELS)
-from .errors import ConfigError, MamlError
-from .specs import support_windows
+from ..errors import ConfigError, MamlError
+from ..specs import support_windows
 
 GPU = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-from .cli import GPU_INSTALL as INSTALL  # noqa: E402
+from ..cli import GPU_INSTALL as INSTALL  # noqa: E402
 
 
 GPU_ROWS = ("onnxruntime", "pytorch-eager")  # the runtimes that compute on --provider's device
@@ -63,10 +63,10 @@ def load_exported(onnx_path: Path) -> Exported:
     """A maml-export folder: metadata from model.onnx, weights from model.pdiparams, checked against the
     ONNX metadata's weights_sha256, so that every runtime really computes with the same weights."""
     import paddle
-    from .adapter import Adapter
-    from .config import MamlConfig
-    from .onnx_convert import weights_sha256
-    from .model import Model
+    from ..adapter import Adapter
+    from ..config import MamlConfig
+    from ..onnx_convert import weights_sha256
+    from ..model import Model
     meta, prefix = Adapter(onnx_path).metadata, onnx_path.with_name("model")
     if int(meta.get("task_batch") or 0):
         raise ConfigError(f"--model: {onnx_path} adapts {meta['task_batch']} tasks per call; maml-bench takes a "
@@ -94,8 +94,8 @@ def load_exported(onnx_path: Path) -> Exported:
 
 def export_checkpoint(path: Path, out: Path, steps: int, inner_lr, data, source: str,
                       task_batch: int | None = None, query_norm: str | None = None) -> Exported:
-    from .checkpoint import as_deployed, load_checkpoint
-    from .export import export_model
+    from ..checkpoint import as_deployed, load_checkpoint
+    from ..export import export_model
     ckpt = as_deployed(load_checkpoint(path), query_norm=query_norm)
     export_model(path, out, steps=steps, inner_lr=inner_lr, tasks=1, data=data, task_batch=task_batch,
                  query_norm=query_norm)
@@ -105,7 +105,7 @@ def export_checkpoint(path: Path, out: Path, steps: int, inner_lr, data, source:
 
 def batched(exp: Exported, task_batch: int, workdir: Path, data) -> Exported:
     """`exp`'s weights, steps and inner lr exported again as a graph for `task_batch` tasks per call."""
-    from .checkpoint import Checkpoint, save_checkpoint
+    from ..checkpoint import Checkpoint, save_checkpoint
     name = f"{exp.config.ways}way-batch{task_batch}"
     path = save_checkpoint(workdir / f"{name}.npz", Checkpoint(exp.config, exp.params))
     return export_checkpoint(path, workdir / name, exp.steps, exp.inner_lr, data, exp.source, task_batch)
@@ -115,10 +115,10 @@ def reheaded(base: Exported, ways: int, workdir: Path, data) -> Exported:
     """A `ways`-way graph of the same architecture and steps: a bundled checkpoint of that many ways if one
     matches, else `base`'s backbone with a zero head. Latency does not depend on the values; a zero head
     keeps adaptation well-conditioned (on random weights float32 runtimes can take other paths)."""
-    from .checkpoint import PRETRAINED_DIR, Checkpoint, load_checkpoint, save_checkpoint
-    from .config import MamlConfig
-    from .model import Model
-    from .specs import with_head, with_query_norm
+    from ..checkpoint import PRETRAINED_DIR, Checkpoint, load_checkpoint, save_checkpoint
+    from ..config import MamlConfig
+    from ..model import Model
+    from ..specs import with_head, with_query_norm
     try:
         specs = with_head(base.config.layers, ways)
     except ValueError as e:
@@ -142,8 +142,8 @@ def reheaded(base: Exported, ways: int, workdir: Path, data) -> Exported:
 
 def paddle_eager(exp: Exported, provider="cpu", threads=None, dtype="float32"):
     import paddle
-    from .maml import MAML
-    from .model import Model, to_tensors
+    from ..maml import MAML
+    from ..model import Model, to_tensors
     maml = MAML(Model.from_specs(exp.config.layers), to_tensors(exp.params, dtype), exp.inner_lr, exp.steps)
 
     def call(xs, ys, xq):
@@ -157,8 +157,8 @@ def paddlerec_loop(exp: Exported, provider="cpu", threads=None):
     import warnings
     import paddle
     from . import paddlerec
-    from .maml import shifted_support
-    from .model import Model
+    from ..maml import shifted_support
+    from ..model import Model
     warnings.filterwarnings("ignore", message="When training, we now always track")  # BatchNorm2D in train mode
     net = paddlerec.build_net(Model.from_specs(exp.config.layers), exp.params)
 
@@ -231,7 +231,7 @@ def on_provider(load, provider: str, options: dict | None = None):
 
 def open_session(exp: Exported, provider: str, threads: int, options: dict | None = None):
     """An Adapter of `exp`'s model.onnx on the provider (`on_provider`)."""
-    from .adapter import Adapter
+    from ..adapter import Adapter
     return on_provider(lambda providers: Adapter(exp.onnx, providers, threads), provider, options)
 
 

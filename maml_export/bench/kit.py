@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import MamlConfig
-from .errors import ConfigError, reason
+from ..config import MamlConfig
+from ..errors import ConfigError, reason
 from .runtimes import Exported
 
 FORMAT = "maml-export-bench-kit-v1"

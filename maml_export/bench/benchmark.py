@@ -43,12 +43,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, MamlError
-from .contract import ADAPT_FILE, MODEL_FILE, PREDICT_FILE, RTOL, SUPPORT_IMAGES, SUPPORT_LABELS, compare_logits
+from ..errors import ConfigError, MamlError
+from ..contract import ADAPT_FILE, MODEL_FILE, PREDICT_FILE, RTOL, SUPPORT_IMAGES, SUPPORT_LABELS, compare_logits
 from .kit import FORMAT as KIT_FORMAT
 from .kit import read_kit
 from .machine import GemmWorker, available_cores, count_flops, gpu_gemm_gflops, gpu_name, machine_info
-from .specs import support_views
+from ..specs import support_views
 from .profile import steps_run
 from .runtimes import (GPU_ROWS, RUNTIMES, SPLITS, Exported, batched, check_provider, export_checkpoint, host,
                        load_exported, onnxruntime, open_session, paddle_eager, query_norm, reheaded)
@@ -82,7 +82,7 @@ def task_inputs(c: BenchConfig, channels: int, size: int, dataset=None, seed: in
     """(x_spt, y_spt, x_qry, y_qry) of one task: a test task of `dataset` (`folders.open_dataset`: Omniglot's
     protocol split or an image folder's) when given, else one of made-up characters (`data.synthetic_tasks`, as
     the export's parity check). Labels sorted."""
-    from .data import synthetic_tasks
+    from ..data import synthetic_tasks
     if dataset is not None:
         return tuple(a[0] for a in dataset.sampler("test", c.ways, c.shots, c.query, seed).sample(1))
     return tuple(a[0] for a in synthetic_tasks(1, c.ways, c.shots, c.query, seed, size, channels))
@@ -152,14 +152,14 @@ def test_data(data, models: dict, configs: list):
     (`folders.open_dataset`: Omniglot's protocol, or the image folders of a folder-trained model); None without."""
     if not data:
         return None
-    from .folders import open_dataset
+    from ..folders import open_dataset
     return open_dataset(data, next(iter(models.values())).config, need=max(c.shots + c.query for c in configs))[0]
 
 
 def meta_test_accuracy(exp: Exported, c: BenchConfig, provider: str, threads: int, dataset, tasks: int) -> dict:
     """Query accuracy ± 95% interval of the exported graph and of eager adaptation on the same `tasks` test
     tasks of `dataset` (the protocol's test stream, `protocol.TEST_SEED`)."""
-    from .protocol import TEST_SEED, mean_ci95
+    from ..protocol import TEST_SEED, mean_ci95
     sampler = dataset.sampler("test", c.ways, c.shots, c.query, TEST_SEED)
     adapter, eager = open_session(exp, provider, threads), paddle_eager(exp)
     acc, same = {"onnxruntime": [], "paddle-eager": []}, 0
@@ -183,7 +183,7 @@ def model_path(model: str | Path | None) -> Path | None:
 
 def prepare_models(model: Path | None, configs: list, steps: int | None, workdir: Path, data, echo) -> dict:
     """ways -> Exported: --model (or the bundled weights, exported now), and a graph for every other ways."""
-    from .checkpoint import default_checkpoint
+    from ..checkpoint import default_checkpoint
     if model:
         base = load_exported(model)
         if steps is not None and steps != base.steps:
@@ -263,7 +263,7 @@ def bench_config(c: BenchConfig, exp: Exported, binders: dict, report: dict, dat
                  task: dict | None = None):
     """Time each runtime on one task of config `c`, adapting and predicting in one call, and (`split_calls`)
     onnxruntime and the PyTorch peer adapting and predicting in separate calls; add their rows (or why a
-    runtime cannot run) to `report`. With `task` (from a kit, maml_export.kit): its inputs and eager Paddle's
+    runtime cannot run) to `report`. With `task` (from a kit, maml_export.bench.kit): its inputs and eager Paddle's
     logits; no Paddle runtime runs."""
     provider, threads = report["settings"]["provider"], report["settings"]["threads"]
     if task is None:
@@ -428,7 +428,7 @@ def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str 
                   data: str | None = None, tasks: int = 0, task_batch: int | None = None, kit: str | None = None,
                   echo=print) -> dict:
     """Time every runtime on every config (and, with `task_batch`, onnxruntime's throughput on that many tasks
-    per call); returns the report `maml-bench --json` writes. With `kit` (maml_export.kit), the graphs, tasks and
+    per call); returns the report `maml-bench --json` writes. With `kit` (maml_export.bench.kit), the graphs, tasks and
     reference logits come from that folder and Paddle is not needed."""
     check_provider(provider)  # the cheap checks first: no export, no Paddle import before a usage error
     if tasks and not data:
@@ -439,7 +439,7 @@ def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str 
     path = model_path(model)
     threads = threads or available_cores()
     if not kit:
-        from .process import set_threads
+        from ..process import set_threads
         set_threads(threads)
     kit_models, kit_tasks, kit_batch = read_kit(Path(kit)) if kit else ({}, {}, None)
     if kit and task_batch and task_batch != kit_batch:
