@@ -40,6 +40,13 @@ MAX_STEPS = 20
 REQUIRED_METADATA = ("ways", "steps", "inner_lr", "image_size", "channels")
 
 
+def every_step(meta: dict) -> bool:
+    """Whether a graph with ONNX metadata `meta` runs all its SGD steps (no `If`: "every_step" "1") or stops at a
+    fixed point of the SGD ("0"; docs/design.md#adaptation-stops-at-a-fixed-point). An export written before the
+    key: every step where it adapts a batch of tasks (those never stopped), else the stop."""
+    return meta.get("every_step", "1" if int(meta.get("task_batch") or 0) else "0") == "1"
+
+
 def state_names(param_names, batch_norms, query_norm: str) -> list[str]:
     """The task state's tensor names, in graph order: the parameters, then (query_norm "support") each batch
     norm layer's mean and var."""
