@@ -36,6 +36,11 @@ SPLIT_RTOL = 1e-5
 # after 10 minutes and 8 GB. maml-export refuses more before any work.
 MAX_STEPS = 20
 
+# The loss gradient's probabilities below exp(LOG_TINY), float32's smallest normal number (1.18e-38), are zero,
+# so that a saturated softmax gives a gradient of exactly zero in every runtime: the fixed point the single-task
+# graphs stop at (layers.softmax_cross_entropy; maml-bench's PyTorch peer stops there too).
+LOG_TINY = -87.3
+
 # Metadata keys every graph carries (onnx metadata_props), read by `adapter.Adapter`.
 REQUIRED_METADATA = ("ways", "steps", "inner_lr", "image_size", "channels")
 
