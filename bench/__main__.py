@@ -4,7 +4,7 @@
     maml-bench --model export/model.onnx --configs 5w1s --runs 50 --max-seconds 0 --json bench.json
     maml-bench --data ../shared/omniglot --tasks 600           # plus meta-test accuracy
 
-The work is `maml_export.benchmark.run_benchmark`; this module parses options and prints.
+The work is `maml_export.bench.benchmark.run_benchmark`; this module parses options and prints.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from maml_export.cli import GPU_INSTALL, run
 from maml_export.contract import MAX_STEPS
 
 
-COLUMNS = ("p50 ms", "p90 ms", "p99 ms", "mean ms", "tasks/s", "queries/s", "vs fastest", "x floor", "runs",
+COLUMNS = ("steps", "p50 ms", "p90 ms", "p99 ms", "mean ms", "tasks/s", "queries/s", "vs fastest", "x floor", "runs",
            "rel diff", "same class")
 STAGES = ("adapt+predict", "adapt", "predict")  # the order of a config's rows: fused first, then the split rows
 
@@ -26,18 +26,21 @@ STAGES = ("adapt+predict", "adapt", "predict")  # the order of a config's rows: 
 def _cells(r: dict) -> tuple:
     mark = " !!" if r["flagged"] else " f64" if r["disagreements"] else ""
     ms = ".2f" if r["p50_ms"] < 10 else ".1f"  # a predict row takes well under a millisecond
-    unchecked = r["max_rel_vs_eager"] is None
-    return (*(f"{r[k]:{ms}}" for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms")),
+    unchecked, ratio = r["max_rel_vs_eager"] is None, r["ratio_to_fastest"]
+    steps = "-" if r["steps_run"] is None else f"{r['steps_run']:g}/{r['steps']}"  # a predict call runs no step
+    return (steps, *(f"{r[k]:{ms}}" for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms")),
             "-" if r["stage"] == "predict" else f"{r['tasks_per_s']:.2f}",  # a predict call adapts no task
-            f"{r['queries_per_s']:.0f}" if "queries_per_s" in r else "-", f"{r['ratio_to_fastest']:.2f}x",
+            f"{r['queries_per_s']:.0f}" if "queries_per_s" in r else "-", "-" if ratio is None else f"{ratio:.2f}x",
             "n/a" if r["floor_multiple"] is None else f"{r['floor_multiple']:.1f}x", str(r["runs"]),
             "n/a" if unchecked else f"{r['max_rel_vs_eager']:.1e}",
             "not checked" if unchecked else f"{r['same_class']}/{r['queries']}{mark}")
 
 
 def _order(r: dict) -> tuple:
-    """A config's rows: adapt-and-predict, adapt, predict one query, predict all; fastest first in each."""
-    return STAGES.index(r["stage"]), r.get("queries_per_call", 0), r["ratio_to_fastest"]
+    """A config's rows: adapt-and-predict, adapt, predict one query, predict all; in each, the rows of the same
+    work together (most steps first), fastest first."""
+    return (STAGES.index(r["stage"]), r.get("queries_per_call", 0), -(r["steps_run"] or 0),
+            r["p50_ms"] / r.get("task_batch", 1))
 
 
 def table(report: dict) -> str:
@@ -47,7 +50,9 @@ def table(report: dict) -> str:
     width = max([len(n) for n in names.values()] + [18])
     line = lambda name, cells: f"  {name:<{width}}" + "".join(f"{c:>{len(h) + 2}}" for c, h in zip(cells, COLUMNS))
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if k != "maml-export")
-    lines = [f"adapt-then-predict: one task per call (support + 15 queries per class), all SGD steps, provider "
+    how = ("every SGD step in every runtime (--every-step)" if s.get("every_step") else
+           "SGD steps up to the fixed point the graphs stop at (--every-step: all)")
+    lines = [f"adapt-then-predict: one task per call (support + 15 queries per class), {how}, provider "
              f"{s['provider']}, {s['threads']} threads; inputs: {s['inputs']}",
              f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}; {versions}",
              (f"floor = counted FLOPs / the p50 rate of a {report['gemm']}, timed round-robin with each config's rows"
@@ -63,12 +68,20 @@ def table(report: dict) -> str:
         gemm = report.get("gemm_round_robin", {}).get(config)
         if gemm:
             floor_text += f" (GEMM p50 {gemm['p50_gflops']:.0f} GFLOP/s, best {gemm['best_gflops']:.0f}, {gemm['runs']} runs)"
-        lines += ["", f"{config}: {model['flops'] / 1e9:.2f} GFLOP ({model['steps']} steps), {floor_text}; "
+        views = model.get("support_views", 1)
+        lines += ["", f"{config}: {model['flops'] / 1e9:.2f} GFLOP ({model['steps']} steps"
+                      + (f" on {views} views of each support image" if views > 1 else "") + f"), {floor_text}; "
                       f"weights: {model['weights']}", line("runtime", COLUMNS)]
         lines += [line(names[id(r)], _cells(r)) for r in sorted(results, key=_order) if r["config"] == config]
         lines += [f"  {x['runtime']:<{width}}  cannot run: {x['reason']}" for x in report["skipped"]
                   if x["config"] == config]
-    notes = []
+    notes = ["steps: the SGD steps a row's call ran, of the graph's; vs fastest: only between rows of the same work "
+             "(the same call, the same steps run on the same support views); '-': no other row did that work"]
+    if len({r["steps_run"] for r in results if r["steps_run"] is not None}) > 1:
+        notes.append("rows that ran other numbers of steps did other work and are not compared: the single-task "
+                     "graphs, eager Paddle, Paddle Inference and PyTorch stop at the fixed point (a step that would "
+                     "change nothing), the PaddleRec loop runs every step; maml-bench --every-step runs every step "
+                     "everywhere (docs/design.md#adaptation-stops-at-a-fixed-point)")
     if s["provider"] != "cpu":
         notes.append("Paddle peers not timed: this paddlepaddle computes on the CPU only (time them with --provider "
                      "cpu); eager Paddle still gives the reference logits. GPU rows: inputs and logits stay on the "
@@ -79,7 +92,10 @@ def table(report: dict) -> str:
                      "(at least 3 runs); the p99 of few runs is about their maximum")
     if s.get("task_batch"):
         T = s["task_batch"]
-        speedups = ", ".join(f"{r['config']} {r['speedup_vs_loop']:.2f}x" for r in results if "speedup_vs_loop" in r)
+        speedups = ", ".join(f"{r['config']} " + ("not the same work (the single-task graph stopped early: "
+                                                  "--every-step)" if r["speedup_vs_loop"] is None else
+                                                  f"{r['speedup_vs_loop']:.2f}x")
+                             for r in results if "speedup_vs_loop" in r)
         notes.append(f"--task-batch {T}: onnxruntime-batch is one call of the graph exported with --task-batch {T}, "
                      f"onnxruntime-loop {T} calls of the single-task graph, on the same {T} tasks; their ms columns are "
                      f"per call ({T} tasks), tasks/s, vs fastest and x floor per task. Batched vs loop tasks/s: "
@@ -89,7 +105,7 @@ def table(report: dict) -> str:
         notes.append("adapt once, predict many: NAME adapt runs the SGD steps on the support set alone (adapt.onnx "
                      "for onnxruntime) and returns the task's state; NAME predict x1 / xQ classify 1 / all the "
                      "config's queries under it (predict.onnx); queries/s = queries per call / mean time; vs "
-                     "fastest compares rows of the same call, x floor uses each row's own FLOPs; an adapt row's "
+                     "fastest compares rows of the same work, x floor uses each row's own FLOPs; an adapt row's "
                      "classes are those its state gives the queries")
     if any(r["max_rel_vs_eager"] is None for r in split):
         notes.append("not checked: under transductive query normalisation a query predicted alone is normalised "
@@ -148,20 +164,25 @@ def table(report: dict) -> str:
 @click.option("--kit", type=click.Path(exists=True, file_okay=False), default=None,
               help="Time the graphs and tasks of a kit written by --write-kit, checked against its logits; needs "
                    "onnxruntime (and PyTorch for its row), not Paddle.")
+@click.option("--every-step", is_flag=True, default=False,
+              help="Every runtime runs every SGD step: the graphs exported with maml-export --every-step (a --model "
+                   "or --kit must be), the peers without their stop. [default: the graphs, eager Paddle, Paddle "
+                   "Inference and PyTorch stop at the fixed point where a step would change nothing; the PaddleRec "
+                   "loop never does; rows of other steps are not compared]")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), default=None, help="Also write the results here.")
 def cli(provider, model, configs, steps, threads, warmup, runs, max_seconds, data, tasks, task_batch, write_kit, kit,
-        json_file):
-    """Time adapt-then-predict (one task in, query logits out, all SGD steps) of the exported MAML graph in
+        every_step, json_file):
+    """Time adapt-then-predict (one task in, query logits out, its SGD steps) of the exported MAML graph in
     onnxruntime beside eager Paddle, a PaddleRec-style loop, Paddle Inference and PyTorch, against the FLOP
     floor; and adapt once, predict many: adapt alone (adapt.onnx), then predict one query and all the
     config's queries (predict.onnx), beside the PyTorch peer doing the same.
 
-    Prints p50/p90/p99/mean latency, tasks/s (queries/s for the predict rows), the ratio to the fastest
-    runtime of the same call and the multiple of the floor (counted FLOPs / this machine's GEMM rate,
-    measured in the same run), and checks that every runtime predicts the classes eager Paddle predicts.
+    Prints the SGD steps each call ran, p50/p90/p99/mean latency, tasks/s (queries/s for the predict rows), the
+    ratio to the fastest runtime of the same work (call, steps run, support views) and the multiple of the floor
+    (counted FLOPs / this machine's GEMM rate, measured in the same run), and checks that every runtime predicts the classes eager Paddle predicts.
     Exits 3 on a disagreement, 1 on an error (2 on a usage error).
     """
-    from maml_export.benchmark import parse_configs, run_benchmark
+    from maml_export.bench.benchmark import parse_configs, run_benchmark
     from maml_export.outputs import check_writable_dir, check_writable_file
 
     parsed = parse_configs(configs)
@@ -173,13 +194,13 @@ def cli(provider, model, configs, steps, threads, warmup, runs, max_seconds, dat
     if write_kit:
         check_writable_dir(write_kit, "--write-kit")
     if write_kit:
-        from maml_export.benchmark import write_kit as write
+        from maml_export.bench.benchmark import write_kit as write
         index = write(Path(write_kit), parsed, model and Path(model), steps, data, task_batch,
-                      echo=lambda m: click.echo(m, err=True))
+                      echo=lambda m: click.echo(m, err=True), every_step=every_step)
         click.echo(f"wrote the kit {write_kit}: {', '.join(index['configs'])}; time it with maml-bench --kit {write_kit}")
         return 0
     report = run_benchmark(parsed, provider, model, steps, threads, warmup, runs, max_seconds, data, tasks, task_batch,
-                           kit, echo=lambda m: click.echo(m, err=True))
+                           kit, echo=lambda m: click.echo(m, err=True), every_step=every_step)
     click.echo(table(report))
     if json_file:
         with open(json_file, "w") as f:

@@ -3,10 +3,10 @@
     python -m bench.bound                              # 5w1s and 20w5s, 5 steps, 2 threads
     python -m bench.bound --configs 5w1s --rounds 30 --json bound.json
 
-Each product of the adaptation (`maml_export.machine.matrix_products`) runs as one onnxruntime MatMul of its
+Each product of the adaptation (`maml_export.bench.machine.matrix_products`) runs as one onnxruntime MatMul of its
 shape, in its fastest form, and the queries' first block pools and takes batch statistics of its full-size
 map, round-robin with the floor's numpy GEMM; the sum is a lower bound for any graph built from
-onnxruntime's own kernels. The work is `maml_export.bound.product_bound`.
+onnxruntime's own kernels. The work is `maml_export.bench.bound.product_bound`.
 """
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ def cli(configs, steps, hidden, threads, rounds, json_file):
     queries) alone as an onnxruntime MatMul, and the queries' first block's batch statistics and max-pool,
     and compare their sum with the FLOP floor (counted FLOPs over numpy's 2048^3 GEMM rate, timed in the
     same rounds)."""
-    from maml_export.benchmark import parse_configs
-    from maml_export.bound import product_bound
-    from maml_export.machine import available_cores
+    from maml_export.bench.benchmark import parse_configs
+    from maml_export.bench.bound import product_bound
+    from maml_export.bench.machine import available_cores
     from maml_export.specs import conv4_specs
 
     threads = threads or available_cores()

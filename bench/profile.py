@@ -3,7 +3,7 @@
     python -m bench.profile exported/model.onnx --threads 2                  # 5-way 1-shot shapes
     python -m bench.profile exported/model.onnx --shots 5 --json prof.json
 
-The work is `maml_export.profile.profile_graph`; this module parses options and prints.
+The work is `maml_export.bench.profile.profile_graph`; this module parses options and prints.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from maml_export.cli import run
 def cli(model, threads, shots, query, runs, warmup, top, json_file):
     """Profile MODEL (an exported model.onnx or adapt.onnx, or their folder: model.onnx) in onnxruntime on made-up characters: each
     node's median kernel time over the calls after --warmup, summed by op type and by output shape."""
-    from maml_export.profile import profile_graph
+    from maml_export.bench.profile import profile_graph
 
     path = Path(model) / "model.onnx" if Path(model).is_dir() else Path(model)
     report = profile_graph(path, threads, shots, query, runs, warmup)

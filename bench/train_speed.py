@@ -29,11 +29,11 @@ def cli(data, ways, shots, query, steps, meta_batch, repeats, threads, skip_padd
     """Time one meta-iteration (adapt every task, query loss, meta-gradient) of each runtime."""
     import paddle
 
-    from maml_export import paddlerec
+    from maml_export.bench import paddlerec
     from maml_export.data import TaskSampler, load_omniglot, split_characters
     from maml_export.errors import MamlError
     from maml_export.maml import MAML
-    from maml_export.machine import count_flops, gemm_gflops
+    from maml_export.bench.machine import count_flops, gemm_gflops
     from maml_export.model import Model, to_tensors
     from maml_export.specs import conv4_specs
     from maml_export.process import set_threads

@@ -50,7 +50,12 @@ from maml_export.contract import MAX_STEPS
               help="Export a graph for T tasks per call (inputs [T, S, C, H, W], [T, S], [T, Q, C, H, W] -> "
                    "logits [T, Q, ways]; T fixed, S and Q dynamic), for throughput. Parity then runs on --tasks "
                    "rounded up to a multiple of T. [default: one task per call, no task axis]")
-def cli(checkpoint, steps, inner_lr, head_init, query_norm, support_shift, opset, out, tasks, data, task_batch):
+@click.option("--every-step", is_flag=True, default=False,
+              help="adapt.onnx and model.onnx run all --steps on every task, without the `If` that stops "
+                   "adaptation where a step would change nothing (the same result; the stop saves the work). For "
+                   "timing the same work as a peer that runs every step; --task-batch graphs always do.")
+def cli(checkpoint, steps, inner_lr, head_init, query_norm, support_shift, opset, out, tasks, data, task_batch,
+        every_step):
     """Export MAML adaptation (STEPS SGD steps on a support set, then query logits) as ONNX graphs.
 
     \b
@@ -72,7 +77,7 @@ def cli(checkpoint, steps, inner_lr, head_init, query_norm, support_shift, opset
 
     report = export_model(checkpoint, out, steps=steps, inner_lr=inner_lr, opset=opset, tasks=tasks, data=data,
                           task_batch=task_batch, head_init=head_init, query_norm=query_norm,
-                          support_shift=support_shift, echo=print)
+                          support_shift=support_shift, every_step=every_step, echo=print)
     click.echo(f"wrote {', '.join(report.files.values())}")
     top = ", ".join(f"{k} {v}" for k, v in list(report.ops.items())[:5])
     click.echo(f"ONNX graph: {sum(report.ops.values())} nodes ({top}, ...)")

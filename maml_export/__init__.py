@@ -18,17 +18,14 @@ Modules, one concern each:
   optim       Adam with pickle-free state
   trainer     the meta-training loop behind `python -m train` (`Training`: start/resume, step, validate, keep)
   distributed splitting a meta-batch over paddle.distributed ranks
-  paddlerec   the PaddleRec-style reference loop (tests and benchmarks)
   contract    the exported graphs' file, input and output names and tolerances (numpy only)
   export      static graphs + ONNX export (`maml-export`): model, adapt and predict
   parity      the export's validation: eager Paddle vs static program vs onnxruntime, the halves vs the whole
   calibration the temperature that makes deployed probabilities calibrated, and their ECE (numpy only)
   adapter     running an export with onnxruntime and numpy only: Adapter, and Task (adapt once, predict many)
-  runtimes    the runtimes maml-bench compares (onnxruntime, eager Paddle, the PaddleRec loop, ...)
-  benchmark   adapt-then-predict latency beside the peers (`maml-bench`)
-  profile     where an exported graph spends its time in onnxruntime (`python -m bench.profile`)
   outputs     checking that an output path can be written, before the long work
   process     the process settings Paddle runs well under (applied by the CLIs; `configure()`)
   cli         the console scripts' shared error handling (one `error:` line, non-zero exit)
+  bench/      the benchmark family, on top of the modules above (none of them imports it): see its docstring
 """
 __version__ = "0.1.0"

@@ -36,8 +36,20 @@ SPLIT_RTOL = 1e-5
 # after 10 minutes and 8 GB. maml-export refuses more before any work.
 MAX_STEPS = 20
 
+# The loss gradient's probabilities below exp(LOG_TINY), float32's smallest normal number (1.18e-38), are zero,
+# so that a saturated softmax gives a gradient of exactly zero in every runtime: the fixed point the single-task
+# graphs stop at (layers.softmax_cross_entropy; maml-bench's PyTorch peer stops there too).
+LOG_TINY = -87.3
+
 # Metadata keys every graph carries (onnx metadata_props), read by `adapter.Adapter`.
 REQUIRED_METADATA = ("ways", "steps", "inner_lr", "image_size", "channels")
+
+
+def every_step(meta: dict) -> bool:
+    """Whether a graph with ONNX metadata `meta` runs all its SGD steps (no `If`: "every_step" "1") or stops at a
+    fixed point of the SGD ("0"; docs/design.md#adaptation-stops-at-a-fixed-point). An export written before the
+    key: every step where it adapts a batch of tasks (those never stopped), else the stop."""
+    return meta.get("every_step", "1" if int(meta.get("task_batch") or 0) else "0") == "1"
 
 
 def state_names(param_names, batch_norms, query_norm: str) -> list[str]:

@@ -55,9 +55,11 @@ from .parity import parity, parity_line, parity_tasks, split_parity
 class _Graph(paddle.nn.Layer):
     """Meta-weights as (frozen) parameters, and the MAML that adapts with them."""
 
-    def __init__(self, model: Model, params: dict, steps: int, inner_lr: float, task_batch: int = 0):
+    def __init__(self, model: Model, params: dict, steps: int, inner_lr: float, task_batch: int = 0,
+                 every_step: bool = False):
         super().__init__()
         self.model, self.steps, self.inner_lr, self.task_batch = model, steps, inner_lr, task_batch
+        self.every_step = every_step or bool(task_batch)
         self.names = list(params)
         for i, name in enumerate(self.names):
             p = self.create_parameter(list(params[name].shape), dtype="float32",
@@ -67,9 +69,10 @@ class _Graph(paddle.nn.Layer):
 
     def maml(self) -> MAML:
         # one task per call: adaptation stops at a fixed point of its SGD (maml.steps_to_fixed_point, `If`
-        # nodes); tasks stacked for GPUs run every step, since a CUDA graph captures no `If`
+        # nodes); tasks stacked for GPUs run every step, since a CUDA graph captures no `If`, and so does
+        # --every-step (the same work on every task: what a benchmark against a peer that runs every step needs)
         return MAML(self.model, {name: getattr(self, f"p{i}") for i, name in enumerate(self.names)},
-                    self.inner_lr, self.steps, stop_at_fixed_point=not self.task_batch)
+                    self.inner_lr, self.steps, stop_at_fixed_point=not self.every_step)
 
 
 class AdaptAndPredict(_Graph):
@@ -165,14 +168,16 @@ class GraphSpec:
     doc: str
 
 
-def graph_specs(model: Model, params: dict, config, steps: int, inner_lr: float, task_batch: int) -> list[GraphSpec]:
-    """The graphs an export writes: model (fused), and, for one task per call, adapt and predict."""
+def graph_specs(model: Model, params: dict, config, steps: int, inner_lr: float, task_batch: int,
+                every_step: bool = False) -> list[GraphSpec]:
+    """The graphs an export writes: model (fused), and, for one task per call, adapt and predict; with
+    `every_step`, adaptation runs all its steps (no `If`), as a task-batched graph always does."""
     lead = [task_batch] if task_batch else []  # T is static; None: S or Q, dynamic
     img = [None, config.channels, config.image_size, config.image_size]
     k = 1 if task_batch else 0  # S and Q follow the task axis
     fixed = {0: task_batch} if task_batch else {}
     fused = GraphSpec(
-        "model", AdaptAndPredict(model, params, steps, inner_lr, task_batch),
+        "model", AdaptAndPredict(model, params, steps, inner_lr, task_batch, every_step),
         [paddle.static.InputSpec(lead + img, "float32", SUPPORT_IMAGES),
          paddle.static.InputSpec(lead + [None], "int64", SUPPORT_LABELS),
          paddle.static.InputSpec(lead + img, "float32", QUERY_IMAGES)],
@@ -184,7 +189,7 @@ def graph_specs(model: Model, params: dict, config, steps: int, inner_lr: float,
         return [fused]
     names = graph_state_names(model)
     adapt = GraphSpec(
-        "adapt", Adapt(model, params, steps, inner_lr),
+        "adapt", Adapt(model, params, steps, inner_lr, every_step=every_step),
         fused.specs[:2], list(ADAPT_INPUTS), names,
         # the state's shapes are static; the prototype head's would read as dynamic in the converted graph
         {SUPPORT_IMAGES: {0: "S"}, SUPPORT_LABELS: {0: "S"},
@@ -276,12 +281,14 @@ def export_model(checkpoint: str | os.PathLike | None = None, out: str | os.Path
                  inner_lr: float | None = None, opset: int = 17, tasks: int = 8,
                  data: str | os.PathLike | None = None, task_batch: int | None = None, echo=_silent,
                  head_init: str | None = None, query_norm: str | None = None,
-                 support_shift: int | None = None) -> ExportReport:
+                 support_shift: int | None = None, every_step: bool = False) -> ExportReport:
     """Trace, check, convert and validate; writes model.json, model.pdiparams, model.onnx, export.json
     into `out`, all at once when complete (`staging`): a failure leaves no partial folder, and --data is read
     before the work. `task_batch` T: a graph for T tasks per call (None or 0: the single-task graph); parity
     then runs on `tasks` rounded up to a multiple of T. `head_init`, if given, replaces the checkpoint's
-    ("meta" or "prototypes", see `as_deployed`), as do `query_norm` and `support_shift`. `echo` is print-like (gets `end=` and `flush=`):
+    ("meta" or "prototypes", see `as_deployed`), as do `query_norm` and `support_shift`. `every_step`: the
+    single-task graphs run all `steps` instead of stopping at a fixed point of the SGD (no `If`; the task-batched
+    graph always does; metadata `every_step`). `echo` is print-like (gets `end=` and `flush=`):
     one progress line per stage and one ✓/✗ line per parity comparison. Raises ExportError (after
     writing export.json) on a parity failure."""
     if steps < 1:  # with 0 steps the support inputs would be unused, and jit.save refuses that
@@ -313,13 +320,14 @@ def export_model(checkpoint: str | os.PathLike | None = None, out: str | os.Path
         raise OutputError(f"--out {out} is a file, not a folder")
     # every input is checked before the minutes of work: --data (or $OMNIGLOT_DIR) is read now, not at stage 5
     task_list, source = parity_tasks(config, tasks, data)
-    graphs = graph_specs(model, params, config, steps, inner_lr, task_batch)
+    every_step = bool(every_step or task_batch)
+    graphs = graph_specs(model, params, config, steps, inner_lr, task_batch, every_step)
     files = {}
     for g in graphs:
         files.update({f"{g.name}.onnx": str(out / f"{g.name}.onnx"), f"{g.name}.json": str(out / f"{g.name}.json"),
                       f"{g.name}.pdiparams": str(out / f"{g.name}.pdiparams")})
     report = ExportReport(out, {**files, "report": str(out / "export.json")})
-    meta = metadata(config, steps, inner_lr, params, opset, task_batch)
+    meta = metadata(config, steps, inner_lr, params, opset, task_batch, every_step)
     which = "1 graph" if task_batch else "3 graphs (model, adapt, predict)"
 
     stage = _Stages(echo, 6, report.timings)
@@ -363,7 +371,8 @@ def export_model(checkpoint: str | os.PathLike | None = None, out: str | os.Path
 
         doc = {"config": config.to_dict(), "checkpoint": str(ckpt_path), "iteration": ckpt.iteration,
                "checkpoint_sha256": hashlib.sha256(ckpt_path.read_bytes()).hexdigest(),
-               "steps": steps, "inner_lr": inner_lr, "opset": opset, "task_batch": task_batch, "metadata": meta,
+               "steps": steps, "every_step": every_step, "inner_lr": inner_lr, "opset": opset,
+               "task_batch": task_batch, "metadata": meta,
                "versions": {"maml_export": __version__, "paddle": paddle.__version__,
                             "paddle2onnx": paddle2onnx.__version__, "onnx": onnx.__version__,
                             "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,

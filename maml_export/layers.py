@@ -24,6 +24,7 @@ import paddle
 import paddle.nn.functional as F
 
 from . import specs
+from .contract import LOG_TINY
 
 
 def _tasks(params: dict) -> int:
@@ -258,7 +259,6 @@ class Linear(specs.Linear, Layer):
         return dx, {"weight": dw, "bias": db}
 
 
-_LOG_TINY = -87.3  # log of float32's smallest normal number, 1.18e-38
 
 
 def softmax_cross_entropy(logits, labels):
@@ -278,7 +278,7 @@ def softmax_cross_entropy(logits, labels):
     # onnxruntime's underflows. So eager inference stops at the fixed point too (docs/design.md#adaptation-stops-at-a-fixed-point)
     shifted = logits - logits.max(axis=-1, keepdim=True)
     log_p = shifted - paddle.log(paddle.exp(shifted).sum(axis=-1, keepdim=True))
-    probs = paddle.where(log_p > _LOG_TINY, paddle.exp(log_p), paddle.zeros_like(log_p))
+    probs = paddle.where(log_p > LOG_TINY, paddle.exp(log_p), paddle.zeros_like(log_p))
     loss = -(onehot * log_p).sum(axis=-1).mean(axis=-1)
     # n may be dynamic (-1) in a static graph: divide by the count computed at run time
     count = paddle.shape(labels)[1].astype(logits.dtype) if n is None or n < 0 else float(n)

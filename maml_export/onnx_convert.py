@@ -320,11 +320,15 @@ def weights_sha256(params: dict) -> str:
     return h.hexdigest()
 
 
-def metadata(config, steps: int, inner_lr: float, params: dict, opset: int, task_batch: int = 0) -> dict[str, str]:
+def metadata(config, steps: int, inner_lr: float, params: dict, opset: int, task_batch: int = 0,
+             every_step: bool = False) -> dict[str, str]:
     """The ONNX metadata_props: what a deployment must know to feed the graph and trust it. `task_batch`
-    is "0" for the single-task graph (no task axis; an export without the key is one too), else T."""
+    is "0" for the single-task graph (no task axis; an export without the key is one too), else T.
+    `every_step` is "1" where adaptation runs all its steps (a task-batched graph, or maml-export --every-step),
+    "0" where it stops at a fixed point of the SGD (`contract.every_step` reads an export without the key)."""
     t = f"{task_batch}, " if task_batch else ""
-    return {"ways": str(config.ways), "steps": str(steps), "inner_lr": repr(float(inner_lr)),
+    return {"ways": str(config.ways), "steps": str(steps), "every_step": str(int(every_step or bool(task_batch))),
+            "inner_lr": repr(float(inner_lr)),
             **config.preprocessing.metadata(),  # channels, image_size, pixels, resize, input_range
             "task_batch": str(task_batch), "head_init": config.head_init,
             "input_layout": f"x_spt [{t}S, C, H, W] float32, y_spt [{t}S] int64 in 0..ways-1, x_qry [{t}Q, C, H, W] "

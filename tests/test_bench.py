@@ -16,15 +16,17 @@ import numpy as np
 import pytest
 
 from maml_export.adapter import Adapter
-from maml_export.benchmark import BenchConfig, agreement, parse_configs, time_calls, time_interleaved
-from maml_export.machine import GemmWorker, count_flops, gemm_gflops, matrix_products
+from maml_export.bench.benchmark import (BenchConfig, agreement, parse_configs, same_work, time_calls,
+                                         time_interleaved)
+from maml_export.bench.machine import GemmWorker, count_flops, gemm_gflops, matrix_products
 from maml_export.errors import ConfigError, MamlError
 from maml_export.specs import conv4_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 RUNTIMES = {"onnxruntime", "paddle-eager", "paddlerec-loop", "paddle-inference", "pytorch-eager"}
-ROW_KEYS = {"runtime", "provider", "config", "steps", "stage", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "tasks_per_s"}
+ROW_KEYS = {"runtime", "provider", "config", "steps", "steps_run", "support_views", "stage", "p50_ms", "p90_ms",
+            "p99_ms", "mean_ms", "tasks_per_s"}
 SPLIT_ROWS = ("adapt", "predict x1", "predict xQ")  # per runtime of runtimes.SPLITS: "onnxruntime adapt", ...
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 
@@ -74,7 +76,7 @@ def test_matrix_products_are_the_counted_flops_with_im2col_shapes():
 
 
 def test_product_bound_times_each_product_in_its_fastest_form():
-    from maml_export.bound import FORMS, product_bound
+    from maml_export.bench.bound import FORMS, product_bound
     specs = conv4_specs(5, hidden=8)
     r = product_bound(specs, support=5, query=10, steps=1, threads=1, rounds=3)
     assert r["flops"] == count_flops(specs, 5, 10, 1) and len(r["products"]) == len(matrix_products(specs, 5, 10, 1))
@@ -208,12 +210,17 @@ def test_cli_end_to_end_writes_the_json_schema_and_all_peers_agree(exported, tmp
     for name, r in rows.items():
         assert ROW_KEYS <= set(r) and r["config"] == "5w1s" and r["steps"] == 5 and r["runs"] == 3, r
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["tasks_per_s"] == pytest.approx(1e3 / r["mean_ms"])
-        assert r["provider"] == "cpu" and r["floor_multiple"] > 0 and r["ratio_to_fastest"] >= 1
+        assert r["provider"] == "cpu" and r["floor_multiple"] > 0 and 0 <= r["steps_run"] <= 5
+        # vs fastest only among the rows of the same work: a row no other row's steps match gets none
+        same = [x for x in rows.values() if same_work(x, r)]
+        assert r["ratio_to_fastest"] is None if len(same) == 1 else r["ratio_to_fastest"] >= 1, r
         # every runtime predicts the classes eager Paddle predicts on the same inputs (or, where a float32
         # max-pool near-tie sends adaptation another way, the classes eager Paddle in float64 predicts)
         assert r["queries"] == 75 and not r["flagged"], r
         assert np.isfinite(r["max_rel_vs_eager"]), r
-    assert min(r["ratio_to_fastest"] for r in rows.values()) == 1
+    assert rows["paddlerec-loop"]["steps_run"] == 5  # PaddleRec's loop runs every step, whatever the others do
+    for stopping in ("paddle-eager", "paddle-inference"):  # the graph's function, with its stop
+        assert rows.get(stopping, rows["onnxruntime"])["steps_run"] == rows["onnxruntime"]["steps_run"]
     assert "5w1s" in result.stdout and "x floor" in result.stdout and "onnxruntime" in result.stdout
 
 
@@ -248,10 +255,12 @@ def test_cli_split_rows_time_adapt_once_predict_many_beside_the_pytorch_peer(exp
         for r, q in ((one, 1), (every, 75)):  # one query alone: the first query's row of the batch
             assert r["stage"] == "predict" and r["queries_per_call"] == q and r["queries"] == q, r
             assert r["queries_per_s"] == pytest.approx(q * 1e3 / r["mean_ms"])
-    for stage in ("adapt+predict",) + SPLIT_ROWS:  # vs fastest: among the rows of the same call only
-        same = [r for r in doc["results"] if r["stage"] == stage.split()[0]
-                and r.get("queries_per_call") == {"predict x1": 1, "predict xQ": 75}.get(stage)]
-        assert same and min(r["ratio_to_fastest"] for r in same) == 1, stage
+    for r in doc["results"]:  # vs fastest: among the rows of the same work only (call, steps run, views)
+        same = [x for x in doc["results"] if same_work(x, r)]
+        if len(same) > 1:
+            assert min(x["ratio_to_fastest"] for x in same) == 1, r
+        else:
+            assert r["ratio_to_fastest"] is None, r
     for label in ("onnxruntime adapt", "onnxruntime predict x1", "onnxruntime predict xQ (75 queries)", "queries/s"):
         assert label in result.stdout
 
@@ -262,7 +271,7 @@ def test_split_runtimes_predict_what_the_fused_graph_predicts(query_norm, reques
     gives its row of the batch, as the rows `predict x1` and `predict xQ` assume."""
     from maml_export.contract import SPLIT_RTOL
     from maml_export.data import synthetic_tasks
-    from maml_export.runtimes import SPLITS, host, load_exported, onnxruntime, pytorch_eager
+    from maml_export.bench.runtimes import SPLITS, host, load_exported, onnxruntime, pytorch_eager
     exp = load_exported(request.getfixturevalue("exported_support" if query_norm == "support" else "exported"))
     assert exp.config.query_norm == query_norm
     t = synthetic_tasks(1, 5, 1, 4, seed=3)
@@ -304,8 +313,73 @@ def test_cli_task_batch_rows_time_one_batched_call_against_single_calls(exported
         assert r["queries"] == T * 75 and not r["flagged"], r  # every task's classes are eager Paddle's
         assert r["floor_multiple"] == pytest.approx(r["p50_ms"] / T / doc["flop_floor_ms"]["5w1s"])
     batch, loop = rows["onnxruntime-batch"], rows["onnxruntime-loop"]
-    assert batch["speedup_vs_loop"] == pytest.approx(batch["tasks_per_s"] / loop["tasks_per_s"])
+    assert batch["steps_run"] == 5 and 0 <= loop["steps_run"] <= 5  # the loop's: the mean over its tasks
+    if loop["steps_run"] == 5:  # the same work
+        assert batch["speedup_vs_loop"] == pytest.approx(batch["tasks_per_s"] / loop["tasks_per_s"])
+    else:  # the single-task graph stopped at a fixed point on some tasks: no speed-up between other work
+        assert batch["speedup_vs_loop"] is None and "not the same work" in result.stdout
     assert "onnxruntime-batch (2 tasks in one call)" in result.stdout and "--task-batch 2" in result.stdout
+
+
+def test_same_work_is_the_same_call_with_the_same_steps_on_the_same_views():
+    row = {"config": "5w1s", "stage": "adapt+predict", "steps_run": 5, "support_views": 9}
+    assert same_work(row, dict(row))
+    for other in ({"steps_run": 0}, {"support_views": 1}, {"stage": "adapt"}, {"config": "5w5s"}):
+        assert not same_work(row, {**row, **other}), other
+    predict = {"config": "5w1s", "stage": "predict", "steps_run": None, "support_views": None}
+    assert same_work({**predict, "queries_per_call": 1}, {**predict, "queries_per_call": 1})
+    assert not same_work({**predict, "queries_per_call": 1}, {**predict, "queries_per_call": 75})
+
+
+@pytest.mark.slow
+def test_cli_every_step_runs_every_step_in_every_runtime_and_compares_them_all(tmp_path):
+    """maml-bench --every-step: the bundled weights exported without the fixed-point stop, and every runtime's
+    call runs all 5 steps, so that every adapt-and-predict row is the same work and has its ratio."""
+    result = bench("--every-step", "--configs", "5w1s", "--runs", "2", "--warmup", "0", "--max-seconds", "1",
+                   "--json", str(tmp_path / "bench.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert doc["settings"]["every_step"] and "onnxruntime_steps_run" not in doc["models"]["5w1s"]
+    fused = [r for r in doc["results"] if r["stage"] == "adapt+predict"]
+    assert {"onnxruntime", "paddle-eager", "paddlerec-loop"} <= {r["runtime"] for r in fused}
+    assert all(r["steps_run"] == 5 and "stops" not in r["detail"] for r in fused), fused
+    assert all(r["steps_run"] in (5, None) for r in doc["results"])  # predict rows run no step
+    assert all(r["ratio_to_fastest"] >= 1 for r in fused) and min(r["ratio_to_fastest"] for r in fused) == 1
+    assert "every SGD step in every runtime (--every-step)" in result.stdout and " 5/5 " in result.stdout
+
+
+def test_cli_every_step_with_a_model_that_stops_is_one_error_line(exported):
+    result = bench("--every-step", "--model", str(exported), "--configs", "5w1s")
+    assert result.returncode != 0 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --every-step: ") and "maml-export --every-step" in lines[0]
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="the optional PyTorch peer")
+@pytest.mark.slow
+def test_pytorch_peer_stops_where_the_graphs_stop_and_runs_every_step_under_every_step(tmp_path):
+    """The bundled weights x16 saturate the 1-shot support loss (test_export): the graphs run no step, and the
+    PyTorch peer, its softmax exact as theirs, none either; with every_step it runs all 5, to the same logits."""
+    import dataclasses
+    from maml_export.checkpoint import as_deployed, default_checkpoint, load_checkpoint, save_checkpoint
+    from maml_export.data import synthetic_tasks
+    from maml_export.export import export_model
+    from maml_export.bench.benchmark import graph_steps
+    from maml_export.bench.runtimes import host, load_exported, onnxruntime, pytorch_eager
+    ckpt = as_deployed(load_checkpoint(default_checkpoint()), query_norm="support")
+    if ckpt.config.head_init != "prototypes":
+        pytest.skip("needs the bundled prototype-head weights")
+    export_model(save_checkpoint(tmp_path / "x16.npz", as_deployed(ckpt, feature_scale=16)), tmp_path / "out",
+                 steps=5, tasks=1)
+    exp = load_exported(tmp_path / "out" / "model.onnx")
+    t = synthetic_tasks(1, 5, 1, 15, seed=2)
+    feeds = (t.x_spt[0], t.y_spt[0], t.x_qry[0])
+    graph = onnxruntime(exp, "cpu", 1)(*feeds)()
+    assert graph_steps(exp, *feeds[:2]) == 0
+    for every_step, steps in ((False, 0), (True, 5)):
+        call = pytorch_eager(dataclasses.replace(exp, every_step=every_step))(*feeds)
+        got = host(call())
+        assert call.steps_run() == steps and np.abs(got - graph).max() <= 1e-4 * np.abs(graph).max(), every_step
 
 
 def test_cli_cuda_without_the_provider_is_one_line_and_no_cpu_numbers():
@@ -371,7 +445,7 @@ def test_kit_times_the_graph_without_paddle_against_eager_paddles_logits(exporte
 def test_fixed_shape_copy_computes_the_same_logits(exported, tmp_path):
     import onnx
     import onnxruntime
-    from maml_export.runtimes import fixed_shapes
+    from maml_export.bench.runtimes import fixed_shapes
     rng = np.random.default_rng(0)
     feeds = {"x_spt": (rng.random((5, 1, 28, 28)) < 0.2).astype(np.float32), "y_spt": np.arange(5),
              "x_qry": (rng.random((10, 1, 28, 28)) < 0.2).astype(np.float32)}
@@ -399,7 +473,7 @@ def test_cli_help_explains_the_options():
     result = bench("--help")
     assert result.returncode == 0
     for option in ("--provider", "--model", "--configs", "--steps", "--threads", "--warmup", "--runs", "--json",
-                   "--data", "--tasks", "--task-batch", "--write-kit", "--kit"):
+                   "--data", "--tasks", "--task-batch", "--write-kit", "--kit", "--every-step"):
         assert option in result.stdout
 
 
@@ -408,7 +482,7 @@ def test_cli_help_explains_the_options():
 @pytest.mark.slow
 def test_profile_sums_steady_node_times_by_op_and_shape(tmp_path):
     from maml_export.export import export_model
-    from maml_export.profile import profile_graph
+    from maml_export.bench.profile import profile_graph
 
     export_model(out=tmp_path, steps=1, tasks=1, data=os.environ.get("OMNIGLOT_DIR"))
     report = profile_graph(tmp_path / "model.onnx", threads=1, shots=1, query=2, runs=3, warmup=1)
@@ -439,7 +513,7 @@ def test_peers_recover_the_weights_and_compute_the_graphs_function_for_either_he
     from maml_export.checkpoint import as_deployed, default_checkpoint, load_checkpoint, save_checkpoint
     from maml_export.data import synthetic_tasks
     from maml_export.export import export_model
-    from maml_export.runtimes import load_exported, paddle_eager, paddlerec_loop, pytorch_eager
+    from maml_export.bench.runtimes import load_exported, paddle_eager, paddlerec_loop, pytorch_eager
     # transductive and uncalibrated: the function PaddleRec's loop computes (queries normalised together, raw logits)
     ckpt = as_deployed(load_checkpoint(default_checkpoint()), head_init=head_init, query_norm="transductive",
                        temperature=1.0)
@@ -464,7 +538,7 @@ def test_other_ways_use_the_bundled_checkpoint_of_those_ways(exported, tmp_path)
     """`--configs 20w1s` beside the 5-way graph times the bundled 20-way weights (whatever either's head init),
     not the 5-way backbone with a zero head."""
     from maml_export.checkpoint import PRETRAINED_DIR
-    from maml_export.runtimes import load_exported, reheaded
+    from maml_export.bench.runtimes import load_exported, reheaded
     if not (PRETRAINED_DIR / "omniglot-20w1s.npz").is_file():
         pytest.skip("no bundled 20-way checkpoint")
     got = reheaded(load_exported(exported), 20, tmp_path, None)

@@ -454,6 +454,10 @@ def test_single_task_adaptation_stops_at_a_fixed_point_task_batches_run_every_st
 
     assert ifs(out / "adapt.onnx") == ifs(out / "model.onnx") == (1, 4)  # 5 steps: one If each, nested
     assert ifs(out / "predict.onnx") == ifs(exported_batch[0] / "model.onnx") == (0, 0)
+    meta = lambda path: {p.key: p.value for p in onnx.load(str(path)).metadata_props}  # noqa: E731
+    assert meta(out / "adapt.onnx")["every_step"] == meta(out / "model.onnx")["every_step"] == "0"
+    assert meta(exported_batch[0] / "model.onnx")["every_step"] == "1"
+    assert not json.loads((out / "export.json").read_text())["every_step"]
 
 
 def test_adapt_onnx_stops_at_a_fixed_point_and_only_there(exported, tmp_path):
@@ -463,7 +467,7 @@ def test_adapt_onnx_stops_at_a_fixed_point_and_only_there(exported, tmp_path):
     ConvTranspose) and gives the state of every step."""
     from maml_export.checkpoint import save_checkpoint
     from maml_export.data import synthetic_tasks
-    from maml_export.profile import executed_ops, steps_run
+    from maml_export.bench.profile import executed_ops, steps_run
     out, _ = exported
     ckpt = deployed(default_checkpoint()) if default_checkpoint().is_file() else None
     if ckpt is None or ckpt.config.head_init != "prototypes":
@@ -480,6 +484,35 @@ def test_adapt_onnx_stops_at_a_fixed_point_and_only_there(exported, tmp_path):
     assert ran["Conv"] > 0 and ran["ConvTranspose"] == 0, ran
     assert steps_run(tmp_path / "scaled" / "adapt.onnx", feeds, scaled.config.layers) == 0
     assert_matches_eager(scaled, Adapter(tmp_path / "scaled").adapt(t.x_spt[0], t.y_spt[0]).predict(t.x_qry[0]),
+                         t.x_spt[0], t.y_spt[0], t.x_qry[0])
+
+
+def test_every_step_export_runs_every_step_where_the_default_stops(exported, tmp_path):
+    """maml-export --every-step: adapt.onnx and model.onnx without any `If`, so that the weights x16, whose
+    support loss saturates (the default graphs run no step: see above), run all 5 steps, with the same result;
+    recorded in the metadata and export.json, parity checked as always."""
+    from maml_export.contract import every_step
+    from maml_export.data import synthetic_tasks
+    from maml_export.onnx_convert import nested_nodes
+    from maml_export.bench.profile import steps_run
+    ckpt = deployed(default_checkpoint()) if default_checkpoint().is_file() else None
+    if ckpt is None or ckpt.config.head_init != "prototypes":
+        pytest.skip("needs the bundled prototype-head weights")
+    scaled = as_deployed(ckpt, feature_scale=16)
+    save_checkpoint(tmp_path / "scaled.npz", scaled)
+    done = run_cli("export", "--checkpoint", str(tmp_path / "scaled.npz"), "--every-step", "--tasks", "2",
+                   "--data", DATA, "--out", str(tmp_path / "every"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = tmp_path / "every"
+    for name in ("adapt.onnx", "model.onnx"):
+        model = onnx.load(str(out / name))
+        assert not [n for n in list(model.graph.node) + nested_nodes(model.graph.node) if n.op_type == "If"], name
+        assert every_step({p.key: p.value for p in model.metadata_props}), name
+    doc = json.loads((out / "export.json").read_text())
+    assert doc["every_step"] and doc["metadata"]["every_step"] == "1" and doc["parity"]["passed"]
+    t = synthetic_tasks(1, 5, 1, 15, seed=2)
+    assert steps_run(out / "adapt.onnx", {"x_spt": t.x_spt[0], "y_spt": t.y_spt[0]}, scaled.config.layers) == 5
+    assert_matches_eager(scaled, Adapter(out).adapt(t.x_spt[0], t.y_spt[0]).predict(t.x_qry[0]),
                          t.x_spt[0], t.y_spt[0], t.x_qry[0])
 
 

@@ -113,7 +113,7 @@ def test_gpu_advice_is_a_command_pip_accepts_and_leaves_one_onnxruntime():
     from packaging.requirements import Requirement
 
     from maml_export.cli import GPU_INSTALL, GPU_REQUIREMENT
-    from maml_export.runtimes import INSTALL
+    from maml_export.bench.runtimes import INSTALL
     assert INSTALL == GPU_INSTALL
     uninstall, install = (shlex.split(part) for part in GPU_INSTALL.split(" && "))
     # from any state (CPU build, GPU build, or the clashing pair) both builds go, then the GPU one comes
@@ -180,8 +180,9 @@ def run_unconfigured(probe: str) -> None:
     assert run.returncode == 0, run.stderr[-2000:]
 
 
-PADDLE_FREE = ["maml_export", "maml_export.config", "maml_export.specs", "maml_export.contract", "maml_export.kit",
-               "maml_export.adapter", "maml_export.calibration", "maml_export.protocol", "maml_export.process"]
+PADDLE_FREE = ["maml_export", "maml_export.config", "maml_export.specs", "maml_export.contract", "maml_export.adapter",
+               "maml_export.calibration", "maml_export.protocol", "maml_export.process", "maml_export.bench",
+               "maml_export.bench.kit"]
 
 
 @pytest.mark.parametrize("module", PADDLE_FREE)

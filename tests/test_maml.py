@@ -3,7 +3,7 @@ import numpy as np
 import paddle
 import pytest
 
-from maml_export import paddlerec
+from maml_export.bench import paddlerec
 from maml_export.data import TaskSampler, load_omniglot, split_characters
 from maml_export.layers import softmax_cross_entropy
 from maml_export.maml import MAML, expand_to_tasks, prototype_head, query_loss_and_grads, shifted_support

@@ -13,10 +13,17 @@ their tasks/s per task.
 Adapt once, predict many: per config, onnxruntime (adapt.onnx, predict.onnx) and the PyTorch peer also
 adapt and predict in separate calls (`split_calls`; `runtimes.SPLITS`): rows `NAME adapt` (the support set
 -> the task's state), `NAME predict x1` (one query) and `NAME predict xQ` (the config's Q = ways x 15
-queries) under that state, with `queries_per_s`. Their `ratio_to_fastest` compares rows of the same call
-(`same_call`), their floor is their own FLOPs' (`flops`), and their classes are checked against eager
+queries) under that state, with `queries_per_s`. Their `ratio_to_fastest` compares rows of the same work
+(`same_work`), their floor is their own FLOPs' (`flops`), and their classes are checked against eager
 Paddle's as every row's (one query alone only where queries are normalised with the support's statistics).
 A predict row's `tasks_per_s` is its calls per second (it adapts no task; the table shows "-").
+
+The same work: every row says how many SGD steps its call ran (`steps_run`, of `steps`) on how many views of the
+support set (`support_views`). By default the single-task graphs stop at a fixed point of the SGD, and eager
+Paddle, Paddle Inference and the PyTorch peer stop with them (`runtimes`); with `every_step` (maml-bench
+--every-step) the graphs are exported without the stop and every runtime runs every step. The PaddleRec loop
+always runs every step. `ratio_to_fastest` compares only rows of the same work (`same_work`): a row that no other
+row's work matches gets none.
 
 Each is warmed up, then each call is timed with perf_counter, the runtimes of a config round-robin (a
 burst of load on a shared machine then hits them alike, not one row's ratio). Eager Paddle is the
@@ -43,12 +50,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, MamlError
-from .contract import ADAPT_FILE, MODEL_FILE, PREDICT_FILE, RTOL, SUPPORT_IMAGES, SUPPORT_LABELS, compare_logits
+from ..errors import ConfigError, MamlError
+from ..contract import ADAPT_FILE, MODEL_FILE, PREDICT_FILE, RTOL, SUPPORT_IMAGES, SUPPORT_LABELS, compare_logits
 from .kit import FORMAT as KIT_FORMAT
 from .kit import read_kit
 from .machine import GemmWorker, available_cores, count_flops, gpu_gemm_gflops, gpu_name, machine_info
-from .specs import support_views
+from ..specs import support_views
 from .profile import steps_run
 from .runtimes import (GPU_ROWS, RUNTIMES, SPLITS, Exported, batched, check_provider, export_checkpoint, host,
                        load_exported, onnxruntime, open_session, paddle_eager, query_norm, reheaded)
@@ -82,7 +89,7 @@ def task_inputs(c: BenchConfig, channels: int, size: int, dataset=None, seed: in
     """(x_spt, y_spt, x_qry, y_qry) of one task: a test task of `dataset` (`folders.open_dataset`: Omniglot's
     protocol split or an image folder's) when given, else one of made-up characters (`data.synthetic_tasks`, as
     the export's parity check). Labels sorted."""
-    from .data import synthetic_tasks
+    from ..data import synthetic_tasks
     if dataset is not None:
         return tuple(a[0] for a in dataset.sampler("test", c.ways, c.shots, c.query, seed).sample(1))
     return tuple(a[0] for a in synthetic_tasks(1, c.ways, c.shots, c.query, seed, size, channels))
@@ -152,14 +159,14 @@ def test_data(data, models: dict, configs: list):
     (`folders.open_dataset`: Omniglot's protocol, or the image folders of a folder-trained model); None without."""
     if not data:
         return None
-    from .folders import open_dataset
+    from ..folders import open_dataset
     return open_dataset(data, next(iter(models.values())).config, need=max(c.shots + c.query for c in configs))[0]
 
 
 def meta_test_accuracy(exp: Exported, c: BenchConfig, provider: str, threads: int, dataset, tasks: int) -> dict:
     """Query accuracy ± 95% interval of the exported graph and of eager adaptation on the same `tasks` test
     tasks of `dataset` (the protocol's test stream, `protocol.TEST_SEED`)."""
-    from .protocol import TEST_SEED, mean_ci95
+    from ..protocol import TEST_SEED, mean_ci95
     sampler = dataset.sampler("test", c.ways, c.shots, c.query, TEST_SEED)
     adapter, eager = open_session(exp, provider, threads), paddle_eager(exp)
     acc, same = {"onnxruntime": [], "paddle-eager": []}, 0
@@ -181,20 +188,26 @@ def model_path(model: str | Path | None) -> Path | None:
     return path
 
 
-def prepare_models(model: Path | None, configs: list, steps: int | None, workdir: Path, data, echo) -> dict:
-    """ways -> Exported: --model (or the bundled weights, exported now), and a graph for every other ways."""
-    from .checkpoint import default_checkpoint
+def prepare_models(model: Path | None, configs: list, steps: int | None, workdir: Path, data, echo,
+                   every_step: bool = False) -> dict:
+    """ways -> Exported: --model (or the bundled weights, exported now, without the fixed-point stop under
+    `every_step`), and a graph for every other ways, stopping as the first does."""
+    from ..checkpoint import default_checkpoint
     if model:
         base = load_exported(model)
         if steps is not None and steps != base.steps:
             raise ConfigError(f"--steps {steps}: {model} was exported with {base.steps} steps (re-export it with "
                               f"maml-export --steps {steps}, or leave --steps out)")
+        if every_step and not base.every_step:
+            raise ConfigError(f"--every-step: {model} stops at a fixed point of its SGD (re-export it with "
+                              "maml-export --every-step, or leave --every-step out)")
     else:
         if not default_checkpoint().is_file():
             raise ConfigError(f"the bundled weights {default_checkpoint()} are missing: pass --model DIR/model.onnx")
-        echo(f"exporting the bundled {default_checkpoint().name} with {steps or 5} steps ...")
+        echo(f"exporting the bundled {default_checkpoint().name} with {steps or 5} steps"
+             + (", every step" if every_step else "") + " ...")
         base = export_checkpoint(default_checkpoint(), workdir / "base", steps or 5, None, data,
-                                 f"bundled {default_checkpoint().name}")
+                                 f"bundled {default_checkpoint().name}", every_step=every_step)
     models = {base.config.ways: base}
     for ways in sorted({c.ways for c in configs} - set(models)):
         echo(f"exporting a {ways}-way graph of the same architecture ...")
@@ -211,15 +224,26 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
-def stopped_work(exp: Exported, xs, ys) -> tuple[int, str]:
-    """How many of its steps onnxruntime's single-task graphs run on this support set, since they stop at a
-    fixed point of the SGD (docs/design.md#adaptation-stops-at-a-fixed-point), and the rows' detail saying so."""
+def graph_steps(exp: Exported, xs, ys) -> int:
+    """How many of its steps onnxruntime's single-task graphs run on this support set: all of them under
+    `every_step`, else up to the fixed point of the SGD they stop at (docs/design.md#adaptation-stops-at-a-fixed-point),
+    counted in a run of adapt.onnx (`profile.steps_run`)."""
     adapt = exp.onnx.with_name(ADAPT_FILE)
-    ran = steps_run(adapt, {SUPPORT_IMAGES: xs, SUPPORT_LABELS: ys.astype("int64")}, exp.config.layers) \
-        if adapt.is_file() else None
-    if ran is None or ran >= exp.steps:
-        return exp.steps, ""
-    return ran, f"stops at a fixed point: {ran} of {exp.steps} steps ran"
+    if exp.every_step or not adapt.is_file():
+        return exp.steps
+    ran = steps_run(adapt, {SUPPORT_IMAGES: xs, SUPPORT_LABELS: ys.astype("int64")}, exp.config.layers)
+    return exp.steps if ran is None else min(ran, exp.steps)
+
+
+def ran_steps(call, graph: int) -> int:
+    """The steps a runtime's last call ran: its own count where it keeps one (`call.steps_run`), else the
+    graph's (`graph_steps`: the runtimes that compute the graph's function stop where it does)."""
+    return call.steps_run() if hasattr(call, "steps_run") else graph
+
+
+def stop_detail(exp: Exported, ran: int) -> str:
+    """A row's detail where its adaptation stopped before its last step."""
+    return f"stops at a fixed point: {ran} of {exp.steps} steps ran" if ran < exp.steps else ""
 
 
 def run_flops(exp: Exported, support: int, query: int, ran: int) -> int:
@@ -231,29 +255,32 @@ def run_flops(exp: Exported, support: int, query: int, ran: int) -> int:
     return count_flops(layers, support, query, ran, size) + found
 
 
-def split_calls(name: str, split: tuple, exp: Exported, xs, ys, xq, ran: int | None = None, stopped: str = "") -> dict:
+def split_calls(name: str, split: tuple, exp: Exported, xs, ys, xq, graph: int | None = None) -> dict:
     """The rows of one runtime's adaptation in two calls (`runtimes.SPLITS`): `NAME adapt` (the support set ->
     the task's state), `NAME predict x1` (one query) and `NAME predict xQ` (the task's Q queries), both
     predicting under the state of a first, untimed adapt call. Returns row name -> (call, the row's fields,
     check): `check(output)` gives the logits to compare with eager Paddle's and which rows of eager Paddle's
     they are, or None where nothing compares: under transductive query normalisation one query alone is
-    normalised with its own statistics, another function than the batch's that eager Paddle computed. `ran`,
-    `stopped`: the adapt row's steps that ran and its detail (`stopped_work`; default: every step)."""
+    normalised with its own statistics, another function than the batch's that eager Paddle computed. `graph`:
+    the steps the single-task graphs run on this support set (`graph_steps`; default: every step)."""
     bind_adapt, bind_predict = split
     layers, size, S, Q = exp.config.layers, exp.config.image_size, len(xs), len(xq)
     adapt = bind_adapt(xs, ys)
     state = adapt()
+    ran = ran_steps(adapt, exp.steps if graph is None else graph)
+    stopped, views = stop_detail(exp, ran), support_views(layers)
+    no_steps = {"steps_run": None, "support_views": None}  # a predict call runs no SGD step
     one, every = bind_predict(state, xq[:1]), bind_predict(state, xq)
     alone = query_norm(exp.config) == "support"  # a query's logits do not depend on its batch-mates
     return {
         # the adapt row's state is checked by the classes it gives the task's queries (one untimed predict)
-        f"{name} adapt": (adapt, {"stage": "adapt", "flops": run_flops(exp, S, 0, exp.steps if ran is None else ran),
-                                  **({"detail": stopped} if stopped else {})},
+        f"{name} adapt": (adapt, {"stage": "adapt", "flops": run_flops(exp, S, 0, ran), "steps_run": ran,
+                                  "support_views": views, **({"detail": stopped} if stopped else {})},
                           lambda out: (host(bind_predict(out, xq)()), slice(None))),
-        f"{name} predict x1": (one, {"stage": "predict", "queries_per_call": 1,
+        f"{name} predict x1": (one, {"stage": "predict", "queries_per_call": 1, **no_steps,
                                      "flops": count_flops(layers, 0, 1, exp.steps, size)},
                                lambda out: (host(out), slice(0, 1)) if alone else None),
-        f"{name} predict xQ": (every, {"stage": "predict", "queries_per_call": Q, "detail": f"{Q} queries",
+        f"{name} predict xQ": (every, {"stage": "predict", "queries_per_call": Q, "detail": f"{Q} queries", **no_steps,
                                        "flops": count_flops(layers, 0, Q, exp.steps, size)},
                                lambda out: (host(out), slice(None))),
     }
@@ -263,7 +290,7 @@ def bench_config(c: BenchConfig, exp: Exported, binders: dict, report: dict, dat
                  task: dict | None = None):
     """Time each runtime on one task of config `c`, adapting and predicting in one call, and (`split_calls`)
     onnxruntime and the PyTorch peer adapting and predicting in separate calls; add their rows (or why a
-    runtime cannot run) to `report`. With `task` (from a kit, maml_export.kit): its inputs and eager Paddle's
+    runtime cannot run) to `report`. With `task` (from a kit, maml_export.bench.kit): its inputs and eager Paddle's
     logits; no Paddle runtime runs."""
     provider, threads = report["settings"]["provider"], report["settings"]["threads"]
     if task is None:
@@ -271,10 +298,11 @@ def bench_config(c: BenchConfig, exp: Exported, binders: dict, report: dict, dat
         flops = count_flops(exp.config.layers, len(xs), len(xq), exp.steps, exp.config.image_size)
     else:
         xs, ys, xq, flops = task["x_spt"], task["y_spt"], task["x_qry"], task["flops"]
-    report["models"][c.name] = {"weights": exp.source, "flops": flops, "steps": exp.steps}
-    ran, stopped = stopped_work(exp, xs, ys)  # onnxruntime's single-task graphs stop at a fixed point
-    if stopped:
-        report["models"][c.name]["onnxruntime_steps_run"] = ran
+    report["models"][c.name] = {"weights": exp.source, "flops": flops, "steps": exp.steps,
+                                "support_views": support_views(exp.config.layers)}
+    graph = graph_steps(exp, xs, ys)  # onnxruntime's single-task graphs may stop at a fixed point
+    if graph < exp.steps:
+        report["models"][c.name]["onnxruntime_steps_run"] = graph
     ref = {} if task is None else {"paddle-eager": task["float32"]}
     fused = lambda out: (host(out), slice(None))  # noqa: E731 - a row's logits of every query, in order
     calls = {}  # row name -> (call, the row's fields, check), as split_calls
@@ -299,18 +327,19 @@ def bench_config(c: BenchConfig, exp: Exported, binders: dict, report: dict, dat
             # PaddleRec's loop normalises a task's queries together (its BatchNorm2D in training mode): under
             # query_norm "support" that is another function than the export's, so its classes are not compared
             other_function = name == "paddlerec-loop" and query_norm(exp.config) == "support"
-            fields = {"stage": "adapt+predict", **({"detail": "queries normalised together, as PaddleRec does: "
-                                                              "not compared"} if other_function else {})}
-            # Paddle Inference runs the same traced program, its `cond`s and its written-out softmax, so it stops
-            # where onnxruntime does (docs/design.md#adaptation-stops-at-a-fixed-point; Paddle eager and PaddleRec's
-            # loop run every step, as a learn2learn-style loop does)
-            if name in ("onnxruntime", "paddle-inference") and stopped:
-                fields.update(detail=stopped, flops=run_flops(exp, len(xs), len(xq), ran))
+            # Paddle Inference runs the same traced program, its `cond`s and its written-out softmax, and eager
+            # Paddle the same exact softmax, so they stop where onnxruntime does; the PyTorch peer and the PaddleRec
+            # loop count their own steps (docs/design.md#adaptation-stops-at-a-fixed-point)
+            ran = ran_steps(call, graph)
+            detail = "; ".join(d for d in (stop_detail(exp, ran), other_function and "queries normalised together, "
+                                           "as PaddleRec does: not compared") if d)
+            fields = {"stage": "adapt+predict", "steps_run": ran, "support_views": support_views(exp.config.layers),
+                      "flops": run_flops(exp, len(xs), len(xq), ran), **({"detail": detail} if detail else {})}
             calls[name] = (call, fields, (lambda out: None) if other_function else fused)
     for name, runtime in SPLITS.items():
         try:
             split = binders[name, "split", c.ways] = binders.get((name, "split", c.ways)) or runtime(exp, provider, threads)
-            calls.update(split_calls(name, split, exp, xs, ys, xq, *((ran, stopped) if name == "onnxruntime" else ())))
+            calls.update(split_calls(name, split, exp, xs, ys, xq, graph))
         except (ImportError, ValueError) as e:  # no PyTorch; an export without adapt.onnx and predict.onnx
             if isinstance(e, MamlError):
                 raise
@@ -397,39 +426,49 @@ def bench_task_batch(c: BenchConfig, exp: Exported, tasks: dict, binders: dict, 
         copies = "inputs copied in and logits out each call"
         calls = {"onnxruntime-batch": (one_call, f"{T} tasks in one call, {batch_call.detail}, {copies}"),
                  "onnxruntime-loop": (loop, f"{T} single-task calls, {single.detail}, {copies}")}
+    # the batched graph runs every step; the single-task graph may stop at a fixed point on some of the tasks: the
+    # loop's steps_run is then their mean, another work than the batch's
+    loop_steps = [graph_steps(exp, xs, ys) for xs, ys, _ in each]
+    steps = {"onnxruntime-batch": exp.steps, "onnxruntime-loop": sum(loop_steps) / T}
     rows = {}
     timed = time_interleaved({name: call for name, (call, _) in calls.items()}, warmup, runs, max_seconds)
     for name, (call, detail) in calls.items():
         stats, out = timed[name]
         out = host(out)
         stats["tasks_per_s"] *= T  # per task: a call adapts T tasks
+        if steps[name] < exp.steps:
+            detail += f", steps ran per task: {', '.join(map(str, loop_steps))} of {exp.steps}"
         rows[name] = {"runtime": name, "provider": provider, "config": c.name, "steps": exp.steps, **stats,
-                      "detail": detail, "stage": "adapt+predict", "task_batch": T,
-                      **agreement_per_task(out, tasks["float32"])}
+                      "detail": detail, "stage": "adapt+predict", "task_batch": T, "steps_run": steps[name],
+                      "support_views": support_views(exp.config.layers), **agreement_per_task(out, tasks["float32"])}
         if rows[name]["disagreements"]:  # float64 decides, as in bench_config
             f64 = tasks.get("float64")
             if f64 is None:  # not computed up front (batch_tasks(float64=False)): eager Paddle is here
                 f64 = _eager_logits(exp, each, "float64")
             rows[name]["settled_by_float64"] = agreement_per_task(out, f64)["disagreements"] == 0
-    rows["onnxruntime-batch"]["speedup_vs_loop"] = (rows["onnxruntime-batch"]["tasks_per_s"]
-                                                    / rows["onnxruntime-loop"]["tasks_per_s"])
+    batch, loop = rows["onnxruntime-batch"], rows["onnxruntime-loop"]
+    batch["speedup_vs_loop"] = batch["tasks_per_s"] / loop["tasks_per_s"] if same_work(batch, loop) else None
     report["results"] += rows.values()
 
 
-def same_call(a: dict, b: dict) -> bool:
-    """Whether rows `a` and `b` time the same work (config, stage and queries per call), so that their
-    ratio means something: adapt-and-predict rows against each other, adapt rows against adapt rows, ..."""
-    key = lambda r: (r["config"], r["stage"], r.get("queries_per_call"))  # noqa: E731
+def same_work(a: dict, b: dict) -> bool:
+    """Whether rows `a` and `b` time the same work, so that their ratio means something: the same call (config,
+    stage and queries per call: adapt-and-predict rows against each other, adapt rows against adapt rows, ...)
+    and the same SGD steps run on the same support views (a row that stopped at a fixed point did less)."""
+    def key(r):
+        return r["config"], r["stage"], r.get("queries_per_call"), r["steps_run"], r["support_views"]
     return key(a) == key(b)
 
 
 def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str | None = None, steps: int | None = None,
                   threads: int | None = None, warmup: int = 1, runs: int = 20, max_seconds: float = 2.0,
                   data: str | None = None, tasks: int = 0, task_batch: int | None = None, kit: str | None = None,
-                  echo=print) -> dict:
+                  echo=print, every_step: bool = False) -> dict:
     """Time every runtime on every config (and, with `task_batch`, onnxruntime's throughput on that many tasks
-    per call); returns the report `maml-bench --json` writes. With `kit` (maml_export.kit), the graphs, tasks and
-    reference logits come from that folder and Paddle is not needed."""
+    per call); returns the report `maml-bench --json` writes. With `kit` (maml_export.bench.kit), the graphs, tasks
+    and reference logits come from that folder and Paddle is not needed. `every_step`: every runtime runs every
+    SGD step (graphs exported so, or a --model or kit that was); else they stop at the fixed point where the
+    graphs do (an every-step --model or kit: every step)."""
     check_provider(provider)  # the cheap checks first: no export, no Paddle import before a usage error
     if tasks and not data:
         raise ConfigError("--tasks (meta-test accuracy) needs data: pass --data DIR (Omniglot, or the image folders the "
@@ -439,13 +478,16 @@ def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str 
     path = model_path(model)
     threads = threads or available_cores()
     if not kit:
-        from .process import set_threads
+        from ..process import set_threads
         set_threads(threads)
     kit_models, kit_tasks, kit_batch = read_kit(Path(kit)) if kit else ({}, {}, None)
     if kit and task_batch and task_batch != kit_batch:
         raise ConfigError(f"--task-batch {task_batch}: the kit {kit} holds " + (
             f"{kit_batch} tasks a call" if kit_batch else "no batched graphs") +
             f"; write one with maml-bench --write-kit DIR --task-batch {task_batch}")
+    if kit and every_step and not all(m.every_step for m in kit_models.values()):
+        raise ConfigError(f"--every-step: the kit {kit} holds graphs that stop at a fixed point of their SGD; write "
+                          "one with maml-bench --write-kit DIR --every-step")
     missing = [c.name for c in configs if kit and c.name not in kit_tasks]
     if missing:
         raise ConfigError(f"--configs: the kit {kit} has no {', '.join(missing)} (it has {', '.join(kit_tasks)})")
@@ -458,7 +500,8 @@ def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str 
                                                          "kit": kit,
                                                          "task_batch": task_batch}}
     with tempfile.TemporaryDirectory(prefix="maml-bench-") as tmp, contextlib.ExitStack() as stack:
-        models = kit_models or prepare_models(path, configs, steps, Path(tmp), data, echo)
+        models = kit_models or prepare_models(path, configs, steps, Path(tmp), data, echo, every_step)
+        report["settings"]["every_step"] = all(m.every_step for m in models.values())
         dataset = None if kit else test_data(data, models, configs)
         binders, batches = {}, {}
         for ways, exp in models.items() if task_batch and not kit else ():
@@ -485,7 +528,8 @@ def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str 
                 report["accuracy"].append(meta_test_accuracy(models[c.ways], c, provider, threads, dataset, tasks))
     per_task = lambda r: r["p50_ms"] / r.get("task_batch", 1)  # noqa: E731 - rows of --task-batch time T tasks a call
     for r in report["results"]:
-        r["ratio_to_fastest"] = per_task(r) / min(per_task(x) for x in report["results"] if same_call(x, r))
+        same = [x for x in report["results"] if same_work(x, r)]  # r among them; alone: no ratio
+        r["ratio_to_fastest"] = per_task(r) / min(map(per_task, same)) if len(same) > 1 else None
         floor, flops = report["flop_floor_ms"][r["config"]], report["models"][r["config"]]["flops"]
         on_floor_device = (r["provider"] == "cpu") == (provider == "cpu") and floor
         # a split row's floor: its own share of the config's FLOPs at the same rate
@@ -495,15 +539,16 @@ def run_benchmark(configs: list[BenchConfig], provider: str = "cpu", model: str 
 
 
 def write_kit(out: Path, configs: list, model: Path | None, steps: int | None, data: str | None,
-              task_batch: int | None = None, echo=print) -> dict:
-    """Export the graphs `configs` need into `out` (from `model`, else the bundled weights) and store each
-    config's task (an Omniglot test task with `data`, else made-up characters) with eager Paddle's logits; with
-    `task_batch` T, also the graphs for T tasks a call and T tasks per config (`batch_*` arrays)."""
+              task_batch: int | None = None, echo=print, every_step: bool = False) -> dict:
+    """Export the graphs `configs` need into `out` (from `model`, else the bundled weights; `every_step`: without
+    the fixed-point stop) and store each config's task (an Omniglot test task with `data`, else made-up
+    characters) with eager Paddle's logits; with `task_batch` T, also the graphs for T tasks a call and T tasks
+    per config (`batch_*` arrays)."""
     model = model_path(model)
     out.mkdir(parents=True, exist_ok=True)
     index = {"format": KIT_FORMAT, "models": {}, "configs": {}, "task_batch": task_batch}
     with tempfile.TemporaryDirectory(prefix="maml-kit-") as tmp:
-        models = prepare_models(model, configs, steps, Path(tmp), data, echo)
+        models = prepare_models(model, configs, steps, Path(tmp), data, echo, every_step)
         dataset = test_data(data, models, configs)
         for ways, exp in models.items():  # the graphs and their weights: all a kit's runtimes need
             folder = out / f"{ways}way"  # model.onnx with adapt.onnx and predict.onnx beside it, as exported
@@ -513,7 +558,8 @@ def write_kit(out: Path, configs: list, model: Path | None, steps: int | None, d
                     shutil.copyfile(exp.onnx.parent / name, folder / name)
             np.savez(out / f"{ways}way-params.npz", **exp.params)
             index["models"][str(ways)] = {"onnx": f"{ways}way/{MODEL_FILE}", "config": exp.config.to_dict(),
-                                          "inner_lr": exp.inner_lr, "steps": exp.steps, "source": exp.source}
+                                          "inner_lr": exp.inner_lr, "steps": exp.steps, "source": exp.source,
+                                          "every_step": exp.every_step}
             if task_batch:
                 echo(f"exporting the {ways}-way graph for {task_batch} tasks per call ...")
                 shutil.copyfile(batched(exp, task_batch, Path(tmp), data).onnx, out / f"{ways}way-batch.onnx")

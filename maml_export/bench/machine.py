@@ -23,8 +23,8 @@ import time
 from importlib import metadata
 from typing import NamedTuple
 
-from .errors import MamlError
-from .specs import support_views
+from ..errors import MamlError
+from ..specs import support_views
 
 
 def available_cores() -> int:

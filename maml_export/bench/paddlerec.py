@@ -14,8 +14,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from .layers import BatchNorm, Conv2d, Flatten, Linear, MaxPool2, ReLU
-from .model import Model
+from ..layers import BatchNorm, Conv2d, Flatten, Linear, MaxPool2, ReLU
+from ..model import Model
 
 
 def build_net(model: Model, params: dict[str, np.ndarray], dtype: str = "float32") -> nn.Layer:

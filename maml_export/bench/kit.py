@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import MamlConfig
-from .errors import ConfigError, reason
+from ..config import MamlConfig
+from ..errors import ConfigError, reason
 from .runtimes import Exported
 
 FORMAT = "maml-export-bench-kit-v1"
@@ -43,7 +43,7 @@ def read_kit(kit: Path) -> tuple[dict, dict, int | None]:
             with np.load(kit / f"{ways}way-params.npz", allow_pickle=False) as z:
                 params = {name: z[name] for name in z.files}
             models[int(ways)] = Exported(kit / m["onnx"], MamlConfig.from_dict(m["config"]), params, float(m["inner_lr"]),
-                                         int(m["steps"]), m["source"])
+                                         int(m["steps"]), m["source"], bool(m.get("every_step")))  # older kits: stop
             if m.get("batch_onnx"):
                 batches[int(ways)] = dataclasses.replace(models[int(ways)], onnx=kit / m["batch_onnx"])
         tasks = {}

@@ -14,7 +14,13 @@ task) gives a call that returns the query logits, all K SGD steps and tensor con
 the task's state) and predict (state, queries -> logits), for onnxruntime (adapt.onnx, predict.onnx) and
 the PyTorch peer (see "adapt once, predict many" below).
 
-`Exported` is what they share: the graph, its config and weights (checked against the ONNX metadata).
+`Exported` is what they share: the graph, its config and weights (checked against the ONNX metadata), and
+whether its adaptation runs every step. The same work everywhere: where the single-task graphs stop at a fixed
+point of the SGD (docs/design.md#adaptation-stops-at-a-fixed-point), eager Paddle, Paddle Inference and the
+PyTorch peer stop there too, their softmax exact as `layers.softmax_cross_entropy`'s; under `every_step` all
+of them run every step. The PaddleRec loop always runs every step, as PaddleRec does. A call that knows how many
+steps its last run took says so (`call.steps_run()`); the others compute the graph's function, stopping where
+it does.
 """
 from __future__ import annotations
 
@@ -25,13 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import (ADAPT_FILE, FUSED_INPUTS, LOGITS, PREDICT_FILE, QUERY_IMAGES, SUPPORT_IMAGES,
-                       SUPPORT_LABELS)
-from .errors import ConfigError, MamlError
-from .specs import support_windows
+from ..contract import (ADAPT_FILE, FUSED_INPUTS, LOG_TINY, LOGITS, PREDICT_FILE, QUERY_IMAGES, SUPPORT_IMAGES,
+                        SUPPORT_LABELS)
+from ..errors import ConfigError, MamlError
+from ..specs import support_windows
 
 GPU = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-from .cli import GPU_INSTALL as INSTALL  # noqa: E402
+from ..cli import GPU_INSTALL as INSTALL  # noqa: E402
 
 
 GPU_ROWS = ("onnxruntime", "pytorch-eager")  # the runtimes that compute on --provider's device
@@ -57,16 +63,18 @@ class Exported:
     inner_lr: float
     steps: int
     source: str  # where the weights come from, for the table
+    every_step: bool = False  # the single-task graphs run all `steps` (maml-export --every-step), no fixed-point stop
 
 
 def load_exported(onnx_path: Path) -> Exported:
     """A maml-export folder: metadata from model.onnx, weights from model.pdiparams, checked against the
     ONNX metadata's weights_sha256, so that every runtime really computes with the same weights."""
     import paddle
-    from .adapter import Adapter
-    from .config import MamlConfig
-    from .onnx_convert import weights_sha256
-    from .model import Model
+    from ..adapter import Adapter
+    from ..config import MamlConfig
+    from ..contract import every_step
+    from ..onnx_convert import weights_sha256
+    from ..model import Model
     meta, prefix = Adapter(onnx_path).metadata, onnx_path.with_name("model")
     if int(meta.get("task_batch") or 0):
         raise ConfigError(f"--model: {onnx_path} adapts {meta['task_batch']} tasks per call; maml-bench takes a "
@@ -89,36 +97,38 @@ def load_exported(onnx_path: Path) -> Exported:
         ok, why = False, f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
     if not ok:
         raise ConfigError(f"--model: cannot recover the weights in {prefix}.pdiparams for the Paddle peers ({why})")
-    return Exported(onnx_path, config, params, float(meta["inner_lr"]), int(meta["steps"]), f"--model {onnx_path}")
+    return Exported(onnx_path, config, params, float(meta["inner_lr"]), int(meta["steps"]), f"--model {onnx_path}",
+                    every_step(meta))
 
 
 def export_checkpoint(path: Path, out: Path, steps: int, inner_lr, data, source: str,
-                      task_batch: int | None = None, query_norm: str | None = None) -> Exported:
-    from .checkpoint import as_deployed, load_checkpoint
-    from .export import export_model
+                      task_batch: int | None = None, query_norm: str | None = None,
+                      every_step: bool = False) -> Exported:
+    from ..checkpoint import as_deployed, load_checkpoint
+    from ..export import export_model
     ckpt = as_deployed(load_checkpoint(path), query_norm=query_norm)
     export_model(path, out, steps=steps, inner_lr=inner_lr, tasks=1, data=data, task_batch=task_batch,
-                 query_norm=query_norm)
+                 query_norm=query_norm, every_step=every_step)
     lr = ckpt.config.inner_lr if inner_lr is None else inner_lr
-    return Exported(out / "model.onnx", ckpt.config, ckpt.params, lr, steps, source)
+    return Exported(out / "model.onnx", ckpt.config, ckpt.params, lr, steps, source, every_step or bool(task_batch))
 
 
 def batched(exp: Exported, task_batch: int, workdir: Path, data) -> Exported:
-    """`exp`'s weights, steps and inner lr exported again as a graph for `task_batch` tasks per call."""
-    from .checkpoint import Checkpoint, save_checkpoint
+    """`exp`'s weights, steps and inner lr exported again as a graph for `task_batch` tasks per call (every step)."""
+    from ..checkpoint import Checkpoint, save_checkpoint
     name = f"{exp.config.ways}way-batch{task_batch}"
     path = save_checkpoint(workdir / f"{name}.npz", Checkpoint(exp.config, exp.params))
     return export_checkpoint(path, workdir / name, exp.steps, exp.inner_lr, data, exp.source, task_batch)
 
 
 def reheaded(base: Exported, ways: int, workdir: Path, data) -> Exported:
-    """A `ways`-way graph of the same architecture and steps: a bundled checkpoint of that many ways if one
+    """A `ways`-way graph of the same architecture, steps and stop: a bundled checkpoint of that many ways if one
     matches, else `base`'s backbone with a zero head. Latency does not depend on the values; a zero head
     keeps adaptation well-conditioned (on random weights float32 runtimes can take other paths)."""
-    from .checkpoint import PRETRAINED_DIR, Checkpoint, load_checkpoint, save_checkpoint
-    from .config import MamlConfig
-    from .model import Model
-    from .specs import with_head, with_query_norm
+    from ..checkpoint import PRETRAINED_DIR, Checkpoint, load_checkpoint, save_checkpoint
+    from ..config import MamlConfig
+    from ..model import Model
+    from ..specs import with_head, with_query_norm
     try:
         specs = with_head(base.config.layers, ways)
     except ValueError as e:
@@ -129,7 +139,7 @@ def reheaded(base: Exported, ways: int, workdir: Path, data) -> Exported:
     for path in sorted(PRETRAINED_DIR.glob(f"*-{ways}w*s.npz")):
         if same(load_checkpoint(path).config.layers) == same(specs):
             return export_checkpoint(path, workdir / f"{ways}way", base.steps, None, data, f"bundled {path.name}",
-                                     query_norm=norm)
+                                     query_norm=norm, every_step=base.every_step)
     c, model = base.config, Model.from_specs(specs)
     params = model.with_zero_head(base.params)
     config = MamlConfig(name=f"{c.name}-backbone-{ways}w", ways=ways, inner_lr=base.inner_lr, hidden=c.hidden,
@@ -137,14 +147,17 @@ def reheaded(base: Exported, ways: int, workdir: Path, data) -> Exported:
                         temperature=c.temperature, support_shift=c.support_shift, layers=specs)
     path = save_checkpoint(workdir / f"{ways}way.npz", Checkpoint(config, params))
     return export_checkpoint(path, workdir / f"{ways}way", base.steps, base.inner_lr, data,
-                             f"{base.source.removeprefix('bundled ')}'s backbone, zero {ways}-way head")
+                             f"{base.source.removeprefix('bundled ')}'s backbone, zero {ways}-way head",
+                             every_step=base.every_step)
 
 
 def paddle_eager(exp: Exported, provider="cpu", threads=None, dtype="float32"):
+    """MAML.adapt/predict, stopping at the fixed point where the graphs do (its softmax is theirs, exact)."""
     import paddle
-    from .maml import MAML
-    from .model import Model, to_tensors
-    maml = MAML(Model.from_specs(exp.config.layers), to_tensors(exp.params, dtype), exp.inner_lr, exp.steps)
+    from ..maml import MAML
+    from ..model import Model, to_tensors
+    maml = MAML(Model.from_specs(exp.config.layers), to_tensors(exp.params, dtype), exp.inner_lr, exp.steps,
+                stop_at_fixed_point=not exp.every_step)
 
     def call(xs, ys, xq):
         with paddle.no_grad():
@@ -157,8 +170,8 @@ def paddlerec_loop(exp: Exported, provider="cpu", threads=None):
     import warnings
     import paddle
     from . import paddlerec
-    from .maml import shifted_support
-    from .model import Model
+    from ..maml import shifted_support
+    from ..model import Model
     warnings.filterwarnings("ignore", message="When training, we now always track")  # BatchNorm2D in train mode
     net = paddlerec.build_net(Model.from_specs(exp.config.layers), exp.params)
 
@@ -169,7 +182,12 @@ def paddlerec_loop(exp: Exported, provider="cpu", threads=None):
         fast = paddlerec.adapt(net, xs, ys, exp.steps, exp.inner_lr, exp.config.head_init)
         with paddle.no_grad():
             return fast(paddle.to_tensor(xq)).numpy()
-    return lambda xs, ys, xq: lambda: call(xs, ys, xq)
+
+    def bind(xs, ys, xq):
+        bound = lambda: call(xs, ys, xq)  # noqa: E731
+        bound.steps_run = lambda: exp.steps  # every step, as PaddleRec's loop.backward() loop does
+        return bound
+    return bind
 
 
 def paddle_inference(exp: Exported, provider: str, threads: int):
@@ -231,7 +249,7 @@ def on_provider(load, provider: str, options: dict | None = None):
 
 def open_session(exp: Exported, provider: str, threads: int, options: dict | None = None):
     """An Adapter of `exp`'s model.onnx on the provider (`on_provider`)."""
-    from .adapter import Adapter
+    from ..adapter import Adapter
     return on_provider(lambda providers: Adapter(exp.onnx, providers, threads), provider, options)
 
 
@@ -370,7 +388,10 @@ class TorchMAML:
     specs, `torch.autograd.grad` per SGD step. `adapt` -> the state (fast weights and, under query_norm
     "support", each batch norm's support statistics), `predict` -> logits, on torch tensors. On --provider
     cuda/tensorrt it runs on the GPU, inputs and outputs on the device (as onnxruntime's IO binding), TF32
-    off (onnxruntime's CUDA provider computes in full fp32). Optional: `pip install "maml-export[torch]"`;
+    off (onnxruntime's CUDA provider computes in full fp32). Where the graphs stop at a fixed point (not
+    `exp.every_step`), it stops there too: its loss gradient is then `layers.softmax_cross_entropy`'s, exact
+    (probabilities below float32's smallest normal number are zero), and a step whose gradient is exactly zero
+    ends the loop (`steps_run`: the steps the last `adapt` ran). Optional: `pip install "maml-export[torch]"`;
     without it (or without a CUDA device) an ImportError says why, and the rows say it."""
 
     def __init__(self, exp: Exported, provider="cpu", threads=None):
@@ -387,6 +408,7 @@ class TorchMAML:
             torch.set_num_threads(threads)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         self.exp, self.specs = exp, exp.config.layers
+        self.stop, self.steps_run = not exp.every_step, exp.steps
         self.meta = [torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for v in exp.params.values()]
         self.support_norm = query_norm(exp.config) == "support"
         # the layers the support statistics need: up to the last batch norm (model.Model.support_stats)
@@ -439,15 +461,35 @@ class TorchMAML:
                 onehot = tf.one_hot(ys, exp.config.ways).to(xs.dtype)  # (S, ways)
                 prototypes = onehot.T @ self.forward(params[:-2], xs, self.specs[:-1]) / onehot.sum(0)[:, None]
             params[-2:] = [(2 * prototypes.T).requires_grad_(), (-(prototypes ** 2).sum(1)).requires_grad_()]
+        self.steps_run = 0
         for _ in range(exp.steps):
-            grads = torch.autograd.grad(tf.cross_entropy(self.forward(params, xs), ys), params)
+            if self.stop:  # the graphs' exact stop (maml.steps_to_fixed_point); the check waits for the GPU
+                logits = self.forward(params, xs)
+                dlogits = self.exact_dlogits(logits, ys)
+                if not bool((dlogits != 0).any()):
+                    break
+                grads = torch.autograd.grad(logits, params, dlogits)
+            else:  # as a learn2learn user writes it
+                grads = torch.autograd.grad(tf.cross_entropy(self.forward(params, xs), ys), params)
             params = [(p - exp.inner_lr * g).detach().requires_grad_() for p, g in zip(params, grads)]
+            self.steps_run += 1
+        # (where it stopped, the support statistics below take one more forward than the graphs, which keep the
+        # stopping forward's: up to the last batch norm, a fraction of a step)
         params, stats = [p.detach() for p in params], None
         if self.support_norm:  # the support set's statistics under the fast weights, for the queries
             stats = []
             with torch.no_grad():
                 self.forward(params, xs, self.specs[:self.stats_upto], record=stats)
         return self._done((params, stats))
+
+    def exact_dlogits(self, logits, ys):
+        """The gradient of the mean cross-entropy for the logits, as `layers.softmax_cross_entropy` computes it:
+        the log-softmax written out, probabilities below float32's smallest normal number zero, so that a
+        saturated support loss has a gradient of exactly zero where the graphs' has."""
+        log_p = logits - logits.max(-1, keepdim=True).values
+        log_p = log_p - log_p.exp().sum(-1, keepdim=True).log()
+        probs = self.torch.where(log_p > LOG_TINY, log_p.exp(), self.torch.zeros_like(log_p))
+        return (probs - self.tf.one_hot(ys, logits.shape[-1]).to(logits.dtype)) / len(ys)
 
     def predict(self, state: tuple, xq):
         """Logits of the queries xq under `adapt`'s state, divided by the head's temperature."""
@@ -468,7 +510,9 @@ def pytorch_eager(exp: Exported, provider="cpu", threads=None):
 
     def bind(xs, ys, xq):
         xs, ys, xq = peer.tensor(xs), peer.tensor(ys).long(), peer.tensor(xq)
-        return lambda: peer.predict(peer.adapt(xs, ys), xq)
+        call = lambda: peer.predict(peer.adapt(xs, ys), xq)  # noqa: E731
+        call.steps_run = lambda: peer.steps_run
+        return call
     return bind
 
 
@@ -478,7 +522,9 @@ def pytorch_split(exp: Exported, provider="cpu", threads=None):
 
     def bind_adapt(xs, ys):
         xs, ys = peer.tensor(xs), peer.tensor(ys).long()
-        return lambda: peer.adapt(xs, ys)
+        call = lambda: peer.adapt(xs, ys)  # noqa: E731
+        call.steps_run = lambda: peer.steps_run
+        return call
 
     def bind_predict(state, xq):
         xq = peer.tensor(xq)

@@ -20,16 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import FUSED_INPUTS
+from ..contract import FUSED_INPUTS
 
 
 def graph_inputs(session, shots: int, query: int) -> dict:
-    """The graph's inputs for one `shots`-shot task with `query` queries per class (made-up characters:
-    `benchmark.task_inputs`), its ways read from the metadata; a task-batch graph gets T copies."""
-    from .benchmark import BenchConfig, task_inputs
+    """The graph's inputs for one `shots`-shot task with `query` queries per class (made-up characters, as
+    `benchmark.task_inputs` draws them without data), its ways read from the metadata; a task-batch graph gets
+    T copies."""
+    from ..data import synthetic_tasks
     meta = session.get_modelmeta().custom_metadata_map
-    c = BenchConfig(int(meta["ways"]), shots, query)
-    x_spt, y_spt, x_qry, _ = task_inputs(c, int(meta["channels"]), int(meta["image_size"]))
+    task = synthetic_tasks(1, int(meta["ways"]), shots, query, 0, int(meta["image_size"]), int(meta["channels"]))
+    x_spt, y_spt, x_qry = task.x_spt[0], task.y_spt[0], task.x_qry[0]
     tasks = int(meta.get("task_batch") or 0)
     feeds = dict(zip(FUSED_INPUTS, (x_spt, y_spt.astype("int64"), x_qry)))
     names = [i.name for i in session.get_inputs()]  # model.onnx: all three; adapt.onnx: the support set
