@@ -320,9 +320,15 @@ def weights_sha256(params: dict) -> str:
     return h.hexdigest()
 
 
-def metadata(config, steps: int, inner_lr: float, params: dict, opset: int, task_batch: int = 0) -> dict[str, str]:
+CALIBRATION_KEYS = ("temperature", "split", "tasks", "query", "ece_before", "ece_after")
+
+
+def metadata(config, steps: int, inner_lr: float, params: dict, opset: int, task_batch: int = 0,
+             calibration: dict | None = None) -> dict[str, str]:
     """The ONNX metadata_props: what a deployment must know to feed the graph and trust it. `task_batch`
-    is "0" for the single-task graph (no task axis; an export without the key is one too), else T."""
+    is "0" for the single-task graph (no task axis; an export without the key is one too), else T.
+    `calibration`: how the temperature was fitted (a checkpoint's `state["calibration"]`), in `calibration` as
+    JSON; "none" says that the probabilities are not calibrated (`adapter.Adapter.calibrated`)."""
     t = f"{task_batch}, " if task_batch else ""
     return {"ways": str(config.ways), "steps": str(steps), "inner_lr": repr(float(inner_lr)),
             **config.preprocessing.metadata(),  # channels, image_size, pixels, resize, input_range
@@ -331,6 +337,8 @@ def metadata(config, steps: int, inner_lr: float, params: dict, opset: int, task
                             f"float32 -> logits [{t}Q, ways]",
             "query_norm": config.query_norm, "batch_norm": BATCH_NORM[config.query_norm],
             "temperature": repr(float(config.temperature)),
+            "calibration": json.dumps({k: calibration[k] for k in CALIBRATION_KEYS if k in calibration})
+                           if calibration else "none",
             "config_name": config.name, "shots_trained": str(config.shots), "weights_sha256": weights_sha256(params),
             "weights_sha256_scheme": weights_sha256.__doc__, "config": json.dumps(config.to_dict()),
             "opset": str(opset), "maml_export_version": __version__, "paddle_version": paddle.__version__,
