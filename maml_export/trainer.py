@@ -356,7 +356,7 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
                    dynamic_ncols=True)
     else:  # the bar is the budget, and says the time left of it (not tqdm's estimate, which validations upset)
         bar = tqdm(total=round(budget), desc=c.name, unit="s", disable=not shown, dynamic_ncols=True,
-                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}|{postfix}")
     show = bar.write if shown else (lambda line: None)
 
     def tick(postfix: dict) -> bool:
