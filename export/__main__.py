@@ -15,8 +15,9 @@ from maml_export.contract import MAX_STEPS
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--checkpoint", type=str, default=None,
-              help="Checkpoint (.npz written by `maml-train`; a run folder: its best.npz, the checkpoint chosen on "
-                   "validation (pass RUN/latest.npz for where training stopped); or a bundled one by name: "
+              help="Checkpoint (.npz written by `maml-train`; a run folder: its calibrated bundle.npz, which training "
+                   "on an image folder ends with, else its best.npz, the checkpoint chosen on validation (pass "
+                   "RUN/latest.npz for where training stopped); or a bundled one by name: "
                    "omniglot-5w1s, omniglot-20w1s). [default: the bundled omniglot-5w1s]")
 @click.option("--steps", type=click.IntRange(1, MAX_STEPS), default=5, show_default=True,
               help=f"Inner SGD steps on the support set, unrolled into the graph: 1 to {MAX_STEPS} (each step is "
@@ -45,7 +46,8 @@ from maml_export.contract import MAX_STEPS
               help="Tasks for the parity check (eager Paddle vs static program vs onnxruntime).")
 @click.option("--data", type=str, default=None,
               help="The data the checkpoint was trained on (Omniglot, or its image folder): parity runs on real "
-                   "test tasks. [default: $OMNIGLOT_DIR for Omniglot's models, else made-up characters]")
+                   "test tasks. [default: $OMNIGLOT_DIR for Omniglot's models, a run's own image folder for its models, "
+                   "else made-up characters]")
 @click.option("--task-batch", type=click.IntRange(min=1), default=None,
               help="Export a graph for T tasks per call (inputs [T, S, C, H, W], [T, S], [T, Q, C, H, W] -> "
                    "logits [T, Q, ways]; T fixed, S and Q dynamic), for throughput. Parity then runs on --tasks "

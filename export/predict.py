@@ -73,8 +73,9 @@ def read_support(folder: Path, ways: int, preprocessing: Preprocessing) -> tuple
 @click.option("--query", type=str, default=None,
               help="Folder of images to classify, the images themselves in it (flat, no sub-folders).")
 @click.option("--unknown-below", type=click.FloatRange(0, 1), default=None,
-              help="Answer 'unknown' when the top probability is below this (probabilities are calibrated on "
-                   "validation tasks; docs/deploy.md lists how often right answers fall below each threshold).")
+              help="Answer 'unknown' when the top probability is below this (a calibrated model's probabilities are "
+                   "calibrated on validation tasks, and a warning line says when a model's are not; docs/deploy.md "
+                   "lists how often right answers fall below each threshold).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="onnxruntime intra-op threads. [default: all cores]")
@@ -112,6 +113,10 @@ def cli(model_path, support, task_file, save_file, query, unknown_below, as_json
     if adapter.task_batch:
         raise ValueError(f"--model {model_path} adapts {adapter.task_batch} tasks per call (exported with "
                          "--task-batch); maml-predict adapts one: export without --task-batch")
+    if not adapter.calibrated:  # a top probability of 1.000 can then be a wrong answer
+        click.echo(f"warning: {model_path} is not calibrated (temperature {adapter.temperature:g}, no calibration "
+                   "recorded): its probabilities are scores, not chances, and --unknown-below means little; `maml-train "
+                   "bundle RUN` fits a temperature on validation tasks", err=True)
     check = adapter.input_range if adapter.check_pixels else ""
     # what a refused image should have been: the advice fits the model's pixel convention
     expected = ("maml-predict reads dark ink on light paper" if adapter.preprocessing.pixels == "ink"
@@ -170,6 +175,7 @@ def cli(model_path, support, task_file, save_file, query, unknown_below, as_json
     names = [classes[k] if unknown_below is None or p[k] >= unknown_below else "unknown" for k, p in zip(best, proba)]
     if as_json:
         doc = {"model": os.fspath(model_path), "ways": adapter.ways, "steps": adapter.steps, "classes": classes,
+               "calibrated": adapter.calibrated,
                "task": task_file, "unknown_below": unknown_below,
                "predictions": [{"file": f.name, "class": name, "label": int(k), "probability": float(p[k]),
                                 "probabilities": {c: float(v) for c, v in zip(classes, p)}}

@@ -66,7 +66,8 @@ def check_export(model: str) -> tuple[Path, str]:
         raise ValueError(f"--model {model} takes {adapter.channels}-channel images ({adapter.input_range or 'no input_range'}); "
                          "the page draws one-channel ink 1.0 on paper 0.0, as Omniglot's models take")
     name = f"{adapter.config_name}, " if adapter.config_name else ""
-    return Path(adapter.path).parent, f"{name}{adapter.ways}-way, {adapter.steps} steps"
+    calibrated = "" if adapter.calibrated else ", probabilities not calibrated"  # the page says it too
+    return Path(adapter.path).parent, f"{name}{adapter.ways}-way, {adapter.steps} steps{calibrated}"
 
 
 def handler(export: Path, dist: Path) -> type[http.server.BaseHTTPRequestHandler]:

@@ -93,6 +93,10 @@ class Adapter:
         self.input_range = self.metadata.get("input_range", "")
         self.query_norm = self.metadata.get("query_norm", "transductive")  # exports before it: transductive
         self.temperature = float(self.metadata.get("temperature", 1.0))
+        # whether the probabilities mean what they say: a temperature fitted on validation tasks, recorded (exports
+        # before the record: any temperature but 1 was fitted)
+        recorded = self.metadata.get("calibration")
+        self.calibrated = recorded != "none" if recorded is not None else self.temperature != 1.0
         self.weights_sha256 = self.metadata.get("weights_sha256", "")
         try:
             self.preprocessing = Preprocessing.from_metadata(self.metadata)  # how the training images were prepared

@@ -215,7 +215,8 @@ def scale_features(config: MamlConfig, params: dict, scale: float) -> dict:
 
 def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float | None = None,
                note: str | None = None, ways: int | None = None, head_init: str | None = None,
-               calibrate=None, support_shift: int | None = None, feature_scale: float | None = None) -> Checkpoint:
+               calibrate=None, support_shift: int | None = None, feature_scale: float | None = None,
+               name: str | None = None) -> Checkpoint:
     """Package a run's best checkpoint (chosen on validation) for shipping: `out` (.npz + .json) with the
     weights and config but no optimizer or sampler state, the command that reproduces the run (resumes
     and their changed options included) and the run's metrics log up to that iteration (`out` with
@@ -232,9 +233,9 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
     ships its features multiplied by it (`scale_features`) and records it in `state["feature_scale"]`; `note` (e.g. the validation figures
     behind the choice) goes to `state["note"]`. `calibrate`, if given, is called with the deployed checkpoint
     and returns (temperature, report): the bundle ships with that temperature (`trainer.calibrate`), the
-    report in `state["calibration"]`. The bundle's config is named after its file (`out`'s stem, e.g.
+    report in `state["calibration"]`. The bundle's config is named `name`, else after its file (`out`'s stem, e.g.
     omniglot-5w1s: what `--checkpoint` takes, what exports, `maml-web` and errors call it); the run's name goes to
-    `state["run"]`.
+    `state["run"]`. A run on an image folder keeps its folder in `state["data"]`, where `evaluate` finds it.
     """
     import shlex
     run, out = Path(run), Path(out)
@@ -269,6 +270,8 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
         temperature, calibration = calibrate(deployed)
         deployed = as_deployed(deployed, temperature=temperature)
     state = {k: best.state[k] for k in ("best_val_accuracy", "best_iteration", "seconds") if k in best.state}
+    if "data" in best.state and best.config.protocol != MamlConfig().protocol:  # image folders: the model's data
+        state["data"] = best.state["data"]
     state["command"] = command
     for key, shipped, was in (("inner_lr_trained", deployed.config.inner_lr, trained.inner_lr),
                               ("inner_steps_trained", deployed.config.inner_steps, trained.inner_steps),
@@ -283,7 +286,7 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
     if note:
         state["note"] = note
     state["run"] = trained.name  # the bundle names itself by its file (omniglot-5w1s): what the CLIs and the page show
-    bundle = Checkpoint(dataclasses.replace(deployed.config, iterations=best.iteration, name=out.stem), deployed.params,
+    bundle = Checkpoint(dataclasses.replace(deployed.config, iterations=best.iteration, name=name or out.stem), deployed.params,
                         best.iteration, {}, state)
     save_checkpoint(out, bundle)
     _atomic_write(out.with_suffix(".metrics.jsonl"), lambda f: f.write("".join(json.dumps(e) + "\n" for e in kept).encode()))

@@ -47,7 +47,8 @@ def fail(message: str, code: int) -> int:
 
 
 def checkpoint_argument(value: str | None) -> str | None:
-    """--checkpoint as the CLIs read it: a run folder means its best.npz, the checkpoint chosen on
+    """--checkpoint as the CLIs read it: a run folder means its calibrated bundle.npz, which training on an image
+    folder ends with, while it is the bundle of the run's best.npz; else best.npz, the checkpoint chosen on
     validation (not latest.npz, wherever training stopped); anything else as given."""
     if value is None or not os.path.isdir(value):
         return value
@@ -56,4 +57,17 @@ def checkpoint_argument(value: str | None) -> str | None:
         from .errors import CheckpointError
         raise CheckpointError(f"--checkpoint {value}: the run folder has no best.npz yet (no validation so far); "
                               f"pass {os.path.join(value, 'latest.npz')} for its latest weights")
+    bundle = os.path.join(value, "bundle.npz")
+    if os.path.isfile(bundle) and _iteration(bundle) == _iteration(best):
+        return bundle
     return best
+
+
+def _iteration(checkpoint: str) -> int | None:
+    """The iteration a checkpoint's .json beside it records (None if unreadable)."""
+    import json
+    try:
+        with open(os.path.splitext(checkpoint)[0] + ".json") as f:
+            return json.load(f)["iteration"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

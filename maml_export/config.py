@@ -17,9 +17,9 @@ from .specs import HEAD_INITS, QUERY_NORMS, conv4_specs, layer_spec
 
 PROTOCOL = "omniglot/README.md protocol: RandomState(1) split 1100/100/423, (character, rotation) classes, 28x28 LANCZOS, ink=1"
 
-# What `--resume` may change: how long to train, the meta step size (lowering it for the tail of a long
+# What `--resume` may change: how long to train (and whether to end with a calibrated bundle), the meta step size (lowering it for the tail of a long
 # run is the usual last step), and how checkpoints are chosen; the resume event in metrics.jsonl records it.
-RESUME_MAY_CHANGE = ("iterations", "val_every", "meta_lr", "val_tasks", "val_inner_lr", "val_ways", "val_query",
+RESUME_MAY_CHANGE = ("iterations", "minutes", "calibration_tasks", "val_every", "meta_lr", "val_tasks", "val_inner_lr", "val_ways", "val_query",
                      "val_steps", "val_head_init")
 # Changing these makes earlier validation figures incomparable: the best is chosen afresh from then on.
 VALIDATION = ("val_tasks", "val_inner_lr", "val_ways", "val_query", "val_steps", "val_head_init")
@@ -50,10 +50,15 @@ class MamlConfig:
     zero_head: bool = _opt(False, "keep the linear head at zero, so that every task adapts from a zero head "
                                   "(the zeroing trick of Kao et al., ICLR 2022)")
     iterations: int = _opt(10000, "meta-iterations to train for (in total, counting resumed ones)")
+    minutes: float = _opt(None, "a time budget: this command trains for at most this many minutes of wall time (each "
+                                "resume its own), then validates, keeps the best checkpoint and stops, whatever "
+                                "--iterations says [default: 5 for image folders, none for Omniglot]")
     seed: int = _opt(0, "seed of the initial weights and the task stream")
     init: str = _opt(None, "start from this checkpoint's weights (.npz or run folder) instead of random ones, "
                            "e.g. to fine-tune a first-order run second-order, or (with --zero-head) a 5-way backbone "
                            "on 20-way tasks; Adam and the task stream start fresh")
+    from_scratch: bool = _opt(False, "image folders: start from random weights (--seed) instead of the shipped "
+                                     "omniglot-5w1s weights, which a folder of drawings starts from by default")
     hidden: int = _opt(64, "filters per conv layer")
     head_init: str = _opt("meta", "where each task's adaptation starts the linear head: 'meta', the meta-learned head "
                                   "(zero with --zero-head); 'prototypes', each class's row from the mean support "
@@ -77,6 +82,10 @@ class MamlConfig:
                                       "this probability, redrawn from its full-resolution drawing as people draw "
                                       "(tilted, small and off-centre, thinner or thicker, elastic, or all: the "
                                       "robustness suite's conditions, `evaluate --suite shift`); Omniglot only; 0: off")
+    calibration_tasks: int = _opt(None, "end each training command with RUN/bundle.npz: the best checkpoint, deployed, "
+                                        "with a temperature fitted on this many validation tasks so that its "
+                                        "probabilities are calibrated (what `maml-export --checkpoint RUN` exports); 0: "
+                                        "no bundle [default: 200 for image folders, 0 for Omniglot]")
     val_every: int = _opt(250, "validate (and save the best checkpoint) every this many iterations")
     val_tasks: int = _opt(200, "validation tasks (always the same ones) per validation")
     val_inner_lr: float = _opt(None, "inner step size validation adapts with, i.e. the one the checkpoint will be "
@@ -110,6 +119,12 @@ class MamlConfig:
     def __post_init__(self):
         if self.iterations < 0:  # 0: no meta-training (a bundle of an --init run's starting weights)
             raise ConfigError(f"--iterations must be at least 0, got {self.iterations}")
+        if self.minutes is not None and not self.minutes > 0:
+            raise ConfigError(f"--minutes must be positive, got {self.minutes}")
+        if self.calibration_tasks is not None and self.calibration_tasks < 0:
+            raise ConfigError(f"--calibration-tasks must be at least 0, got {self.calibration_tasks}")
+        if self.from_scratch and self.init is not None:
+            raise ConfigError(f"--from-scratch starts from random weights, --init from {self.init}: pass one of them")
         for name in ("ways", "val_ways"):  # first: --ways 0 and --ways 1 get the same bound
             if getattr(self, name) is not None and getattr(self, name) < 2:
                 raise ConfigError(f"{flag(name)} must be at least 2, got {getattr(self, name)}")

@@ -39,6 +39,7 @@ import paddle2onnx
 from . import __version__
 from .checkpoint import as_deployed, default_checkpoint, load_checkpoint, resolve_checkpoint
 from .errors import CheckpointError, ExportError, OutputError
+from .folders import trained_on_folders
 from .maml import MAML, predict
 from .model import Model
 from .contract import (ADAPT_FILE, ADAPT_INPUTS, FUSED_INPUTS, LOGITS, MAX_STEPS, MODEL_FILE, PREDICT_FILE,
@@ -318,6 +319,9 @@ def export_model(checkpoint: str | os.PathLike | None = None, out: str | os.Path
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out} is a file, not a folder")
+    recorded = ckpt.state.get("data")  # a run's (or its bundle's) image folder, where it is still there
+    if data is None and trained_on_folders(config) and recorded and os.path.isdir(recorded):
+        data = recorded
     # every input is checked before the minutes of work: --data (or $OMNIGLOT_DIR) is read now, not at stage 5
     task_list, source = parity_tasks(config, tasks, data)
     every_step = bool(every_step or task_batch)
@@ -327,7 +331,7 @@ def export_model(checkpoint: str | os.PathLike | None = None, out: str | os.Path
         files.update({f"{g.name}.onnx": str(out / f"{g.name}.onnx"), f"{g.name}.json": str(out / f"{g.name}.json"),
                       f"{g.name}.pdiparams": str(out / f"{g.name}.pdiparams")})
     report = ExportReport(out, {**files, "report": str(out / "export.json")})
-    meta = metadata(config, steps, inner_lr, params, opset, task_batch, every_step)
+    meta = metadata(config, steps, inner_lr, params, opset, task_batch, every_step, ckpt.state.get("calibration"))
     which = "1 graph" if task_batch else "3 graphs (model, adapt, predict)"
 
     stage = _Stages(echo, 6, report.timings)

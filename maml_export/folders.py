@@ -34,12 +34,16 @@ from .images import SUFFIXES, Preprocessing, to_float
 
 SPLITS = ("train", "val", "test")
 DEFAULT_SPLIT = "0.7,0.1,0.2"
-FOLDER_DEFAULTS = {"channels": 3, "image_size": 84}  # miniImageNet's, when the CLI is not given them
 CACHE_VERSION = "folders-v1"
 FOLDER_PROTOCOL = "image folders"  # how a folder-trained config's protocol starts
 EVERY_CLASS = "every class"  # the split of a class folder measured by a model trained elsewhere (`open_dataset`)
 _LAYOUTS = {"folders": "DIR/{train,val,test}/<class>/", "csv": "DIR/images/ + {train,val,test}.csv",
             "classes": "DIR/<class>/"}
+
+
+def notice(message: str) -> None:
+    """One `notice: ...` line on stderr: what a default chose, and how to choose otherwise."""
+    print(f"notice: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
 def warn(message: str) -> None:
@@ -100,26 +104,53 @@ def layout(root: Path) -> str:
                     "(images_background and images_evaluation)")
 
 
-def parse_split(text: str) -> tuple[float, float, float]:
-    """'0.7,0.1,0.2' -> (0.7, 0.1, 0.2); a ConfigError unless three positive fractions summing to 1."""
+def parse_split(text: str) -> tuple:
+    """'0.7,0.1,0.2' -> (0.7, 0.1, 0.2); '27,5,8' (class counts, as a small folder's split is recorded) -> (27, 5,
+    8); a ConfigError unless three positive fractions summing to 1 or three whole numbers of classes."""
     try:
         parts = tuple(float(v) for v in text.split(","))
     except ValueError:
         parts = ()
+    if len(parts) == 3 and min(parts) >= 1 and all(p == int(p) for p in parts):
+        return tuple(int(p) for p in parts)
     if len(parts) != 3 or min(parts) <= 0 or abs(sum(parts) - 1) > 1e-6:
         raise ConfigError(f"--split must be three positive fractions train,val,test summing to 1, e.g. "
-                          f"{DEFAULT_SPLIT}; got {text!r}")
+                          f"{DEFAULT_SPLIT}, or three numbers of classes; got {text!r}")
     return parts
 
 
-def split_classes(names: list, fractions: tuple[float, float, float]) -> dict[str, np.ndarray]:
-    """Indices into sorted `names` of each split: a RandomState(1) permutation, cut at the fractions
-    (rounded; at least one class each)."""
+def split_counts(n: int, fractions: tuple, least: tuple = (1, 1, 1)) -> tuple[int, int, int]:
+    """How many of `n` classes go to train, val and test: the fractions rounded, each split at least `least`,
+    val and test first (they must give whole tasks), train the rest; a DataError if `n` is too few."""
+    if n < sum(least):
+        raise DataError(f"cannot split {n} classes into train, val and test: "
+                        + (f"at least {sum(least)} are needed ({least[0]} train, {least[1]} val, {least[2]} test, "
+                           f"for tasks of {least[1]} classes); add classes, or lower --ways"
+                           if max(least) > 1 else "--split needs at least 3"))
+    val = max(least[1], round(n * fractions[1]))
+    test = max(least[2], round(n * fractions[2]))
+    while n - val - test < least[0]:  # the fractions ask for more than there is: take back from the larger one
+        if test > least[2] and test >= val:
+            test -= 1
+        else:
+            val -= 1
+    return n - val - test, val, test
+
+
+def split_classes(names: list, parts: tuple) -> dict[str, np.ndarray]:
+    """Indices into sorted `names` of each split: a RandomState(1) permutation, cut at the fractions (rounded; at
+    least one class each) or at the class counts (`parse_split`)."""
     n = len(names)
-    if n < 3:
-        raise DataError(f"cannot split {n} classes into train, val and test (--split needs at least 3)")
-    num_train = min(max(1, round(n * fractions[0])), n - 2)
-    num_val = min(max(1, round(n * fractions[1])), n - num_train - 1)
+    if all(isinstance(p, int) for p in parts):
+        if sum(parts) != n:
+            raise DataError(f"--split {','.join(map(str, parts))} counts {sum(parts)} classes; the folder holds {n} "
+                            "(classes added or removed since training?)")
+        num_train, num_val = parts[0], parts[1]
+    else:
+        if n < 3:
+            raise DataError(f"cannot split {n} classes into train, val and test (--split needs at least 3)")
+        num_train = min(max(1, round(n * parts[0])), n - 2)
+        num_val = min(max(1, round(n * parts[1])), n - num_train - 1)
     order = np.random.RandomState(1).permutation(n)  # own RNG; the global one is untouched
     return {"train": order[:num_train], "val": order[num_train:num_train + num_val],
             "test": order[num_train + num_val:]}
@@ -326,6 +357,22 @@ def folder_protocol(kind: str, config) -> str:
     return f"{FOLDER_PROTOCOL} {_LAYOUTS[kind]}: {split}; classes{rotations}; pixels {config.preprocessing.describe()}"
 
 
+def _small_folder_split(root: Path, config) -> str:
+    """A new run's split of the class folders in `root`: the default fractions, with at least a task's classes in
+    each split (validation and test tasks of the deployed ways: 10-30 classes work); recorded as class counts
+    where the fractions alone would leave a split short. One notice line says how; too few classes, one error
+    line (before any image is decoded) says how many are needed."""
+    names = _class_folders(root).names
+    n, fractions = len(names), parse_split(DEFAULT_SPLIT)
+    least = (config.ways, config.deployed_ways, config.deployed_ways)
+    counts = split_counts(n, fractions, least)
+    plain = tuple(len(v) for v in split_classes(names, fractions).values()) if n >= 3 else None
+    notice(f"split {n} classes of {root}: {counts[0]} train, {counts[1]} val, {counts[2]} test ({DEFAULT_SPLIT}"
+           + (f", at least {least[1]} in val and test for {least[1]}-way tasks; --split to choose" if counts != plain
+              else "; --split to choose") + ")")
+    return DEFAULT_SPLIT if counts == plain else ",".join(map(str, counts))
+
+
 def open_dataset(data, config, *, new_run: bool = False, given: dict | None = None, need: int | None = None,
                  cache_dir=None, measure: bool = False):
     """The dataset in the folder `data`, and `config` as training on it records it: (dataset, config).
@@ -334,8 +381,10 @@ def open_dataset(data, config, *, new_run: bool = False, given: dict | None = No
     Otherwise `data` is an image folder. A model trained on one (resume, evaluate, export) reads it as its config
     says; a model trained on Omniglot is refused. A `new_run`'s config gets the folders' defaults: an unset
     `pixels` becomes 'plain' and `split` the default fractions (class-folder layout only); with `given` (the
-    options a CLI user gave), channels and image_size not in it become FOLDER_DEFAULTS; and its `protocol` says
-    how the data was read. `need` (default shots + query): classes with fewer images are left out, with one
+    options a CLI user gave), the options not in it follow the recipe (`recipe.folder_defaults`: drawings start
+    from the shipped weights, at their pixels; a time budget; one notice line) and the split keeps a task's
+    classes in val and test (`_small_folder_split`, one notice line); and its `protocol` says how the data was
+    read. `need` (default shots + query, or + val_query if more): classes with fewer images are left out, with one
     warning line. With `measure` (evaluation, calibration), a model trained on Omniglot may measure itself on an
     image folder: its classes are all new to the model, so a `DIR/<class>/` folder gives every class to each
     split (the other layouts keep their own split), prepared as the model's own pixels; one notice line says so.
@@ -366,13 +415,22 @@ def open_dataset(data, config, *, new_run: bool = False, given: dict | None = No
         if not new_run:
             raise ConfigError(f"--data {root} is an image folder ({_LAYOUTS[kind]}); this model was trained on "
                               f"Omniglot ({config.protocol}): pass Omniglot's folder")
-        changes = {"pixels": config.pixels or "plain", "split": config.split or (DEFAULT_SPLIT if kind == "classes"
-                                                                                 else None)}
-        if given is not None:
-            changes.update({k: v for k, v in FOLDER_DEFAULTS.items() if k not in given})
+        changes = {}
+        if given is not None:  # a CLI user's new run: the recipe (recipe.py) for what they did not give
+            from .recipe import folder_defaults
+            every = class_files(root, kind, EVERY_CLASS)
+            recipe, line = folder_defaults(root, every["train"].files, config, given)  # classes: all of them
+            notice(line)
+            changes.update(recipe)
+            if "name" not in given:  # the folder's name, not Omniglot's
+                changes["name"] = f"{root.resolve().name}-{given.get('ways', config.ways)}w{given.get('shots', config.shots)}s"
+        changes["pixels"] = changes.get("pixels") or config.pixels or "plain"
+        changes["split"] = config.split or (DEFAULT_SPLIT if kind == "classes" else None)
         config = dataclasses.replace(config, **changes, layers=None)  # layers follow channels and image size
+        if given is not None and kind == "classes" and "split" not in given:
+            config = dataclasses.replace(config, split=_small_folder_split(root, config))
         config = dataclasses.replace(config, protocol=folder_protocol(kind, config))
-    need = config.shots + config.query if need is None else need
+    need = config.shots + max(config.query, config.val_query or config.query) if need is None else need
     dataset = FolderDataset(root, config, need, cache_dir)
     small = {s: len(v) for s, v in dataset.skipped.items() if v}
     if small:

@@ -320,12 +320,17 @@ def weights_sha256(params: dict) -> str:
     return h.hexdigest()
 
 
+CALIBRATION_KEYS = ("temperature", "split", "tasks", "query", "ece_before", "ece_after")
+
+
 def metadata(config, steps: int, inner_lr: float, params: dict, opset: int, task_batch: int = 0,
-             every_step: bool = False) -> dict[str, str]:
+             every_step: bool = False, calibration: dict | None = None) -> dict[str, str]:
     """The ONNX metadata_props: what a deployment must know to feed the graph and trust it. `task_batch`
     is "0" for the single-task graph (no task axis; an export without the key is one too), else T.
     `every_step` is "1" where adaptation runs all its steps (a task-batched graph, or maml-export --every-step),
-    "0" where it stops at a fixed point of the SGD (`contract.every_step` reads an export without the key)."""
+    "0" where it stops at a fixed point of the SGD (`contract.every_step` reads an export without the key).
+    `calibration`: how the temperature was fitted (a checkpoint's `state["calibration"]`), in `calibration` as
+    JSON; "none" says that the probabilities are not calibrated (`adapter.Adapter.calibrated`)."""
     t = f"{task_batch}, " if task_batch else ""
     return {"ways": str(config.ways), "steps": str(steps), "every_step": str(int(every_step or bool(task_batch))),
             "inner_lr": repr(float(inner_lr)),
@@ -335,6 +340,8 @@ def metadata(config, steps: int, inner_lr: float, params: dict, opset: int, task
                             f"float32 -> logits [{t}Q, ways]",
             "query_norm": config.query_norm, "batch_norm": BATCH_NORM[config.query_norm],
             "temperature": repr(float(config.temperature)),
+            "calibration": json.dumps({k: calibration[k] for k in CALIBRATION_KEYS if k in calibration})
+                           if calibration else "none",
             "config_name": config.name, "shots_trained": str(config.shots), "weights_sha256": weights_sha256(params),
             "weights_sha256_scheme": weights_sha256.__doc__, "config": json.dumps(config.to_dict()),
             "opset": str(opset), "maml_export_version": __version__, "paddle_version": paddle.__version__,

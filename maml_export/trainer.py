@@ -21,7 +21,7 @@ import paddle
 from tqdm import tqdm
 
 from .calibration import calibration_report, fit_temperature
-from .checkpoint import Checkpoint, as_deployed, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, as_deployed, bundle_run, load_checkpoint, save_checkpoint, scale_features
 from .config import RESUME_MAY_CHANGE, VALIDATION, MamlConfig, flag
 from .data import TaskSampler, shift_tasks
 from .folders import open_dataset
@@ -154,6 +154,10 @@ def initial_params(model: Model, config: MamlConfig) -> tuple[dict, dict]:
         return model.init_params(config.seed), {"seed": config.seed}
     source = load_checkpoint(config.init)
     origin = {"init": str(config.init), "init_run": source.config.name, "init_iteration": source.iteration}
+    scale = source.state.get("feature_scale")
+    if scale not in (None, 1):  # a bundle shipped with its features scaled: train in the space it was trained in
+        source.params = scale_features(source.config, source.params, 1 / scale)
+        origin["feature_scale_undone"] = scale
     # how queries are normalised is no part of the weights: a transductive run's weights may start a support one
     source_layers = with_query_norm(source.config.layers, config.query_norm)
     if source_layers == config.layers:
@@ -186,9 +190,7 @@ class Training:
         self.data = os.path.abspath(data_dir(data, ckpt.state.get("data") if ckpt else None))
         # Omniglot or image folders; a new run's config gets the folders' defaults (pixels, split, and the sizes
         # the CLI user did not give) and its protocol
-        self.dataset, self.config = open_dataset(
-            self.data, self.config, new_run=not ckpt, given=overrides,
-            need=self.config.shots + max(self.config.query, self.config.val_query or self.config.query))
+        self.dataset, self.config = open_dataset(self.data, self.config, new_run=not ckpt, given=overrides)
         c = self.config
         self.sampler = self.dataset.sampler("train", c.ways, c.shots, c.query, c.seed)
         if c.augment_redraw:
@@ -341,26 +343,48 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
     over the whole run (the `seconds` of metrics.jsonl), and `wall_seconds`, this call's. `latest` is saved
     at each validation, after the first iteration that ends `save_every_seconds` after the last save (0:
     every iteration; None: only at validations), and on Ctrl-C or SIGTERM. The data folder is recorded in
-    the checkpoints: a resume without `data` reads the run's own."""
+    the checkpoints: a resume without `data` reads the run's own. With `--minutes`, no iteration starts after
+    the budget (counted from this call's start) is spent: the last one is validated and kept, as at
+    `--iterations`. With `--calibration-tasks`, the run ends with its calibrated bundle (`end_with_bundle`)."""
     wall = time.perf_counter()
     training = Training(config, data, out, resume, overrides, threads)
     c = training.config
-    bar = tqdm(total=c.iterations, initial=training.iteration, desc=c.name, unit="it",
-               disable=not (progress and training.ranks.main), dynamic_ncols=True)
-    show = bar.write if progress and training.ranks.main else (lambda line: None)
+    budget = None if c.minutes is None else 60 * c.minutes
+    shown = progress and training.ranks.main
+    if budget is None:
+        bar = tqdm(total=c.iterations, initial=training.iteration, desc=c.name, unit="it", disable=not shown,
+                   dynamic_ncols=True)
+    else:  # the bar is the budget, and says the time left of it (not tqdm's estimate, which validations upset)
+        bar = tqdm(total=round(budget), desc=c.name, unit="s", disable=not shown, dynamic_ncols=True,
+                   bar_format="{desc}: {percentage:3.0f}%|{bar}|{postfix}")
+    show = bar.write if shown else (lambda line: None)
+
+    def tick(postfix: dict) -> bool:
+        """Move the bar after an iteration; whether the budget allows another one."""
+        if budget is None:
+            bar.set_postfix(**postfix)
+            bar.update(1)
+            return True
+        spent = time.perf_counter() - wall
+        left = max(0, round(budget - spent))
+        bar.set_postfix_str(f"{left // 60}:{left % 60:02d} left of {c.minutes:g} min, iteration {training.iteration}, "
+                            + ", ".join(f"{k} {v}" for k, v in postfix.items()), refresh=False)
+        bar.update(min(round(spent), bar.total) - bar.n)
+        return spent < budget
+
     sampler_state = training.sampler.state_dict()  # the resume point of the weights at hand
     with _sigterm_raises():
         try:
             if training.validate_first:
                 show(training.keep())
-            while training.iteration < c.iterations:
+            more = budget is None or time.perf_counter() - wall < budget
+            while more and training.iteration < c.iterations:
                 sampler_state = training.sampler.state_dict()  # before this iteration's tasks: redone if it is cut short
                 loss, accuracy = training.step()
                 sampler_state = training.sampler.state_dict()  # the tasks after this iteration's: its resume point
                 best = training.best_val_accuracy  # none before a first validation
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", **({} if best is None else {"val": f"{best:.3f}"}))
-                bar.update(1)
-                if training.iteration % c.val_every == 0 or training.iteration == c.iterations:
+                more = tick(dict(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", **({} if best is None else {"val": f"{best:.3f}"})))
+                if training.iteration % c.val_every == 0 or training.iteration == c.iterations or not more:
                     show(training.keep())
                 elif save_every_seconds is not None and time.perf_counter() - training.saved_at >= save_every_seconds:
                     training.save(training.files.latest, sampler_state)  # a hard kill loses at most this long
@@ -369,9 +393,33 @@ def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.Path
             raise
         finally:
             bar.close()
-    return {"iterations": training.iteration, "best_val_accuracy": training.best_val_accuracy,
-            "best_iteration": training.best_iteration, "train_seconds": training.seconds,
-            "wall_seconds": time.perf_counter() - wall, "out": str(training.files.out)}
+    summary = {"iterations": training.iteration, "best_val_accuracy": training.best_val_accuracy,
+               "best_iteration": training.best_iteration, "train_seconds": training.seconds,
+               "wall_seconds": time.perf_counter() - wall, "out": str(training.files.out)}
+    if c.calibration_tasks and training.ranks.main and training.files.best.exists():
+        summary["bundle"] = str(end_with_bundle(training, progress))
+        summary["wall_seconds"] = time.perf_counter() - wall
+    return summary
+
+
+BUNDLE = "bundle.npz"  # a run's calibrated bundle, which `maml-export --checkpoint RUN` exports (cli.checkpoint_argument)
+
+
+def end_with_bundle(training: Training, progress: bool = True) -> Path:
+    """RUN/bundle.npz: the run's best checkpoint as deployed (`checkpoint.bundle_run`), named as the run, with a
+    temperature fitted on `--calibration-tasks` tasks of the validation classes (as many queries per class as
+    they hold, up to 15: `split_sampler`); a fine-tune of a bundle deploys as that bundle did (its support shift and feature
+    scale, `recipe.deployment`). One line says the temperature and the ECE it reached."""
+    from .recipe import deployment
+    c, out = training.config, training.files.out / BUNDLE
+    deploy = deployment(c.init) if c.init else {}
+    fit = lambda deployed: calibrate(deployed, training.data, c.calibration_tasks, None, progress)  # noqa: E731
+    bundle = bundle_run(training.files.out, out, calibrate=fit, name=c.name, **deploy)
+    report = bundle.state["calibration"]
+    if progress:
+        tqdm.write(f"wrote {out}: temperature {report['temperature']:.4g} fitted on {report['tasks']} validation "
+                   f"tasks ({report['query']} queries a class), ECE {report['ece_before']:.3f} -> {report['ece_after']:.3f}")
+    return out
 
 
 def data_dir(data, recorded: str | None = None) -> str:
@@ -399,11 +447,20 @@ QUERIES = {"support": "per query (each query normalised with the support set's s
            "transductive": "transductive (the queries of a task normalised together)"}
 
 
-def split_sampler(data, split: str, ways: int, shots: int, query: int, seed: int, config: MamlConfig | None = None,
-                  recorded: str | None = None) -> TaskSampler:
+QUERY = 15  # query images per class of a test or calibration task: the protocol's
+
+
+def split_sampler(data, split: str, ways: int, shots: int, query: int | None, seed: int,
+                  config: MamlConfig | None = None, recorded: str | None = None) -> TaskSampler:
     """Tasks of `split` ("train", "val", "test") of the data in `data_dir(data, recorded)`: Omniglot's protocol
-    split, or the image folders `config` (default: Omniglot's) was trained on, prepared as it says."""
-    dataset, _ = open_dataset(data_dir(data, recorded), config or MamlConfig(), need=shots + query, measure=True)
+    split, or the image folders `config` (default: Omniglot's) was trained on, prepared as it says. `query`
+    None: QUERY, or fewer where an image folder's classes hold fewer (every image of its smallest class but the
+    shots), so that a folder of 12 images a class is measured on all its classes."""
+    dataset, _ = open_dataset(data_dir(data, recorded), config or MamlConfig(), need=shots + (query or 1),
+                              measure=True)
+    if query is None:
+        counts = getattr(dataset, "counts", {}).get(split)  # image folders only
+        query = QUERY if counts is None or not len(counts) else int(min(QUERY, counts.min() - shots))
     return dataset.sampler(split, ways, shots, query, seed)
 
 
@@ -416,7 +473,7 @@ def _deployed_maml(ckpt: Checkpoint, steps: int | None = None) -> MAML:
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data, tasks: int = 600, split: str = "test",
                         steps: int | None = None, inner_lr: float | None = None, seed: int = TEST_SEED,
-                        query: int = 15, threads: int | None = None, progress: bool = True,
+                        query: int | None = QUERY, threads: int | None = None, progress: bool = True,
                         head_init: str | None = None, query_norm: str | None = None,
                         ways: int | None = None, shots: int | None = None, support_shift: int | None = None,
                         feature_scale: float | None = None) -> dict:
@@ -435,7 +492,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data, tasks: int = 600, s
     accuracy, ci = mean_ci95((logits.argmax(-1) == labels).mean(axis=1))
     calibration = calibration_report(logits, labels)  # the logits are already divided by the temperature
     return {"checkpoint": str(checkpoint), "config": config.name, "split": split, "tasks": tasks,
-            "ways": config.ways, "shots": shots, "query": query, "steps": maml.steps,
+            "ways": config.ways, "shots": shots, "query": sampler.query, "steps": maml.steps,
             "inner_lr": maml.inner_lr, "head_init": config.head_init, "query_norm": config.query_norm,
             "support_shift": config.support_shift,
             "queries": QUERIES[config.query_norm], "accuracy": accuracy, "ci95": ci,
@@ -445,9 +502,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data, tasks: int = 600, s
 
 
 
-def calibrate(ckpt: Checkpoint, data, tasks: int = 200, query: int = 15, progress: bool = True) -> tuple[float, dict]:
+def calibrate(ckpt: Checkpoint, data, tasks: int = 200, query: int | None = QUERY,
+              progress: bool = True) -> tuple[float, dict]:
     """The temperature that calibrates a deployed checkpoint's probabilities, fitted on `tasks` validation tasks
-    of `query` queries per class (`calibration.fit_temperature`); and a report: how it was fitted, ECE and NLL
+    of `query` queries per class (None: `split_sampler`'s) (`calibration.fit_temperature`); and a report: how it was fitted, ECE and NLL
     on those tasks before and after."""
     config = ckpt.config
     sampler = split_sampler(data, "val", config.ways, config.shots, query, CALIBRATION_SEED, config,
@@ -457,14 +515,15 @@ def calibrate(ckpt: Checkpoint, data, tasks: int = 200, query: int = 15, progres
     flat, flat_labels = raw.reshape(-1, config.ways), labels.reshape(-1)
     temperature = fit_temperature(flat, flat_labels)
     before, after = calibration_report(flat, flat_labels), calibration_report(flat, flat_labels, temperature)
-    return temperature, {"temperature": temperature, "split": "val", "tasks": tasks, "query": query,
+    return temperature, {"temperature": temperature, "split": "val", "tasks": tasks, "query": sampler.query,
                          "seed": CALIBRATION_SEED, "query_norm": config.query_norm,
                          "ece_before": before["ece"], "ece_after": after["ece"], "nll_before": before["nll"],
                          "nll_after": after["nll"], "below_after": after["below"]}
 
 
 def evaluate_export(export: str | os.PathLike, data, tasks: int = 600, split: str = "test", seed: int = TEST_SEED,
-                    query: int = 15, threads: int | None = None, progress: bool = True, shots: int | None = None) -> dict:
+                    query: int | None = QUERY, threads: int | None = None, progress: bool = True,
+                    shots: int | None = None) -> dict:
     """Accuracy and calibration of an exported model as a deployment runs it: onnxruntime's adapt.onnx once
     per task, then predict.onnx on ONE query image at a time (`adapter.Task`), on the protocol's tasks; and
     whether each query's class is the one it gets in its task's batch of queries."""
@@ -485,7 +544,7 @@ def evaluate_export(export: str | os.PathLike, data, tasks: int = 600, split: st
     batch_accuracy, batch_ci = mean_ci95((batched.argmax(-1) == labels).mean(axis=1))
     calibration = calibration_report(alone, labels)
     return {"export": str(export), "config": adapter.config_name, "split": split, "tasks": tasks,
-            "ways": adapter.ways, "shots": sampler.shots, "query": query, "steps": adapter.steps,
+            "ways": adapter.ways, "shots": sampler.shots, "query": sampler.query, "steps": adapter.steps,
             "query_norm": adapter.query_norm, "queries": "each query alone, onnxruntime (predict.onnx)",
             "accuracy": accuracy, "ci95": ci, "batch_accuracy": batch_accuracy, "batch_ci95": batch_ci,
             "same_class_alone_and_in_batch": int((alone.argmax(-1) == batched.argmax(-1)).sum()),

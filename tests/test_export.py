@@ -158,6 +158,10 @@ def test_metadata(exported, checkpoint):
     assert meta["head_init"] == ckpt.config.head_init == Adapter(out / "model.onnx").head_init
     assert meta["config_name"] == ckpt.config.name and "ink 1.0" in meta["input_range"]
     assert json.loads(meta["config"]) == ckpt.config.to_dict()
+    # the bundle's temperature was fitted on validation tasks: recorded, so deployments know its probabilities hold
+    calibration = json.loads(meta["calibration"])
+    assert calibration["temperature"] == float(meta["temperature"]) and calibration["split"] == "val"
+    assert Adapter(out / "model.onnx").calibrated
     h = hashlib.sha256()  # the scheme the metadata states, recomputed here
     for name in sorted(ckpt.params):
         a = np.ascontiguousarray(ckpt.params[name], dtype="<f4")

@@ -47,7 +47,8 @@ def run(*args, env=None, cwd=ROOT):
 
 
 def one_error_line(done) -> str:
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    """The one error line of a failed command (the notice lines of a folder's defaults aside)."""
+    lines = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith("notice: ")]
     assert "Traceback" not in done.stderr and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     return lines[0]
 
@@ -91,12 +92,13 @@ def test_split_fractions_are_a_seeded_class_permutation_recorded_in_the_config(t
         for i in range(4):
             solid(data / name / f"{i}", k, i)
     (data / ".hidden").mkdir()  # skipped
-    dataset, config = open_dataset(data, MamlConfig(query=3), given={}, new_run=True, cache_dir=cache)
-    # a CLI user who gave no sizes gets miniImageNet's, and the split is recorded
-    assert (config.channels, config.image_size, config.pixels, config.split) == (3, 84, "plain", DEFAULT_SPLIT)
-    assert config.layers[0]["in_channels"] == 3 and config.layers[-1]["in_features"] == 64 * 5 * 5
+    dataset, config = open_dataset(data, MamlConfig(query=3), given={"query": 3}, new_run=True, cache_dir=cache)
+    # a CLI user who gave no sizes gets miniImageNet's for colour images (recipe.py), and the split is recorded:
+    # 0.7,0.1,0.2 would leave 2 val and 4 test classes, so 5-way tasks get 5 each, recorded as counts
+    assert (config.channels, config.image_size, config.pixels, config.split) == (3, 84, "plain", "10,5,5")
+    assert config.layers[0]["in_channels"] == 3 and config.layers[-1]["in_features"] == 32 * 5 * 5
     order = np.random.RandomState(1).permutation(20)  # the recipe, written independently
-    expected = {"train": order[:14], "val": order[14:16], "test": order[16:]}
+    expected = {"train": order[:10], "val": order[10:15], "test": order[15:]}
     for split in SPLITS:
         assert dataset.names[split] == [names[i] for i in sorted(expected[split])]
     # the same split every time (no --seed in it), another one for other fractions
@@ -110,7 +112,7 @@ def test_split_fractions_are_a_seeded_class_permutation_recorded_in_the_config(t
     assert sorted(sum(other.names.values(), [])) == names
     # the library's own config is taken as it is (given=None): 16 px
     assert other.pixels["train"].shape == (10 * 4, 3, 16, 16)
-    for bad in ("0.5,0.5", "0.8,0.3,-0.1", "a,b,c", "0.6,0.2,0.1"):
+    for bad in ("0.5,0.5", "0.8,0.3,-0.1", "a,b,c", "0.6,0.2,0.1", "10,5,0"):
         with pytest.raises(ConfigError, match="--split must be three positive fractions"):
             open_dataset(data, MamlConfig(**SMALL, split=bad), new_run=True, cache_dir=cache)
     assert {len(v) for v in split_classes(list(range(3)), (0.98, 0.01, 0.01)).values()} == {1}  # one class each
@@ -205,10 +207,19 @@ def test_the_preprocessing_is_one_definition_carried_by_config_and_metadata(tmp_
 
 
 def test_cli_bad_folder_input_is_one_line(tmp_path):
-    write_dataset(tmp_path / "shapes", 12, 6)
+    write_dataset(tmp_path / "shapes", 16, 6)
     line = one_error_line(run("-m", "train", "--data", str(tmp_path / "shapes"), "--channels", "2", "--out",
                               str(tmp_path / "run")))
     assert "--channels must be 1 or 3" in line
+    # too few classes for 5-way val and test tasks: one line says what is needed, before any image is decoded
+    write_dataset(tmp_path / "few", 14, 6)
+    (tmp_path / "few" / "bar-red" / "00.png").write_bytes(b"not an image")  # never read
+    done = run("-m", "train", "--data", str(tmp_path / "few"), "--out", str(tmp_path / "run"),
+               env={"MAML_EXPORT_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 1 and one_error_line(done) == (
+        "error: cannot split 14 classes into train, val and test: at least 15 are needed (5 train, 5 val, 5 test, "
+        "for tasks of 5 classes); add classes, or lower --ways")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
     (tmp_path / "shapes" / "bar-red" / "07.jpg").write_bytes(b"not an image")
     done = run("-m", "train", "--data", str(tmp_path / "shapes"), "--out", str(tmp_path / "run"),
                env={"MAML_EXPORT_CACHE": str(tmp_path / "cache")})
@@ -227,7 +238,7 @@ def shapes_run(tmp_path_factory):
     done = run("-m", "train", "--data", str(base / "shapes"), "--hidden", "32", "--first-order", "--meta-batch", "4",
                "--query", "3", "--inner-steps", "1", "--inner-lr", "0.01", "--head-init", "prototypes", "--zero-head",
                "--iterations", "24", "--val-every", "12", "--val-tasks", "20", "--val-query", "5",
-               "--name", "shapes-5w1s",
+               "--calibration-tasks", "10", "--name", "shapes-5w1s",
                "--out", str(base / "run"), env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return base, env

@@ -37,10 +37,16 @@ def cli(ctx, data, out, resume, threads, save_every_seconds, **options):
     \b
     Examples (`python -m train` runs the same):
       maml-train --data ../shared/omniglot --iterations 200 --first-order --out runs/quick
-      maml-train --data my-images/ --hidden 32 --query 5 --out runs/mine   (3x84x84 RGB by default)
+      maml-train --data my-drawings/ --out runs/mine   (an image folder: 5 minutes, ends with runs/mine/bundle.npz)
       maml-train --out runs/quick --resume --iterations 400    (the run remembers its --data)
       maml-train --out runs/quick --resume --iterations 600 --meta-lr 1e-4
-      maml-train evaluate --checkpoint runs/quick --tasks 600    (a run folder: its best.npz)
+      maml-train evaluate --checkpoint runs/quick --tasks 600    (a run folder: its bundle.npz, else best.npz)
+
+    
+    An image folder of drawings (grayscale, dark on light) meta-fine-tunes the shipped omniglot-5w1s weights at
+    their pixels (1x28x28, ink); other images train from random weights (3x84x84, 32 filters). Either way:
+    first-order, meta-batch 4, 5 queries a class, --minutes 5, at least 5 classes in val and test, and a
+    calibrated bundle at the end. Options given win; docs/training.md#your-own-images.
 
     Prints a JSON summary: `train_seconds` is the meta-iterations' compute time over the whole run
     (validation excluded, as the `seconds` of metrics.jsonl), `wall_seconds` this command's wall time.
@@ -70,7 +76,8 @@ FEATURE_SCALE_HELP = ("multiply the features by this (the last batch norm's weig
 
 @cli.command()
 @click.option("--checkpoint", type=click.Path(), default=None,
-              help="checkpoint .npz, a run folder (its best.npz, chosen on validation), or a bundled one by name "
+              help="checkpoint .npz, a run folder (its calibrated bundle.npz where training ended with one, else its "
+                   "best.npz, chosen on validation), or a bundled one by name "
                    "(omniglot-20w1s) [default: the bundled omniglot-5w1s]")
 @click.option("--data", type=click.Path(), default=None,
               help="the data the checkpoint was trained on (Omniglot or its image folder) [default: a run's own; "
@@ -98,7 +105,9 @@ FEATURE_SCALE_HELP = ("multiply the features by this (the last batch norm's weig
                    "per task, then predict.onnx on one query image at a time (--checkpoint and the adaptation "
                    "options do not apply)")
 @click.option("--shots", type=click.IntRange(min=1), default=None, help="support images per class [default: the checkpoint's]")
-@click.option("--query", type=click.IntRange(min=1), default=15, show_default=True, help="query images per class")
+@click.option("--query", type=click.IntRange(min=1), default=None,
+              help="query images per class [default: 15, or fewer where an image folder's classes hold fewer: all "
+                   "the images of its smallest class but the shots]")
 @click.option("--seed", type=int, default=None, help="seed of the test tasks [default: fixed]")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: all cores]")
 @click.option("--suite", type=click.Choice(["shift"]), default=None,
@@ -126,7 +135,7 @@ def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_n
             raise click.UsageError("--suite evaluates a checkpoint as deployed, each query alone: leave out --export, "
                                    "--head-init and --query-norm")
         result = evaluate_suite(checkpoint_argument(checkpoint) or default_checkpoint(), data, tasks, split,
-                                (shots,) if shots else (1, 5), seed=seed, query=query, threads=threads,
+                                (shots,) if shots else (1, 5), seed=seed, query=query or 15, threads=threads,
                                 progress=not as_json, ways=ways, steps=steps, inner_lr=inner_lr,
                                 support_shift=support_shift, feature_scale=feature_scale)
         click.echo(json.dumps(result))

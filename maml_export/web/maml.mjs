@@ -34,6 +34,9 @@ export class Model {
     this.imageSize = Number(metadata.image_size);
     this.channels = Number(metadata.channels);
     this.loadMs = loadMs;
+    // whether the probabilities mean what they say: a temperature fitted on validation tasks, recorded (exports
+    // before the record: any temperature but 1 was fitted), as adapter.Adapter.calibrated
+    this.calibrated = "calibration" in metadata ? metadata.calibration !== "none" : Number(metadata.temperature ?? 1) !== 1;
     this.state = null; // adapt.onnx's outputs by name, once learned
     this.stateNames = predict.inputNames.filter((n) => n !== QUERY_IMAGES);
     const missing = this.stateNames.filter((n) => !adapt.outputNames.includes(n));

@@ -233,7 +233,8 @@ async function main() {
   $("learn").addEventListener("click", learn);
   const cfg = model.metadata.config_name ? `${model.metadata.config_name}, ` : "";
   $("status").textContent = `${cfg}${model.ways}-way, ${model.steps} steps; loaded in ${model.loadMs.toFixed(0)} ms ` +
-    `(onnxruntime-web WASM, ${model.threads} thread${model.threads > 1 ? "s" : ""})`;
+    `(onnxruntime-web WASM, ${model.threads} thread${model.threads > 1 ? "s" : ""})` +
+    (model.calibrated ? "" : "; its probabilities are not calibrated (temperature 1): scores, not chances");
   page.ready = true;
 }
 
