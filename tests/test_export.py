@@ -227,8 +227,10 @@ def test_bundled_weights_are_trained_for_their_ways(bundled, omniglot):
     from maml_export.data import TaskSampler
     ckpt = load_checkpoint(bundled.stem)  # by name, as `--checkpoint omniglot-20w1s` takes it
     assert ckpt.state["command"].startswith("python -m train") and ckpt.state["best_val_accuracy"] > 0.9
-    assert any(log.is_file() for log in (bundled.with_suffix(".metrics.jsonl"), bundled.parent / f"{ckpt.config.name}.metrics.jsonl"))
-    assert bundled.stem.endswith(f"-{ckpt.config.ways}w1s")
+    run = ckpt.state.get("run", ckpt.config.name)  # the run it came from: its metrics log ships beside it
+    assert any(log.is_file() for log in (bundled.with_suffix(".metrics.jsonl"), bundled.parent / f"{run}.metrics.jsonl"))
+    # named by what it is (its ways and shots): the name exports, maml-web and errors show
+    assert bundled.stem.endswith(f"-{ckpt.config.ways}w1s") and ckpt.config.name == bundled.stem
     images, test = omniglot
     t = TaskSampler(images, test, ways=ckpt.config.ways, shots=1, query=15, seed=5).sample(4)
     accuracy = np.mean([(eager_logits(ckpt, t.x_spt[i], t.y_spt[i], t.x_qry[i]).argmax(1) == t.y_qry[i]).mean()
