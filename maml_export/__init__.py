@@ -12,6 +12,8 @@ Modules, one concern each:
   images      image file -> model input: the one preprocessing (channels, size, pixels, resize) training and
               prediction share (numpy + Pillow only)
   folders     your own images: image-folder and csv layouts, their split, their task sampler; open_dataset
+  recipe      the defaults of training on your own folder (drawings start from the shipped weights)
+  suite       the robustness suite: Omniglot's drawings redrawn as people draw, and training's --augment-redraw
   download    Omniglot's official zips into the cache, md5-checked (`maml-train download`)
   config      the typed configuration every CLI fills and every checkpoint and export carries
   checkpoint  atomic, pickle-free checkpoints (weights + config + optimizer + sampler state)
