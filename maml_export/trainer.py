@@ -24,7 +24,7 @@ from .calibration import calibration_report, fit_temperature
 from .checkpoint import Checkpoint, as_deployed, bundle_run, load_checkpoint, save_checkpoint, scale_features
 from .config import RESUME_MAY_CHANGE, VALIDATION, MamlConfig, flag
 from .data import TaskSampler, shift_tasks
-from .folders import open_dataset
+from .folders import open_dataset, trained_on_folders
 from .distributed import RankLostError, Ranks
 from .errors import ConfigError, DataError, MamlError
 from .maml import MAML, zero_head
@@ -553,18 +553,19 @@ def evaluate_export(export: str | os.PathLike, data, tasks: int = 600, split: st
 
 
 def evaluate_suite(checkpoint: str | os.PathLike, data, tasks: int = 200, split: str = "test",
-                   shots: tuple = (1, 5), conditions: tuple | None = None, seed: int = TEST_SEED, query: int = 15,
+                   shots: tuple = (1, 5), conditions: tuple | None = None, seed: int = TEST_SEED, query: int | None = QUERY,
                    threads: int | None = None, progress: bool = True, ways: int | None = None,
                    steps: int | None = None, inner_lr: float | None = None, support_shift: int | None = None,
                    feature_scale: float | None = None) -> dict:
     """The robustness suite (`suite.py`) on Omniglot's `split`: per condition and shots, the accuracy of each
     query alone (its support set's statistics) with 0 steps and with the deployed steps, paired on the same
-    tasks, and the paired difference with its 95 % interval."""
+    tasks, and the paired difference with its 95 % interval. `query` None: the protocol's QUERY."""
     from .suite import CONDITIONS, SUITE_SEED, split_drawings, suite_images
     set_threads(threads)
+    query = QUERY if query is None else query
     ckpt = as_deployed(load_checkpoint(checkpoint), ways=ways, inner_lr=inner_lr, support_shift=support_shift,
                        feature_scale=feature_scale)
-    if ckpt.config.protocol != MamlConfig().protocol:
+    if trained_on_folders(ckpt.config):
         raise ConfigError(f"{checkpoint} was trained on image folders: the suite redraws Omniglot's drawings, "
                           f"for Omniglot models (measure yours with `evaluate --data FOLDER`)")
     maml = _deployed_maml(ckpt, steps)

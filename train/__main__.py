@@ -135,7 +135,7 @@ def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_n
             raise click.UsageError("--suite evaluates a checkpoint as deployed, each query alone: leave out --export, "
                                    "--head-init and --query-norm")
         result = evaluate_suite(checkpoint_argument(checkpoint) or default_checkpoint(), data, tasks, split,
-                                (shots,) if shots else (1, 5), seed=seed, query=query or 15, threads=threads,
+                                (shots,) if shots else (1, 5), seed=seed, query=query, threads=threads,
                                 progress=not as_json, ways=ways, steps=steps, inner_lr=inner_lr,
                                 support_shift=support_shift, feature_scale=feature_scale)
         click.echo(json.dumps(result))
