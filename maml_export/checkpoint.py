@@ -115,13 +115,17 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a maml-export checkpoint "
                               f"({reason(e)})") from None
-    check_params(Model.from_specs(config.layers), params, str(path))
+    check_params(Model.from_specs(config.layers), params, str(path), config)
     return ckpt
 
 
-def check_params(model: Model, params: dict, where: str) -> None:
-    """Raise CheckpointError unless `params` has exactly the model's names and shapes."""
+def check_params(model: Model, params: dict, where: str, config: MamlConfig | None = None) -> None:
+    """Raise CheckpointError unless `params` has exactly the model's names and shapes (and, where `config`
+    learns its step sizes, theirs: `maml.step_size_shapes`)."""
+    from .maml import step_size_shapes
     expected = model.param_shapes()
+    if config is not None and config.learn_inner_lr:
+        expected.update(step_size_shapes(model, config.inner_steps))
     missing = [k for k in expected if k not in params]
     extra = [k for k in params if k not in expected]
     wrong = [f"{k} {tuple(params[k].shape)} != {v}" for k, v in expected.items()
@@ -161,6 +165,8 @@ def as_deployed(ckpt: Checkpoint, ways: int | None = None, inner_lr: float | Non
         (5, 0.1, (64, 5))
     """
     c = ckpt.config
+    if inner_lr is not None and c.learn_inner_lr:
+        raise CheckpointError(f"{c.name} learned its step sizes (--learn-inner-lr): leave out --inner-lr")
     ways = c.deployed_ways if ways is None else ways
     config = dataclasses.replace(c, inner_lr=c.deployed_inner_lr if inner_lr is None else inner_lr,
                                  inner_steps=c.deployed_steps, val_ways=None, val_inner_lr=None, val_steps=None,

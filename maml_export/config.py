@@ -44,6 +44,9 @@ class MamlConfig:
     query: int = _opt(15, "query images per class during training")
     inner_steps: int = _opt(5, "SGD steps on the support set (inner loop)")
     inner_lr: float = _opt(0.4, "inner-loop SGD step size")
+    learn_inner_lr: bool = _opt(False, "learn a step size per layer and inner step, starting from --inner-lr (LSLR of "
+                                       "MAML++, Antoniou et al., ICLR 2019): meta-parameters that exports carry as "
+                                       "constants; validation and deployment then take --inner-steps steps at them")
     first_order: bool = _opt(False, "first-order MAML (drop second derivatives); default second-order")
     meta_batch: int = _opt(32, "tasks per meta-iteration")
     meta_lr: float = _opt(1e-3, "Adam step size of the meta-update")
@@ -135,6 +138,11 @@ class MamlConfig:
         for name in ("inner_lr", "meta_lr", "val_inner_lr"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"{flag(name)} must be positive, got {getattr(self, name)}")
+        if self.learn_inner_lr and self.val_inner_lr is not None:
+            raise ConfigError("--learn-inner-lr: validation adapts with the learned step sizes; leave out --val-inner-lr")
+        if self.learn_inner_lr and self.val_steps not in (None, self.inner_steps):
+            raise ConfigError(f"--learn-inner-lr learns step sizes for --inner-steps {self.inner_steps} steps; "
+                              f"leave out --val-steps {self.val_steps}")
         if self.val_ways not in (None, self.ways) and not self.zero_head:
             raise ConfigError(f"--val-ways {self.val_ways} differs from --ways {self.ways}: pass --zero-head, so that "
                               f"the backbone adapts from a zero head of any number of ways")

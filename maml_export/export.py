@@ -40,7 +40,7 @@ from . import __version__
 from .checkpoint import as_deployed, default_checkpoint, load_checkpoint, resolve_checkpoint
 from .errors import CheckpointError, ExportError, OutputError
 from .folders import trained_on_folders
-from .maml import MAML, predict
+from .maml import MAML, learned_schedule, predict, split_step_sizes
 from .model import Model
 from .contract import (ADAPT_FILE, ADAPT_INPUTS, FUSED_INPUTS, LOGITS, MAX_STEPS, MODEL_FILE, PREDICT_FILE,
                        QUERY_IMAGES, RTOL, SPLIT_RTOL, SUPPORT_IMAGES, SUPPORT_LABELS, state_names)
@@ -59,8 +59,11 @@ class _Graph(paddle.nn.Layer):
     def __init__(self, model: Model, params: dict, steps: int, inner_lr: float, task_batch: int = 0,
                  every_step: bool = False):
         super().__init__()
-        self.model, self.steps, self.inner_lr, self.task_batch = model, steps, inner_lr, task_batch
+        self.model, self.steps, self.task_batch = model, steps, task_batch
         self.every_step = every_step or bool(task_batch)
+        params, step_sizes = split_step_sizes(params)
+        # learned step sizes (--learn-inner-lr) are constants of the graph, as a single --inner-lr is
+        self.inner_lr = learned_schedule(step_sizes, params, steps, constants=True) if step_sizes else inner_lr
         self.names = list(params)
         for i, name in enumerate(self.names):
             p = self.create_parameter(list(params[name].shape), dtype="float32",
@@ -312,6 +315,11 @@ def export_model(checkpoint: str | os.PathLike | None = None, out: str | os.Path
     except CheckpointError as e:
         raise CheckpointError(f"--checkpoint: {e}") from None
     config, params = ckpt.config, ckpt.params
+    if config.learn_inner_lr and inner_lr is not None:
+        raise ExportError(f"--checkpoint {ckpt_path} learned its step sizes (--learn-inner-lr): leave out --inner-lr")
+    if config.learn_inner_lr and steps > config.inner_steps:
+        raise ExportError(f"--checkpoint {ckpt_path} learned step sizes for {config.inner_steps} steps: pass --steps "
+                          f"{config.inner_steps} or fewer")
     inner_lr = config.inner_lr if inner_lr is None else float(inner_lr)
     if not inner_lr > 0:
         raise ExportError(f"--inner-lr must be positive, got {inner_lr}")

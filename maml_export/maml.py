@@ -60,17 +60,59 @@ def query_loss_and_grads(model: Model, fast: dict, x_spt, x_qry, y_qry):
     return loss.detach(), grads, logits.detach()
 
 
-def sgd_steps(model: Model, params: dict, x, y, steps: int, inner_lr: float, first_order: bool) -> dict:
-    """`steps` SGD steps on (x, y) from task-stacked `params`; returns the fast weights."""
-    for _ in range(steps):
+STEP_SIZES = "lslr."  # the meta-parameters of learned step sizes: "lslr.<layer>", one per step, shape (K,)
+
+
+def step_size_shapes(model: Model, steps: int) -> dict:
+    """The learned step sizes' meta-parameters (`--learn-inner-lr`): one (steps,) vector per layer with weights."""
+    return {f"{STEP_SIZES}{prefix}": (steps,) for prefix in model.names if prefix is not None}
+
+
+def split_step_sizes(params: dict) -> tuple[dict, dict]:
+    """params -> (the network's weights, the learned step sizes: layer -> (K,) tensor; empty without them)."""
+    weights = {k: v for k, v in params.items() if not k.startswith(STEP_SIZES)}
+    return weights, {k[len(STEP_SIZES):]: v for k, v in params.items() if k.startswith(STEP_SIZES)}
+
+
+def step_lr(inner_lr, step: int):
+    """The step size(s) of inner step `step`: `inner_lr` a float for every step and parameter, or a list with
+    one entry per step, each a float or parameter name -> step size (a float, or a 0-d tensor in training)."""
+    return inner_lr[step] if isinstance(inner_lr, list) else inner_lr
+
+
+def learned_schedule(step_sizes: dict, names, steps: int, constants: bool = False) -> list:
+    """Learned step sizes (layer -> (K,) vector) as `step_lr`'s schedule for the parameters `names`: per step,
+    name -> its layer's step size; `constants`: Python floats, which a traced graph holds as constants."""
+    learned = len(next(iter(step_sizes.values())))
+    if steps > learned:
+        raise ValueError(f"this model learned step sizes for {learned} inner steps, not {steps}: pass --steps "
+                         f"{learned} or fewer")
+    size = (lambda v: float(v)) if constants else (lambda v: v)  # noqa: E731
+    return [{name: size(step_sizes[name.split(".")[0]][k]) for name in names} for k in range(steps)]
+
+
+def sgd_update(params: dict, grads: dict, lr) -> dict:
+    """One SGD step: `lr` a float for every parameter, or name -> step size (a float 0: the parameter stays)."""
+    lr = lr if isinstance(lr, dict) else dict.fromkeys(params, lr)
+    return {k: p if isinstance(lr[k], float) and lr[k] == 0 else p - lr[k] * grads[k] for k, p in params.items()}
+
+
+def sgd_steps(model: Model, params: dict, x, y, steps: int, inner_lr, first_order: bool,
+              record: list | None = None) -> dict:
+    """`steps` SGD steps on (x, y) from task-stacked `params` at `inner_lr` (see `step_lr`); returns the fast
+    weights. `record`, a list: each step's gradients are appended to it (first-order: the step sizes'
+    meta-gradient needs them)."""
+    for k in range(steps):
         _, grads, _ = loss_and_grads(model, params, x, y)
         if first_order:  # first-order MAML: the inner gradient is a constant for the meta-gradient
-            grads = {k: g.detach() for k, g in grads.items()}
-        params = {k: p - inner_lr * grads[k] for k, p in params.items()}
+            grads = {name: g.detach() for name, g in grads.items()}
+        if record is not None:
+            record.append(grads)
+        params = sgd_update(params, grads, step_lr(inner_lr, k))
     return params
 
 
-def steps_to_fixed_point(model: Model, params: dict, x, y, steps: int, inner_lr: float, stats: bool) -> tuple[dict, dict]:
+def steps_to_fixed_point(model: Model, params: dict, x, y, steps: int, inner_lr, stats: bool) -> tuple[dict, dict]:
     """`sgd_steps` for inference, stopping where the rest would change nothing; and, with `stats`, each batch
     norm's support statistics under the result (`Model.support_stats`): what running all `steps` and then
     `support_stats` gives.
@@ -92,8 +134,9 @@ def steps_to_fixed_point(model: Model, params: dict, x, y, steps: int, inner_lr:
 
     def step():
         grads = model.backward(params, caches, dlogits)
-        fast, later = steps_to_fixed_point(model, {k: p - inner_lr * grads[k] for k, p in params.items()},
-                                           x, y, steps - 1, inner_lr, stats)
+        later_lr = inner_lr[1:] if isinstance(inner_lr, list) else inner_lr  # the schedule from the next step on
+        fast, later = steps_to_fixed_point(model, sgd_update(params, grads, step_lr(inner_lr, 0)), x, y, steps - 1,
+                                           later_lr, stats)
         return [fast[k] for k in names] + [later[k] for k in stat_names]
 
     def still():
@@ -182,8 +225,10 @@ class MAML:
 
     Args:
         model: the network (`Model`).
-        params: meta-parameters, name -> Paddle tensor without task axis.
-        inner_lr: step size of the inner SGD.
+        params: meta-parameters, name -> Paddle tensor without task axis; with learned step sizes
+            (`--learn-inner-lr`, MAML++'s LSLR) also "lslr.<layer>": each layer's step size at each step, (K,).
+        inner_lr: step size of the inner SGD: a float, or a schedule (`step_lr`); where step sizes are learned,
+            only a call's `inner_lr` overrides them.
         steps: number of inner SGD steps.
         first_order: drop second-order terms of the meta-gradient (FOMAML).
         stop_at_fixed_point: `adapt` stops at the first step whose gradient is exactly zero
@@ -195,6 +240,7 @@ class MAML:
     def __init__(self, model: Model, params: dict, inner_lr: float, steps: int, first_order: bool = False,
                  stop_at_fixed_point: bool = False):
         self.model, self.params = model, params
+        self.weights, self.step_sizes = split_step_sizes(params)  # the same tensors: Adam's updates show in both
         self.inner_lr, self.steps, self.first_order = inner_lr, steps, first_order
         self.stop_at_fixed_point = stop_at_fixed_point
 
@@ -208,9 +254,9 @@ class MAML:
         if self.model.support_shift:
             x_spt, y_spt = shifted_support(x_spt, y_spt, self.model.support_shift)
         if self.stop_at_fixed_point:
-            fast, stats = steps_to_fixed_point(self.model, self._start(x_spt, y_spt), x_spt, y_spt,
-                                               self.steps if steps is None else steps,
-                                               self.inner_lr if inner_lr is None else inner_lr, stats=support)
+            steps = self.steps if steps is None else steps
+            fast, stats = steps_to_fixed_point(self.model, self._start(x_spt, y_spt), x_spt, y_spt, steps,
+                                               self.schedule(steps, inner_lr, constants=True), stats=support)
             return {**fast, **stats}
         fast = self.fast_weights(x_spt, y_spt, steps, inner_lr, first_order)
         return {**fast, **self.model.support_stats(fast, x_spt)} if support else fast
@@ -218,18 +264,32 @@ class MAML:
     def _start(self, x_spt, y_spt) -> dict:
         """Where a task's adaptation starts: the meta-parameters per task, the head the prototypes' under
         head_init "prototypes"."""
-        fast = expand_to_tasks(self.params, x_spt.shape[0])
+        fast = expand_to_tasks(self.weights, x_spt.shape[0])
         if self.model.head_init == "prototypes":
             fast.update(prototype_head(self.model, fast, x_spt, y_spt))
         return fast
 
+    @property
+    def step_size_summary(self):
+        """What reports say the step size is: `inner_lr`, or the learned ones (layer -> one per step)."""
+        if not self.step_sizes:
+            return self.inner_lr
+        return {layer: [round(float(v), 6) for v in sizes.numpy()] for layer, sizes in self.step_sizes.items()}
+
+    def schedule(self, steps: int, inner_lr: float | None = None, constants: bool = False):
+        """The step sizes of `steps` steps (`step_lr`): a call's `inner_lr`, else the learned ones (per step, per
+        parameter; `constants`: as Python floats, which a traced graph holds as constants), else `self.inner_lr`."""
+        if inner_lr is not None or not self.step_sizes:
+            return self.inner_lr if inner_lr is None else inner_lr
+        return learned_schedule(self.step_sizes, self.weights, steps, constants)
+
     def fast_weights(self, x_spt, y_spt, steps: int | None = None, inner_lr: float | None = None,
-                     first_order: bool | None = None) -> dict:
-        """`adapt` without the support statistics: the fast weights alone."""
+                     first_order: bool | None = None, record: list | None = None) -> dict:
+        """`adapt` without the support statistics: the fast weights alone (`record`: see `sgd_steps`)."""
         steps = self.steps if steps is None else steps
-        inner_lr = self.inner_lr if inner_lr is None else inner_lr
         first_order = self.first_order if first_order is None else first_order
-        return sgd_steps(self.model, self._start(x_spt, y_spt), x_spt, y_spt, steps, inner_lr, first_order)
+        return sgd_steps(self.model, self._start(x_spt, y_spt), x_spt, y_spt, steps,
+                         self.schedule(steps, inner_lr), first_order, record)
 
     def predict(self, fast: dict, x_qry):
         """Query logits (T, Q, ways) under the adapted state (`adapt`): `predict`."""
@@ -262,10 +322,13 @@ class MAML:
         """
         T = x_spt.shape[0]
         if self.first_order:
+            record = [] if self.step_sizes else None
             with paddle.no_grad():
-                fast = self.fast_weights(x_spt, y_spt, steps=steps)
+                fast = self.fast_weights(x_spt, y_spt, steps=steps, record=record)
                 loss, grads, logits = query_loss_and_grads(self.model, fast, x_spt, x_qry, y_qry)
                 meta_grads = {k: g.sum(axis=0) / T for k, g in grads.items()}
+                if record is not None:
+                    meta_grads.update(self._step_size_grads(grads, record, T))
             if self.model.head_init == "prototypes":
                 meta_grads = self._through_prototypes(meta_grads, grads, x_spt, y_spt)
         else:
@@ -281,13 +344,24 @@ class MAML:
         accuracy = (logits.argmax(axis=-1) == y_qry).astype("float32").mean()
         return MetaStep(float(loss.mean()), float(accuracy), meta_grads)
 
+    def _step_size_grads(self, query_grads: dict, record: list, T: int) -> dict:
+        """First-order meta-gradients of the learned step sizes. The fast weights are w_0 - sum_k a_k g_k with each
+        step's gradient g_k a constant, so dL/da_k of a layer is -<dL/dw, g_k> over the layer's weights, with
+        dL/dw the query gradient at the fast weights (`query_grads`, task-stacked); the mean over the T tasks."""
+        out = {}
+        for layer, sizes in self.step_sizes.items():
+            per_step = [-sum((query_grads[n] * g[n]).sum() for n in g if n.split(".")[0] == layer) / T for g in record]
+            per_step += [paddle.zeros([], sizes.dtype)] * (len(sizes) - len(record))  # steps not run this time
+            out[STEP_SIZES + layer] = paddle.stack(per_step).reshape(sizes.shape)
+        return out
+
     def _through_prototypes(self, meta_grads: dict, fast_grads: dict, x_spt, y_spt) -> dict:
         """First-order meta-gradients under head_init "prototypes", as first-order Proto-MAML (Triantafillou
         et al., 2020) takes them: the steps' gradients stay constants, so the fast head is its start plus a
         constant and the query gradient of the fast head (`fast_grads`, task-stacked) flows back through the
         prototypes into the body. The head's own meta-parameters take no part: zero gradient."""
         T = x_spt.shape[0]
-        body = {k: p for k, p in self.params.items() if not self.model.is_head(k)}
+        body = {k: p for k, p in self.weights.items() if not self.model.is_head(k)}
         for p in body.values():
             p.stop_gradient = False
         start = prototype_head(self.model, expand_to_tasks(body, T), x_spt, y_spt)  # recomputed, now with autograd
@@ -295,4 +369,4 @@ class MAML:
                               grad_outputs=[fast_grads[k] / T for k in start], allow_unused=True)
         through = {k: g for k, g in zip(body, through) if g is not None}
         return {k: paddle.zeros_like(g) if self.model.is_head(k) else g + through[k].detach() if k in through else g
-                for k, g in meta_grads.items()}
+                for k, g in meta_grads.items()}  # the step sizes' own ("lslr.fc1" is no head weight) pass as they are

@@ -27,7 +27,7 @@ from .data import TaskSampler, shift_tasks
 from .folders import open_dataset, trained_on_folders
 from .distributed import RankLostError, Ranks
 from .errors import ConfigError, DataError, MamlError
-from .maml import MAML, zero_head
+from .maml import MAML, STEP_SIZES, step_size_shapes, zero_head
 from .model import Model, to_tensors
 from .specs import with_query_norm
 from .optim import Adam
@@ -148,8 +148,20 @@ def _start(config: MamlConfig, run: RunFolder, resume: bool, overrides: dict):
 
 
 def initial_params(model: Model, config: MamlConfig) -> tuple[dict, dict]:
-    """A new run's weights and where they came from: `--init`'s checkpoint's (same architecture required;
-    with `--zero-head` only the same backbone: its head is zeroed anyway), else random from `--seed`."""
+    """A new run's weights and where they came from (`_initial_weights`), with `--learn-inner-lr`'s step sizes:
+    `--init`'s where it learned them for as many steps, else --inner-lr at every layer and step."""
+    params, origin = _initial_weights(model, config)
+    if not config.learn_inner_lr:
+        return {k: v for k, v in params.items() if not k.startswith(STEP_SIZES)}, origin
+    shapes = step_size_shapes(model, config.inner_steps)
+    if all(k in params and params[k].shape == shape for k, shape in shapes.items()):
+        return params, origin
+    return {**params, **{k: np.full(shape, config.inner_lr, "float32") for k, shape in shapes.items()}}, origin
+
+
+def _initial_weights(model: Model, config: MamlConfig) -> tuple[dict, dict]:
+    """The network's starting weights and where they came from: `--init`'s checkpoint's (same architecture
+    required; with `--zero-head` only the same backbone: its head is zeroed anyway), else random from `--seed`."""
     if config.init is None:
         return model.init_params(config.seed), {"seed": config.seed}
     source = load_checkpoint(config.init)
@@ -282,6 +294,8 @@ class Training:
         """Accuracy ± 95 % interval on the validation tasks, adapted as deployed (--val-* options), logged."""
         c = self.config
         inner_lr, steps = c.deployed_inner_lr, c.deployed_steps
+        if c.learn_inner_lr:
+            inner_lr = None  # the learned step sizes, as exported
         sampler = self.val_sampler()
         deployed = MAML(self.model, self.params, inner_lr, steps, stop_at_fixed_point=True)  # as exported
         if c.deployed_ways != c.ways or c.deployed_head_init != c.head_init:
@@ -292,7 +306,7 @@ class Training:
                                           steps=steps, inner_lr=inner_lr))
         if self.ranks.main:
             self.files.log({"event": "validation", "iteration": self.iteration, "val_accuracy": accuracy,
-                            "val_ci95": ci, "tasks": c.val_tasks, "inner_lr": inner_lr, "steps": steps,
+                            "val_ci95": ci, "tasks": c.val_tasks, "inner_lr": deployed.step_size_summary, "steps": steps,
                             "ways": sampler.ways, "query": sampler.query, "seconds": round(self.seconds, 2)})
         return accuracy, ci
 
@@ -493,7 +507,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data, tasks: int = 600, s
     calibration = calibration_report(logits, labels)  # the logits are already divided by the temperature
     return {"checkpoint": str(checkpoint), "config": config.name, "split": split, "tasks": tasks,
             "ways": config.ways, "shots": shots, "query": sampler.query, "steps": maml.steps,
-            "inner_lr": maml.inner_lr, "head_init": config.head_init, "query_norm": config.query_norm,
+            "inner_lr": maml.step_size_summary, "head_init": config.head_init, "query_norm": config.query_norm,
             "support_shift": config.support_shift,
             "queries": QUERIES[config.query_norm], "accuracy": accuracy, "ci95": ci,
             "temperature": config.temperature, "ece": calibration["ece"], "nll": calibration["nll"],
@@ -589,5 +603,5 @@ def evaluate_suite(checkpoint: str | os.PathLike, data, tasks: int = 200, split:
                 tqdm.write(f"{condition:>9} {ckpt.config.ways}-way {k}-shot: {100 * zero:.2f} % with 0 steps, "
                            f"{100 * accuracy:.2f} % with {maml.steps} ({100 * gain:+.2f} ± {100 * gain_ci:.2f})")
     return {"checkpoint": str(checkpoint), "config": ckpt.config.name, "split": split, "tasks": tasks,
-            "query": query, "seed": seed, "suite_seed": SUITE_SEED, "steps": maml.steps, "inner_lr": maml.inner_lr,
+            "query": query, "seed": seed, "suite_seed": SUITE_SEED, "steps": maml.steps, "inner_lr": maml.step_size_summary,
             "support_shift": ckpt.config.support_shift, "queries": QUERIES[ckpt.config.query_norm], "rows": rows}

@@ -6,7 +6,8 @@ import pytest
 from maml_export.bench import paddlerec
 from maml_export.data import TaskSampler, load_omniglot, split_characters
 from maml_export.layers import softmax_cross_entropy
-from maml_export.maml import MAML, expand_to_tasks, prototype_head, query_loss_and_grads, shifted_support
+from maml_export.maml import (MAML, STEP_SIZES, expand_to_tasks, prototype_head, query_loss_and_grads, shifted_support,
+                              step_size_shapes)
 from maml_export.model import Model, to_tensors
 from maml_export.specs import conv4_specs
 
@@ -348,3 +349,87 @@ def test_feature_scale_multiplies_the_prototype_logits_by_its_square_and_stops_a
     for bad in (0, -2.0, float("inf")):
         with pytest.raises(CheckpointError, match="--feature-scale"):
             scale_features(config, params, bad)
+
+
+def _tiny_lslr_task(head_init="prototypes", steps=2):
+    """A tiny model with learned step sizes (distinct per layer and step) and one 2-task, 2-shot batch (float64)."""
+    model = Model.from_specs(conv4_specs(ways=3, hidden=4, image_size=12, blocks=2, head_init=head_init,
+                                         query_norm="support"))
+    rng = np.random.default_rng(3)
+    init = model.init_params(seed=2)
+    init.update({k: rng.uniform(0.2, 0.6, shape) for k, shape in step_size_shapes(model, steps).items()})
+    x_spt = paddle.to_tensor(rng.random((2, 6, 1, 12, 12)))
+    y_spt = paddle.to_tensor(np.array([[0, 1, 2, 0, 1, 2], [2, 0, 1, 1, 2, 0]]))
+    x_qry = paddle.to_tensor(rng.random((2, 6, 1, 12, 12)))
+    y_qry = paddle.to_tensor(np.array([[0, 1, 2, 0, 1, 2]] * 2))
+    return model, init, (x_spt, y_spt, x_qry, y_qry), rng
+
+
+@pytest.mark.parametrize("head_init", ["meta", "prototypes"])
+def test_learned_step_sizes_second_order_gradient_matches_finite_differences(head_init):
+    """--learn-inner-lr (LSLR): the meta-gradient of every step size, second order, = central differences of the
+    meta-loss along a random direction of the step sizes (float64); and each step size moves the loss."""
+    model, init, (x_spt, y_spt, x_qry, y_qry), rng = _tiny_lslr_task(head_init)
+    sizes = [k for k in init if k.startswith(STEP_SIZES)]
+
+    def meta_loss(params_np):
+        maml = MAML(model, to_tensors(params_np, "float64"), inner_lr=99.0, steps=2)  # the learned sizes rule
+        with paddle.no_grad():
+            loss, _ = softmax_cross_entropy(maml.predict(maml.adapt(x_spt, y_spt), x_qry), y_qry)
+        return float(loss.mean())
+
+    step = MAML(model, to_tensors(init, "float64"), inner_lr=99.0, steps=2).meta_step(x_spt, y_spt, x_qry, y_qry)
+    direction = {k: rng.normal(size=init[k].shape) for k in sizes}
+    eps = 1e-5
+    numeric = (meta_loss({**init, **{k: init[k] + eps * direction[k] for k in sizes}})
+               - meta_loss({**init, **{k: init[k] - eps * direction[k] for k in sizes}})) / (2 * eps)
+    analytic = sum(float((step.grads[k].numpy() * direction[k]).sum()) for k in sizes)
+    assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric)), (analytic, numeric)
+    assert all(np.abs(step.grads[k].numpy()).min() > 0 for k in sizes)  # every layer's every step matters
+
+
+def test_learned_step_sizes_first_order_gradient_is_the_surrogates():
+    """First order, each step's gradient g_k is a constant: the step sizes' meta-gradient is that of the query
+    loss at w_0 - sum_k a_k g_k, checked by central differences with the g_k held fixed (float64)."""
+    model, init, (x_spt, y_spt, x_qry, y_qry), rng = _tiny_lslr_task()
+    sizes = [k for k in init if k.startswith(STEP_SIZES)]
+    maml = MAML(model, to_tensors(init, "float64"), inner_lr=99.0, steps=2, first_order=True)
+    record = []
+    with paddle.no_grad():
+        maml.fast_weights(x_spt, y_spt, record=record)
+        start = maml._start(x_spt, y_spt)
+
+    def surrogate(sizes_np):
+        fast = dict(start)
+        for k, grads in enumerate(record):
+            fast = {n: w - float(sizes_np[STEP_SIZES + n.split(".")[0]][k]) * grads[n] for n, w in fast.items()}
+        with paddle.no_grad():
+            loss, _, _ = query_loss_and_grads(model, fast, x_spt, x_qry, y_qry)
+        return float(loss.mean())
+
+    step = maml.meta_step(x_spt, y_spt, x_qry, y_qry)
+    direction = {k: rng.normal(size=init[k].shape) for k in sizes}
+    eps = 1e-5
+    numeric = (surrogate({k: init[k] + eps * direction[k] for k in sizes})
+               - surrogate({k: init[k] - eps * direction[k] for k in sizes})) / (2 * eps)
+    analytic = sum(float((step.grads[k].numpy() * direction[k]).sum()) for k in sizes)
+    assert abs(analytic - numeric) <= 1e-6 * max(1.0, abs(numeric)), (analytic, numeric)
+
+
+def test_equal_learned_step_sizes_adapt_as_one_inner_lr_and_stop_at_the_same_fixed_point():
+    """Learned step sizes all equal to 0.3 give the fast weights of inner_lr 0.3 bit for bit (every step, and
+    stopping at a fixed point); sizes that differ by layer give other weights."""
+    model, init, (x_spt, y_spt, _, _), _ = _tiny_lslr_task(head_init="meta")
+    weights = {k: v for k, v in init.items() if not k.startswith(STEP_SIZES)}
+    equal = {**init, **{k: np.full_like(v, 0.3) for k, v in init.items() if k.startswith(STEP_SIZES)}}
+    with paddle.no_grad():
+        plain = MAML(model, to_tensors(weights, "float64"), 0.3, steps=2).adapt(x_spt, y_spt)
+        for stop in (False, True):
+            learned = MAML(model, to_tensors(equal, "float64"), 99.0, steps=2, stop_at_fixed_point=stop).adapt(x_spt, y_spt)
+            assert sorted(learned) == sorted(plain)
+            for k in plain:
+                assert np.array_equal(plain[k].numpy(), learned[k].numpy()), (stop, k)
+        other = MAML(model, to_tensors(init, "float64"), 0.3, steps=2).adapt(x_spt, y_spt)
+    assert not np.allclose(other["conv1.weight"].numpy(), plain["conv1.weight"].numpy())
+    with pytest.raises(ValueError, match="learned step sizes for 2 inner steps, not 3"):
+        MAML(model, to_tensors(init, "float64"), 0.3, steps=3).adapt(x_spt, y_spt)

@@ -511,3 +511,40 @@ def test_support_shift_out_of_range_is_a_config_error(shift, message):
     config = MamlConfig(support_shift=2)
     assert config.layers[-1]["support_shift"] == 2
     assert MamlConfig.from_dict(json.loads(json.dumps(config.to_dict()))).support_shift == 2
+
+
+@needs_data
+@pytest.mark.slow
+@pytest.mark.parametrize("first_order", [True, False])
+def test_learned_step_sizes_train_resume_validate_and_export(tmp_path, first_order):
+    """--learn-inner-lr: the step sizes start at --inner-lr, are trained (first and second order), resume
+    exactly, validate as learned, and export as constants of the graph, validated against eager Paddle; an
+    export for more steps than were learned, or with another --inner-lr, is refused before any work."""
+    from maml_export.adapter import Adapter
+    from maml_export.errors import ExportError
+    from maml_export.export import export_model
+    config = dict(SMALL, first_order=first_order, learn_inner_lr=True, inner_lr=0.3, head_init="prototypes",
+                  zero_head=True, shots=2)
+    train(MamlConfig(iterations=4, val_every=2, **config), DATA, tmp_path / "a", progress=False)
+    train(MamlConfig(iterations=2, val_every=2, **config), DATA, tmp_path / "b", progress=False)
+    train(MamlConfig(**config), DATA, tmp_path / "b", resume=True, overrides={"iterations": 4}, progress=False)
+    a, b = load_checkpoint(tmp_path / "a" / "latest.npz"), load_checkpoint(tmp_path / "b" / "latest.npz")
+    sizes = sorted(k for k in a.params if k.startswith("lslr."))
+    assert sizes == ["lslr.bn1", "lslr.bn2", "lslr.bn3", "lslr.bn4", "lslr.conv1", "lslr.conv2", "lslr.conv3",
+                     "lslr.conv4", "lslr.fc1"]
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)
+    assert a.params["lslr.conv4"].shape == (2,) and not np.allclose(a.params["lslr.conv4"], 0.3)
+    validation = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl") if '"validation"' in line]
+    assert validation[-1]["inner_lr"]["conv4"] == [round(float(v), 6) for v in a.params["lslr.conv4"]]
+    if not first_order:
+        return
+    with pytest.raises(ExportError, match="learned step sizes for 2 steps: pass --steps 2 or fewer"):
+        export_model(tmp_path / "a" / "latest.npz", tmp_path / "x", steps=3, tasks=2, data=DATA)
+    with pytest.raises(ExportError, match="leave out --inner-lr"):
+        export_model(tmp_path / "a" / "latest.npz", tmp_path / "x", steps=2, inner_lr=0.1, tasks=2, data=DATA)
+    assert not (tmp_path / "x").exists()
+    report = export_model(tmp_path / "a" / "latest.npz", tmp_path / "x", steps=2, tasks=3, data=DATA)
+    assert report.parity  # every comparison held (export_model raises otherwise)
+    learned = json.loads(Adapter(tmp_path / "x" / "model.onnx").metadata["inner_lr_learned"])
+    assert learned["conv4"] == [float(v) for v in a.params["lslr.conv4"]]
