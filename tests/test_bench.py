@@ -565,3 +565,21 @@ def test_stream_times_one_image_after_another_on_one_learned_task(exported_suppo
     doc = json.loads(done.stdout)
     assert doc["images"] == 20 and 0 < doc["predict_one_p50_ms"] <= doc["predict_one_p90_ms"]
     assert doc["adapt_p50_ms"] > doc["predict_one_p50_ms"] and doc["images_per_s"] > 0
+
+
+def test_a_model_with_learned_step_sizes_is_refused_not_compared(tmp_path):
+    """The peers take one step size: a --learn-inner-lr model would have them do other work than its graphs, so
+    the benchmark refuses it in one line, before exporting anything."""
+    from maml_export.bench.runtimes import export_checkpoint
+    from maml_export.checkpoint import Checkpoint, save_checkpoint
+    from maml_export.config import MamlConfig
+    from maml_export.errors import ConfigError
+    from maml_export.maml import step_size_shapes
+    from maml_export.model import Model
+    config = MamlConfig(learn_inner_lr=True, inner_steps=2)
+    model = Model.from_specs(config.layers)
+    params = {**model.init_params(0), **{k: np.full(s, 0.1, "float32") for k, s in step_size_shapes(model, 2).items()}}
+    path = save_checkpoint(tmp_path / "lslr.npz", Checkpoint(config, params))
+    with pytest.raises(ConfigError, match="learned a step size per layer and step"):
+        export_checkpoint(path, tmp_path / "out", 2, None, None, "test")
+    assert not (tmp_path / "out").exists()

@@ -84,6 +84,7 @@ def load_exported(onnx_path: Path) -> Exported:
         raise ConfigError(f"--model: {onnx_path.parent} has no {' or '.join(missing)} beside model.onnx (maml-export "
                           "writes them together; the Paddle peers run them)")
     config, why = MamlConfig.from_dict(json.loads(meta["config"])), "their sha256 is not model.onnx's weights_sha256"
+    refuse_learned_step_sizes(config, f"--model {onnx_path}")
     try:  # jit.save names the parameters <layer>.w_<k>_0, k in creation order: the checkpoint's order
         ps = sorted(paddle.jit.load(str(prefix)).parameters(), key=lambda p: int(re.search(r"\.w_(\d+)", p.name)[1]))
         model = Model.from_specs(config.layers)
@@ -101,12 +102,21 @@ def load_exported(onnx_path: Path) -> Exported:
                     every_step(meta))
 
 
+def refuse_learned_step_sizes(config: MamlConfig, what: str) -> None:
+    """The peers take one step size for every layer and step: a model with learned ones (--learn-inner-lr) would
+    have them do other work than its graphs, so it is refused (one line) rather than compared."""
+    if config.learn_inner_lr:
+        raise ConfigError(f"{what} learned a step size per layer and step (--learn-inner-lr); the peers take one "
+                          f"step size, so they would do other work: benchmark a model without learned step sizes")
+
+
 def export_checkpoint(path: Path, out: Path, steps: int, inner_lr, data, source: str,
                       task_batch: int | None = None, query_norm: str | None = None,
                       every_step: bool = False) -> Exported:
     from ..checkpoint import as_deployed, load_checkpoint
     from ..export import export_model
     ckpt = as_deployed(load_checkpoint(path), query_norm=query_norm)
+    refuse_learned_step_sizes(ckpt.config, f"--checkpoint {path}")
     export_model(path, out, steps=steps, inner_lr=inner_lr, tasks=1, data=data, task_batch=task_batch,
                  query_norm=query_norm, every_step=every_step)
     lr = ckpt.config.inner_lr if inner_lr is None else inner_lr
