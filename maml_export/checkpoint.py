@@ -222,7 +222,7 @@ def scale_features(config: MamlConfig, params: dict, scale: float) -> dict:
 def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float | None = None,
                note: str | None = None, ways: int | None = None, head_init: str | None = None,
                calibrate=None, support_shift: int | None = None, feature_scale: float | None = None,
-               name: str | None = None) -> Checkpoint:
+               name: str | None = None, checkpoint: str | os.PathLike | None = None) -> Checkpoint:
     """Package a run's best checkpoint (chosen on validation) for shipping: `out` (.npz + .json) with the
     weights and config but no optimizer or sampler state, the command that reproduces the run (resumes
     and their changed options included) and the run's metrics log up to that iteration (`out` with
@@ -242,10 +242,19 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
     report in `state["calibration"]`. The bundle's config is named `name`, else after its file (`out`'s stem, e.g.
     omniglot-5w1s: what `--checkpoint` takes, what exports, `maml-web` and errors call it); the run's name goes to
     `state["run"]`. A run on an image folder keeps its folder in `state["data"]`, where `evaluate` finds it.
+    `checkpoint`, if given, ships that checkpoint of the run (e.g. a copy of its latest.npz chosen on the
+    robustness suite) instead of its best.npz; it must be the run's own (same name, and its iteration in the log).
     """
     import shlex
     run, out = Path(run), Path(out)
     best = load_checkpoint(run / "best.npz")
+    if checkpoint is not None:
+        chosen = load_checkpoint(checkpoint)
+        if chosen.config.name != best.config.name:
+            raise CheckpointError(f"--checkpoint {checkpoint} is a checkpoint of run {chosen.config.name!r}, not of "
+                                  f"{run} ({best.config.name!r})")
+        best = dataclasses.replace(chosen, state={k: v for k, v in chosen.state.items()
+                                                  if k not in ("best_val_accuracy", "best_iteration")})
     log = run / "metrics.jsonl"
     try:
         events = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
@@ -276,6 +285,8 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
         temperature, calibration = calibrate(deployed)
         deployed = as_deployed(deployed, temperature=temperature)
     state = {k: best.state[k] for k in ("best_val_accuracy", "best_iteration", "seconds") if k in best.state}
+    if checkpoint is not None:
+        state["chosen"] = f"iteration {best.iteration} of the run, not its best on validation (--checkpoint)"
     if "data" in best.state and best.config.protocol != MamlConfig().protocol:  # image folders: the model's data
         state["data"] = best.state["data"]
     state["command"] = command

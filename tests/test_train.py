@@ -300,6 +300,21 @@ def test_bundle_ships_the_best_checkpoint_with_the_command_that_reproduces_the_r
     no_step = cli("bundle", str(run), "--out", str(tmp_path / "x.npz"), "--inner-lr", "0")  # the config's own check
     assert no_step.returncode != 0 and no_step.stderr.strip().splitlines() == ["error: --inner-lr must be positive, got 0.0"]
     assert not (tmp_path / "x.npz").exists()
+    # --checkpoint: another checkpoint of the run (e.g. chosen on the robustness suite), its log up to there
+    latest = load_checkpoint(run / "latest.npz")
+    chosen = cli("bundle", str(run), "--out", str(tmp_path / "chosen.npz"), "--checkpoint", str(run / "latest.npz"),
+                 "--calibration-tasks", "0", "--note", "chosen on the suite")
+    assert chosen.returncode == 0, chosen.stderr
+    chosen = load_checkpoint(tmp_path / "chosen.npz")
+    assert chosen.iteration == latest.iteration == 3 and "best_val_accuracy" not in chosen.state
+    assert all(np.array_equal(chosen.params[k], v) for k, v in latest.params.items())
+    assert chosen.state["chosen"].startswith("iteration 3 ") and "--resume" in chosen.state["command"]
+    assert max(json.loads(line)["iteration"] for line in open(tmp_path / "chosen.metrics.jsonl")) == 3
+    other = tmp_path / "other"
+    train(MamlConfig(iterations=1, val_every=1, name="other", **SMALL), DATA, other, progress=False)
+    foreign = cli("bundle", str(run), "--out", str(tmp_path / "x.npz"), "--checkpoint", str(other / "latest.npz"))
+    assert foreign.returncode != 0 and len(foreign.stderr.strip().splitlines()) == 1 and "not of" in foreign.stderr
+    assert not (tmp_path / "x.npz").exists()
 
 
 @needs_data

@@ -187,8 +187,12 @@ def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_n
 @click.option("--data", type=click.Path(), default=None,
               help="the data for --calibration-tasks, Omniglot or the run's image folder [default: the run's own; "
                    "else $OMNIGLOT_DIR]")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="ship this checkpoint of RUN instead of its best.npz: a copy of its latest.npz chosen on "
+                   "something the run's validation does not measure, e.g. the robustness suite (`evaluate --suite "
+                   "shift --split val`); say why in --note [default: RUN/best.npz]")
 def bundle(run, out, inner_lr, note, ways, head_init, support_shift, feature_scale, calibration_tasks, calibration_query,
-           data):
+           data, checkpoint):
     """Package RUN's best checkpoint (chosen on validation) for shipping: weights and config without
     optimizer state, the temperature that calibrates its probabilities, the command that reproduces the run,
     and its metrics log up to that iteration."""
@@ -198,7 +202,8 @@ def bundle(run, out, inner_lr, note, ways, head_init, support_shift, feature_sca
         from maml_export.trainer import calibrate as fit
         calibrate = lambda deployed: fit(deployed, data, calibration_tasks, calibration_query)  # noqa: E731
     # --inner-lr, --ways: checked by the shipped config (MamlConfig), as for training
-    ckpt = bundle_run(run, out, inner_lr, note, ways, head_init, calibrate, support_shift, feature_scale)
+    ckpt = bundle_run(run, out, inner_lr, note, ways, head_init, calibrate, support_shift, feature_scale,
+                      checkpoint=checkpoint)
     click.echo(json.dumps({"out": out, "iteration": ckpt.iteration, **ckpt.state}))
 
 
