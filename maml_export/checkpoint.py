@@ -287,6 +287,9 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
     state = {k: best.state[k] for k in ("best_val_accuracy", "best_iteration", "seconds") if k in best.state}
     if checkpoint is not None:
         state["chosen"] = f"iteration {best.iteration} of the run, not its best on validation (--checkpoint)"
+        validated = [e for e in kept if e.get("event") == "validation" and e["iteration"] == best.iteration]
+        if validated:  # the run's own validation of this checkpoint, where it validated one
+            state["val_accuracy"] = validated[-1]["val_accuracy"]
     if "data" in best.state and best.config.protocol != MamlConfig().protocol:  # image folders: the model's data
         state["data"] = best.state["data"]
     state["command"] = command

@@ -307,6 +307,8 @@ def test_bundle_ships_the_best_checkpoint_with_the_command_that_reproduces_the_r
     assert chosen.returncode == 0, chosen.stderr
     chosen = load_checkpoint(tmp_path / "chosen.npz")
     assert chosen.iteration == latest.iteration == 3 and "best_val_accuracy" not in chosen.state
+    validated = [json.loads(line) for line in open(run / "metrics.jsonl") if '"validation"' in line]
+    assert chosen.state["val_accuracy"] == [e for e in validated if e["iteration"] == 3][-1]["val_accuracy"]
     assert all(np.array_equal(chosen.params[k], v) for k, v in latest.params.items())
     assert chosen.state["chosen"].startswith("iteration 3 ") and "--resume" in chosen.state["command"]
     assert max(json.loads(line)["iteration"] for line in open(tmp_path / "chosen.metrics.jsonl")) == 3
