@@ -243,7 +243,8 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
     omniglot-5w1s: what `--checkpoint` takes, what exports, `maml-web` and errors call it); the run's name goes to
     `state["run"]`. A run on an image folder keeps its folder in `state["data"]`, where `evaluate` finds it.
     `checkpoint`, if given, ships that checkpoint of the run (e.g. a copy of its latest.npz chosen on the
-    robustness suite) instead of its best.npz; it must be the run's own (same name, and its iteration in the log).
+    robustness suite) instead of its best.npz; it must be the run's own (the same run name), and the log and
+    command ship up to its iteration.
     """
     import shlex
     run, out = Path(run), Path(out)

@@ -68,6 +68,11 @@ def step_size_shapes(model: Model, steps: int) -> dict:
     return {f"{STEP_SIZES}{prefix}": (steps,) for prefix in model.names if prefix is not None}
 
 
+def layer_of(name: str) -> str:
+    """The layer a parameter belongs to, whose step size it takes: "conv2.weight" -> "conv2"."""
+    return name.split(".")[0]
+
+
 def split_step_sizes(params: dict) -> tuple[dict, dict]:
     """params -> (the network's weights, the learned step sizes: layer -> (K,) tensor; empty without them)."""
     weights = {k: v for k, v in params.items() if not k.startswith(STEP_SIZES)}
@@ -88,7 +93,7 @@ def learned_schedule(step_sizes: dict, names, steps: int, constants: bool = Fals
         raise ValueError(f"this model learned step sizes for {learned} inner steps, not {steps}: pass --steps "
                          f"{learned} or fewer")
     size = (lambda v: float(v)) if constants else (lambda v: v)  # noqa: E731
-    return [{name: size(step_sizes[name.split(".")[0]][k]) for name in names} for k in range(steps)]
+    return [{name: size(step_sizes[layer_of(name)][k]) for name in names} for k in range(steps)]
 
 
 def sgd_update(params: dict, grads: dict, lr) -> dict:
@@ -350,7 +355,7 @@ class MAML:
         dL/dw the query gradient at the fast weights (`query_grads`, task-stacked); the mean over the T tasks."""
         out = {}
         for layer, sizes in self.step_sizes.items():
-            per_step = [-sum((query_grads[n] * g[n]).sum() for n in g if n.split(".")[0] == layer) / T for g in record]
+            per_step = [-sum((query_grads[n] * g[n]).sum() for n in g if layer_of(n) == layer) / T for g in record]
             per_step += [paddle.zeros([], sizes.dtype)] * (len(sizes) - len(record))  # steps not run this time
             out[STEP_SIZES + layer] = paddle.stack(per_step).reshape(sizes.shape)
         return out

@@ -64,9 +64,9 @@ class Model:
         """This model's parameters from another model's with the same backbone (the caller checks that): the
         backbone's arrays as they are, the head's zero. A model meta-trained with the zeroing trick
         (`--zero-head`) has a task-agnostic zero head, so its backbone serves any number of ways (docs/pretrained.md#omniglot-20w1s)."""
-        shapes = {**self.param_shapes(), **{k: None for k in params if k not in self.param_shapes()}}
-        return {k: np.zeros(shape, "float32") if self.is_head(k) else params[k]  # other entries (step sizes) kept
-                for k, shape in shapes.items()}
+        shapes = self.param_shapes()
+        weights = {k: np.zeros(shape, "float32") if self.is_head(k) else params[k] for k, shape in shapes.items()}
+        return {**weights, **{k: v for k, v in params.items() if k not in shapes}}  # others (step sizes) kept
 
     def _local(self, params: dict, prefix: str | None) -> dict:
         if prefix is None:

@@ -27,7 +27,7 @@ import paddle2onnx
 
 from . import __version__
 from .errors import ExportError
-from .maml import STEP_SIZES
+from .maml import split_step_sizes
 
 BATCH_NORM = {  # the metadata's words for each query_norm (layers.BatchNorm)
     "support": "the support set's own statistics in each SGD step; queries: the support set's statistics under "
@@ -333,12 +333,12 @@ def metadata(config, steps: int, inner_lr: float, params: dict, opset: int, task
     `calibration`: how the temperature was fitted (a checkpoint's `state["calibration"]`), in `calibration` as
     JSON; "none" says that the probabilities are not calibrated (`adapter.Adapter.calibrated`)."""
     t = f"{task_batch}, " if task_batch else ""
+    learned = split_step_sizes(params)[1]  # --learn-inner-lr's step sizes, layer -> (K,); empty without
     return {"ways": str(config.ways), "steps": str(steps), "every_step": str(int(every_step or bool(task_batch))),
             "inner_lr": repr(float(inner_lr)),
             # --learn-inner-lr: each layer's step size at each step (what the graph holds), inner_lr their start
-            **({"inner_lr_learned": json.dumps({k[len(STEP_SIZES):]: [float(x) for x in v] for k, v in params.items()
-                                                if k.startswith(STEP_SIZES)})}
-               if any(k.startswith(STEP_SIZES) for k in params) else {}),
+            **({"inner_lr_learned": json.dumps({layer: [float(x) for x in v] for layer, v in learned.items()})}
+               if learned else {}),
             **config.preprocessing.metadata(),  # channels, image_size, pixels, resize, input_range
             "task_batch": str(task_batch), "head_init": config.head_init,
             "input_layout": f"x_spt [{t}S, C, H, W] float32, y_spt [{t}S] int64 in 0..ways-1, x_qry [{t}Q, C, H, W] "

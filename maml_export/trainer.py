@@ -27,7 +27,7 @@ from .data import TaskSampler, shift_tasks
 from .folders import open_dataset, trained_on_folders
 from .distributed import RankLostError, Ranks
 from .errors import ConfigError, DataError, MamlError
-from .maml import MAML, STEP_SIZES, step_size_shapes, zero_head
+from .maml import MAML, split_step_sizes, step_size_shapes, zero_head
 from .model import Model, to_tensors
 from .specs import with_query_norm
 from .optim import Adam
@@ -152,7 +152,7 @@ def initial_params(model: Model, config: MamlConfig) -> tuple[dict, dict]:
     `--init`'s where it learned them for as many steps, else --inner-lr at every layer and step."""
     params, origin = _initial_weights(model, config)
     if not config.learn_inner_lr:
-        return {k: v for k, v in params.items() if not k.startswith(STEP_SIZES)}, origin
+        return split_step_sizes(params)[0], origin
     shapes = step_size_shapes(model, config.inner_steps)
     if all(k in params and params[k].shape == shape for k, shape in shapes.items()):
         return params, origin
