@@ -33,9 +33,10 @@ def expand_to_tasks(params: dict, tasks: int) -> dict:
     return {k: v.unsqueeze(0).expand([tasks] + list(v.shape)) for k, v in params.items()}
 
 
-def loss_and_grads(model: Model, params: dict, x, y):
-    """Per-task mean cross-entropy (T,), its gradients for every parameter, and the logits."""
-    logits, caches = model.forward(params, x)
+def loss_and_grads(model: Model, params: dict, x, y, body: tuple | None = None):
+    """Per-task mean cross-entropy (T,), its gradients for every parameter, and the logits (`body`: see
+    `Model.forward`)."""
+    logits, caches = model.forward(params, x, body=body)
     loss, dlogits = softmax_cross_entropy(logits, y)
     return loss, model.backward(params, caches, dlogits), logits
 
@@ -103,12 +104,13 @@ def sgd_update(params: dict, grads: dict, lr) -> dict:
 
 
 def sgd_steps(model: Model, params: dict, x, y, steps: int, inner_lr, first_order: bool,
-              record: list | None = None) -> dict:
+              record: list | None = None, body: tuple | None = None) -> dict:
     """`steps` SGD steps on (x, y) from task-stacked `params` at `inner_lr` (see `step_lr`); returns the fast
     weights. `record`, a list: each step's gradients are appended to it (first-order: the step sizes'
-    meta-gradient needs them)."""
+    meta-gradient needs them). `body`: x's forward through the body under `params` (`MAML._start`), which the
+    first step's forward goes on from."""
     for k in range(steps):
-        _, grads, _ = loss_and_grads(model, params, x, y)
+        _, grads, _ = loss_and_grads(model, params, x, y, body if k == 0 else None)
         if first_order:  # first-order MAML: the inner gradient is a constant for the meta-gradient
             grads = {name: g.detach() for name, g in grads.items()}
         if record is not None:
@@ -117,10 +119,11 @@ def sgd_steps(model: Model, params: dict, x, y, steps: int, inner_lr, first_orde
     return params
 
 
-def steps_to_fixed_point(model: Model, params: dict, x, y, steps: int, inner_lr, stats: bool) -> tuple[dict, dict]:
+def steps_to_fixed_point(model: Model, params: dict, x, y, steps: int, inner_lr, stats: bool,
+                         body: tuple | None = None) -> tuple[dict, dict]:
     """`sgd_steps` for inference, stopping where the rest would change nothing; and, with `stats`, each batch
     norm's support statistics under the result (`Model.support_stats`): what running all `steps` and then
-    `support_stats` gives.
+    `support_stats` gives (`body`: as `sgd_steps`'s).
 
     A step whose logits gradient is exactly zero leaves every weight exactly as it was (every gradient is a
     product with it): the weights are a fixed point of the SGD, and each later step would repeat that one.
@@ -131,8 +134,10 @@ def steps_to_fixed_point(model: Model, params: dict, x, y, steps: int, inner_lr,
     normal number to zero (docs/design.md#adaptation-stops-at-a-fixed-point). No meta-gradient flows through it.
     """
     if steps == 0:
-        return params, (model.support_stats(params, x) if stats else {})
-    logits, caches = model.forward(params, x)
+        if not stats:
+            return params, {}
+        return params, model.batch_stats(body[1], x.shape[0]) if body else model.support_stats(params, x)
+    logits, caches = model.forward(params, x, body=body)
     _, dlogits = softmax_cross_entropy(logits, y)
     here = model.batch_stats(caches, x.shape[0]) if stats else {}
     names, stat_names = list(params), list(here)
@@ -177,7 +182,7 @@ def predict(model: Model, fast: dict, x_qry):
     return logits if model.temperature == 1.0 else logits / model.temperature
 
 
-def prototype_head(model: Model, params: dict, x_spt, y_spt) -> dict:
+def prototype_head(model: Model, params: dict, x_spt, y_spt, features=None) -> dict:
     """The head a task's adaptation starts from under `head_init="prototypes"`: the Euclidean prototype
     classifier of the support set (Snell et al., 2017), as a linear layer (Proto-MAML, Triantafillou et al.,
     "Meta-Dataset", ICLR 2020, https://arxiv.org/abs/1903.03096).
@@ -188,11 +193,13 @@ def prototype_head(model: Model, params: dict, x_spt, y_spt) -> dict:
     validation tasks) above the zero head's 5 steps, whose first step gives the dot product (p_c - mean
     p).f instead, which lacks the -|p_c|^2 term.
 
-    params: task-stacked; x_spt (T, S, C, H, W), y_spt (T, S) with every class present. Returns the head's
+    params: task-stacked; x_spt (T, S, C, H, W), y_spt (T, S) with every class present; `features`: the support's
+    (T, S, F) where the caller has them (`model.forward(params, x_spt, upto=-1)[0]`). Returns the head's
     parameters {"<head>.weight": (T, F, ways), "<head>.bias": (T, ways)}, differentiable in `params` (a
     second-order meta-gradient flows through the prototypes, as in Prototypical Networks).
     """
-    features = model.forward(params, x_spt, upto=-1)[0]  # (T, S, F), batch norm on the support's statistics
+    if features is None:  # (T, S, F), batch norm on the support's statistics
+        features = model.forward(params, x_spt, upto=-1)[0]
     classes = paddle.arange(model.ways, dtype=y_spt.dtype)
     onehot = (y_spt.unsqueeze(-1) == classes).astype(features.dtype)  # (T, S, ways); a comparison: see layers
     prototypes = paddle.matmul(onehot, features, transpose_x=True) / onehot.sum(axis=1).unsqueeze(-1)  # (T, ways, F)
@@ -260,19 +267,25 @@ class MAML:
             x_spt, y_spt = shifted_support(x_spt, y_spt, self.model.support_shift)
         if self.stop_at_fixed_point:
             steps = self.steps if steps is None else steps
-            fast, stats = steps_to_fixed_point(self.model, self._start(x_spt, y_spt), x_spt, y_spt, steps,
-                                               self.schedule(steps, inner_lr, constants=True), stats=support)
+            start, body = self._start(x_spt, y_spt)
+            fast, stats = steps_to_fixed_point(self.model, start, x_spt, y_spt, steps,
+                                               self.schedule(steps, inner_lr, constants=True), support, body)
             return {**fast, **stats}
         fast = self.fast_weights(x_spt, y_spt, steps, inner_lr, first_order)
         return {**fast, **self.model.support_stats(fast, x_spt)} if support else fast
 
-    def _start(self, x_spt, y_spt) -> dict:
+    def _start(self, x_spt, y_spt) -> tuple[dict, tuple | None]:
         """Where a task's adaptation starts: the meta-parameters per task, the head the prototypes' under
-        head_init "prototypes"."""
+        head_init "prototypes"; and there, the support's forward through the body (features (T, S, F) and
+        caches), which the first SGD step goes on from instead of running it again (else None). The body's
+        weights are the same in both, so this is the same arithmetic with one forward pass fewer: one of 6
+        forwards and 5 backwards on the support set (5 steps), half the work where the SGD stops at step 0."""
         fast = expand_to_tasks(self.weights, x_spt.shape[0])
-        if self.model.head_init == "prototypes":
-            fast.update(prototype_head(self.model, fast, x_spt, y_spt))
-        return fast
+        if self.model.head_init != "prototypes":
+            return fast, None
+        body = self.model.forward(fast, x_spt, upto=-1)
+        fast.update(prototype_head(self.model, fast, x_spt, y_spt, features=body[0]))
+        return fast, body
 
     @property
     def step_size_summary(self):
@@ -293,8 +306,9 @@ class MAML:
         """`adapt` without the support statistics: the fast weights alone (`record`: see `sgd_steps`)."""
         steps = self.steps if steps is None else steps
         first_order = self.first_order if first_order is None else first_order
-        return sgd_steps(self.model, self._start(x_spt, y_spt), x_spt, y_spt, steps,
-                         self.schedule(steps, inner_lr), first_order, record)
+        start, body = self._start(x_spt, y_spt)
+        return sgd_steps(self.model, start, x_spt, y_spt, steps, self.schedule(steps, inner_lr), first_order,
+                         record, body)
 
     def predict(self, fast: dict, x_qry):
         """Query logits (T, Q, ways) under the adapted state (`adapt`): `predict`."""

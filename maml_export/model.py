@@ -110,15 +110,21 @@ class Model:
         return {f"{prefix}.{k}": v for layer, prefix, cache in zip(self.layers, self.names, caches)
                 if isinstance(layer, BatchNorm) for k, v in layer.stats(cache, tasks).items()}
 
-    def forward(self, params: dict, x, upto: int | None = None):
+    def forward(self, params: dict, x, upto: int | None = None, body: tuple | None = None):
         """x: (T, N, C, H, W) -> logits (T, N, ways), and the caches `backward` needs; with `upto=-1`, the
         head's input features (T, N, F) instead of the logits. Batch norm uses x's own statistics unless
-        `params` holds them (`support_stats`)."""
-        T, C, H, W = x.shape[0], x.shape[2], x.shape[3], x.shape[4]
-        # (T, N, C, H, W) -> (N, T*C, H, W): task-stacked channels for the grouped convolutions
-        h = x.transpose([1, 0, 2, 3, 4]).reshape([-1, T * C, H, W]) if T != 1 else x.reshape([-1, C, H, W])
-        caches = []
-        for layer, prefix in zip(self.layers[:upto], self.names[:upto]):
+        `params` holds them (`support_stats`). `body`: what a forward of x through the first layers returned
+        (`upto=-1`: the features and their caches) under the same weights of those layers; the forward goes on
+        from there (the prototype head's support forward is the first SGD step's, `maml.MAML.adapt`)."""
+        if body is not None:
+            h, caches = body[0], list(body[1])
+        else:
+            T, C, H, W = x.shape[0], x.shape[2], x.shape[3], x.shape[4]
+            # (T, N, C, H, W) -> (N, T*C, H, W): task-stacked channels for the grouped convolutions
+            h = x.transpose([1, 0, 2, 3, 4]).reshape([-1, T * C, H, W]) if T != 1 else x.reshape([-1, C, H, W])
+            caches = []
+        done = len(caches)
+        for layer, prefix in zip(self.layers[done:upto], self.names[done:upto]):
             h, cache = layer.forward(self._local(params, prefix), h)
             caches.append(cache)
         return h, caches

@@ -268,7 +268,7 @@ def test_eager_adaptation_stops_where_the_prototype_heads_gradient_is_zero(omnig
     maml = MAML(model, params, 0.01, steps=5)
     with paddle.no_grad():
         support = shifted_support(x_spt, y_spt, model.support_shift)  # what adapt learns from (the bundle's shifts)
-        _, dlogits = softmax_cross_entropy(model.forward(maml._start(*support), support[0])[0], support[1])
+        _, dlogits = softmax_cross_entropy(model.forward(maml._start(*support)[0], support[0])[0], support[1])
         assert not dlogits.numpy().any()  # the first step's logit gradient: exactly zero, so the first cond stops
         stopped = MAML(model, params, 0.01, steps=5, stop_at_fixed_point=True).adapt(x_spt, y_spt)
         every = maml.adapt(x_spt, y_spt)
@@ -341,9 +341,9 @@ def test_feature_scale_multiplies_the_prototype_logits_by_its_square_and_stops_a
     assert np.array_equal(logits[4], 16 * logits[1])
     scaled = MAML(model, to_tensors(scale_features(config, params, 64)), 0.01, steps=3)
     with paddle.no_grad():
-        start = scaled._start(x_spt, y_spt)
+        start = scaled._start(x_spt, y_spt)[0]
         assert not softmax_cross_entropy(model.forward(start, x_spt)[0], y_spt)[1].numpy().any()  # saturated
-        _, unscaled = softmax_cross_entropy(model.forward(MAML(model, to_tensors(params), 0.01, 3)._start(x_spt, y_spt),
+        _, unscaled = softmax_cross_entropy(model.forward(MAML(model, to_tensors(params), 0.01, 3)._start(x_spt, y_spt)[0],
                                                           x_spt)[0], y_spt)
     assert unscaled.numpy().any()  # without the scale the first step would move the weights
     for bad in (0, -2.0, float("inf")):
@@ -397,7 +397,7 @@ def test_learned_step_sizes_first_order_gradient_is_the_surrogates():
     record = []
     with paddle.no_grad():
         maml.fast_weights(x_spt, y_spt, record=record)
-        start = maml._start(x_spt, y_spt)
+        start = maml._start(x_spt, y_spt)[0]
 
     def surrogate(sizes_np):
         fast = dict(start)

@@ -56,18 +56,20 @@ def build_net(model: Model, params: dict[str, np.ndarray], dtype: str = "float32
 def adapt(net: nn.Layer, x_spt, y_spt, steps: int, inner_lr: float, head_init: str = "meta") -> nn.Layer:
     """Deep-copy `net` and take `steps` SGD steps on one task's support set (x (S, C, H, W), y (S,)); with
     `head_init="prototypes"` the copy's head starts as the support's Euclidean prototype classifier."""
-    fast = copy.deepcopy(net)
+    fast, features = copy.deepcopy(net), None
     if head_init == "prototypes":  # written apart from maml.prototype_head, so that it checks it
         *body, head = fast.children()
+        # (S, F), with autograd: the first step goes on from this forward, as maml.MAML._start's does
+        features = nn.Sequential(*body)(x_spt)
         with paddle.no_grad():
-            features = nn.Sequential(*body)(x_spt)  # (S, F)
             onehot = F.one_hot(y_spt, head.weight.shape[1]).astype(features.dtype)  # (S, ways)
-            prototypes = (onehot.T @ features) / onehot.sum(axis=0).unsqueeze(-1)  # (ways, F)
+            prototypes = (onehot.T @ features.detach()) / onehot.sum(axis=0).unsqueeze(-1)  # (ways, F)
             head.weight.set_value(2 * prototypes.T)
             head.bias.set_value(-(prototypes ** 2).sum(axis=1))
     opt = paddle.optimizer.SGD(learning_rate=inner_lr, parameters=trainable(fast))
-    for _ in range(steps):
-        loss = F.cross_entropy(fast(x_spt), y_spt.reshape([-1, 1]))
+    for k in range(steps):
+        logits = head(features) if k == 0 and features is not None else fast(x_spt)
+        loss = F.cross_entropy(logits, y_spt.reshape([-1, 1]))
         loss.backward()
         opt.step()
         opt.clear_grad()

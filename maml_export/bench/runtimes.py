@@ -465,22 +465,25 @@ class TorchMAML:
             padded = tf.pad(xs, (k, k, k, k), mode="replicate")
             xs = torch.cat([padded[..., top:top + H, left:left + W] for top, left in windows])
             ys = ys.repeat(len(windows))
-        params = [p.clone().requires_grad_() for p in self.meta]
+        params, features = [p.clone().requires_grad_() for p in self.meta], None
         if exp.config.head_init == "prototypes":  # the head from the support's Euclidean prototypes
+            # (S, F), with autograd: the first step goes on from this forward, as maml.MAML._start's does
+            features = self.forward(params[:-2], xs, self.specs[:-1])
             with torch.no_grad():
                 onehot = tf.one_hot(ys, exp.config.ways).to(xs.dtype)  # (S, ways)
-                prototypes = onehot.T @ self.forward(params[:-2], xs, self.specs[:-1]) / onehot.sum(0)[:, None]
+                prototypes = onehot.T @ features / onehot.sum(0)[:, None]
             params[-2:] = [(2 * prototypes.T).requires_grad_(), (-(prototypes ** 2).sum(1)).requires_grad_()]
         self.steps_run = 0
-        for _ in range(exp.steps):
+        for k in range(exp.steps):
+            first = k == 0 and features is not None
+            logits = self.forward(params[-2:], features, self.specs[-1:]) if first else self.forward(params, xs)
             if self.stop:  # the graphs' exact stop (maml.steps_to_fixed_point); the check waits for the GPU
-                logits = self.forward(params, xs)
                 dlogits = self.exact_dlogits(logits, ys)
                 if not bool((dlogits != 0).any()):
                     break
                 grads = torch.autograd.grad(logits, params, dlogits)
             else:  # as a learn2learn user writes it
-                grads = torch.autograd.grad(tf.cross_entropy(self.forward(params, xs), ys), params)
+                grads = torch.autograd.grad(tf.cross_entropy(logits, ys), params)
             params = [(p - exp.inner_lr * g).detach().requires_grad_() for p, g in zip(params, grads)]
             self.steps_run += 1
         # (where it stopped, the support statistics below take one more forward than the graphs, which keep the
