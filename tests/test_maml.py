@@ -202,6 +202,31 @@ def test_prototype_head_is_the_euclidean_prototype_classifier():
         np.testing.assert_allclose(logits[t], want, rtol=1e-10, atol=1e-10)
 
 
+def test_the_first_step_going_on_from_the_prototypes_forward_is_the_same_arithmetic():
+    """`MAML._start` hands the prototypes' support forward to the first SGD step (one forward fewer): the fast
+    weights and support statistics are bit-for-bit those of steps that run every forward themselves, under SGD
+    to the end and under the fixed-point stop, and 0 steps take the same statistics from it."""
+    from maml_export.maml import sgd_steps
+    model = Model.from_specs(conv4_specs(ways=3, hidden=8, head_init="prototypes"))
+    rng = np.random.default_rng(4)
+    x = paddle.to_tensor(rng.random((2, 6, 1, 28, 28)).astype("float32"))
+    y = paddle.to_tensor(np.array([[0, 1, 2, 2, 1, 0]] * 2))
+    maml = MAML(model, to_tensors(model.init_params(6)), inner_lr=0.2, steps=3)
+    start, body = maml._start(x, y)
+    assert body is not None and body[0].shape == [2, 6, model.layers[-1].in_features]
+    with paddle.no_grad():
+        shared = sgd_steps(model, start, x, y, 3, 0.2, False, body=body)
+        alone = sgd_steps(model, start, x, y, 3, 0.2, False)
+        for name in alone:
+            np.testing.assert_array_equal(shared[name].numpy(), alone[name].numpy(), err_msg=name)
+        for steps in (0, 3):
+            stop = MAML(model, maml.params, inner_lr=0.2, steps=steps, stop_at_fixed_point=True).adapt(x, y)
+            want = dict(sgd_steps(model, start, x, y, steps, 0.2, False))  # 0 steps: `start` itself
+            want.update(model.support_stats(want, x))
+            for name in want:
+                np.testing.assert_array_equal(stop[name].numpy(), want[name].numpy(), err_msg=f"{steps} steps: {name}")
+
+
 def test_prototype_head_adaptation_equals_paddlerec_loop(omniglot_tasks):
     """`MAML.adapt` from the prototype head = PaddleRec's loop from its own prototypes (float64, 3 steps;
     transductive, as PaddleRec)."""
