@@ -279,7 +279,8 @@ class MAML:
         head_init "prototypes"; and there, the support's forward through the body (features (T, S, F) and
         caches), which the first SGD step goes on from instead of running it again (else None). The body's
         weights are the same in both, so this is the same arithmetic with one forward pass fewer: one of 6
-        forwards and 5 backwards on the support set (5 steps), half the work where the SGD stops at step 0."""
+        forwards and 5 backwards on the support set (5 steps), half the work where the SGD stops at step 0. (An
+        exported graph gains nothing: onnxruntime's optimiser merges two identical forwards anyway.)"""
         fast = expand_to_tasks(self.weights, x_spt.shape[0])
         if self.model.head_init != "prototypes":
             return fast, None
