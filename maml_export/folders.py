@@ -373,6 +373,23 @@ def _small_folder_split(root: Path, config) -> str:
     return DEFAULT_SPLIT if counts == plain else ",".join(map(str, counts))
 
 
+def inherit_from_init(config, given: dict):
+    """A new Omniglot run's `config` with `--init`'s architecture and head (`recipe.INHERITED` past the pixels, which
+    are Omniglot's protocol) where the CLI user did not give them (`given`), as a fine-tune on an image folder takes
+    them; one notice line says which. Without it, a run from a prototype-head bundle would silently start every
+    task from a zero head (chance with 0 steps)."""
+    from .config import flag
+    from .recipe import INHERITED, from_checkpoint
+    source = from_checkpoint(config.init)
+    changes = {k: source[k] for k in INHERITED if k not in given and k not in ("channels", "image_size", "pixels", "resize")
+               and source[k] != getattr(config, k)}
+    if not changes:
+        return config
+    notice(f"--init {config.init}: " + ", ".join(flag(k) if v is True else f"{flag(k)} {v}" for k, v in changes.items())
+           + " as it was trained (give an option to change it)")
+    return dataclasses.replace(config, **changes, layers=None)
+
+
 def open_dataset(data, config, *, new_run: bool = False, given: dict | None = None, need: int | None = None,
                  cache_dir=None, measure: bool = False):
     """The dataset in the folder `data`, and `config` as training on it records it: (dataset, config).
@@ -401,6 +418,8 @@ def open_dataset(data, config, *, new_run: bool = False, given: dict | None = No
                     else f"{config.preprocessing.describe()}, --split {config.split}")
             raise ConfigError(f"--data {root} is Omniglot, whose protocol is {omniglot.describe()} with its own split; "
                               f"this is {what}: pass the image folder it was trained on, or drop the options")
+        if new_run and given is not None and config.init is not None:
+            config = inherit_from_init(config, given)
         return OmniglotDataset(root), config
     kind = layout(root)
     if kind != "classes" and config.split:

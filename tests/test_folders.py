@@ -334,3 +334,16 @@ def test_the_export_validates_and_maml_predict_classifies_rgb_jpegs(shapes_run, 
     start = int(dataset.counts["test"][:first].sum())
     expected = dataset.pixels["test"][start:start + len(test.files[0])].astype(np.float32) / np.float32(255)
     assert np.array_equal(adapter.load_images(test.files[0]), expected)
+
+
+def test_a_new_omniglot_run_from_init_keeps_its_head_unless_given(omniglot_dir, capsys):
+    """`--init omniglot-5w1s` on Omniglot starts every task from the prototypes, as the bundle was trained (not from
+    a zero head, which is chance with 0 steps), and says so in one line; an option given wins."""
+    _, config = open_dataset(omniglot_dir, MamlConfig(init="omniglot-5w1s"), new_run=True, given={"init": "omniglot-5w1s"})
+    assert (config.head_init, config.zero_head, config.layers[-1]["init"]) == ("prototypes", True, "prototypes")
+    assert "--head-init prototypes" in capsys.readouterr().err
+    given = {"init": "omniglot-5w1s", "head_init": "meta"}
+    _, config = open_dataset(omniglot_dir, MamlConfig(init="omniglot-5w1s", head_init="meta"), new_run=True, given=given)
+    assert config.head_init == "meta" and config.zero_head
+    _, config = open_dataset(omniglot_dir, MamlConfig(init="omniglot-5w1s"), new_run=False, given=None)  # resume
+    assert config.head_init == "meta"
