@@ -68,12 +68,16 @@ for N, H in ((5, 14), (5, 7), (25, 14), (25, 7), (5, 3)):
     print(f"N={N} {H}x{H}: Conv {p50(conv, f):.3f} ms, Winograd {p50(wino, f):.3f} ms, max rel diff {rel:.1e}")
 
 import json, collections
+import os, tempfile
 so = ort.SessionOptions(); so.intra_op_num_threads = 2; so.enable_profiling = True
+so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "winograd")  # not in the working directory
 N, H = 5, 14
 s = ort.InferenceSession(build(N, 64, 64, H).SerializeToString(), so)
 f = {"x": np.random.randn(N, 64, H, H).astype("float32"), "w": np.random.randn(64, 64, 3, 3).astype("float32")}
 for _ in range(100): s.run(None, f)
-ev = json.load(open(s.end_profiling()))
+profile = s.end_profiling()
+ev = json.load(open(profile))
+os.remove(profile)
 d = collections.defaultdict(list)
 for e in ev:
     if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
