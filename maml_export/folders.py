@@ -373,28 +373,12 @@ def _small_folder_split(root: Path, config) -> str:
     return DEFAULT_SPLIT if counts == plain else ",".join(map(str, counts))
 
 
-def inherit_from_init(config, given: dict):
-    """A new Omniglot run's `config` with `--init`'s architecture and head (`recipe.INHERITED` past the pixels, which
-    are Omniglot's protocol) where the CLI user did not give them (`given`), as a fine-tune on an image folder takes
-    them; one notice line says which. Without it, a run from a prototype-head bundle would silently start every
-    task from a zero head (chance with 0 steps)."""
-    from .config import flag
-    from .recipe import INHERITED, from_checkpoint
-    source = from_checkpoint(config.init)
-    changes = {k: source[k] for k in INHERITED if k not in given and k not in ("channels", "image_size", "pixels", "resize")
-               and source[k] != getattr(config, k)}
-    if not changes:
-        return config
-    notice(f"--init {config.init}: " + ", ".join(flag(k) if v is True else f"{flag(k)} {v}" for k, v in changes.items())
-           + " as it was trained (give an option to change it)")
-    return dataclasses.replace(config, **changes, layers=None)
-
-
 def open_dataset(data, config, *, new_run: bool = False, given: dict | None = None, need: int | None = None,
                  cache_dir=None, measure: bool = False):
     """The dataset in the folder `data`, and `config` as training on it records it: (dataset, config).
 
-    Omniglot (either half present) takes its protocol's pixels only (1x28x28 ink, LANCZOS; no --split).
+    Omniglot (either half present) takes its protocol's pixels only (1x28x28 ink, LANCZOS; no --split); a new run
+    from `--init` there takes that checkpoint's architecture where `given` lacks it (`recipe.omniglot_init_defaults`).
     Otherwise `data` is an image folder. A model trained on one (resume, evaluate, export) reads it as its config
     says; a model trained on Omniglot is refused. A `new_run`'s config gets the folders' defaults: an unset
     `pixels` becomes 'plain' and `split` the default fractions (class-folder layout only); with `given` (the
@@ -418,8 +402,12 @@ def open_dataset(data, config, *, new_run: bool = False, given: dict | None = No
                     else f"{config.preprocessing.describe()}, --split {config.split}")
             raise ConfigError(f"--data {root} is Omniglot, whose protocol is {omniglot.describe()} with its own split; "
                               f"this is {what}: pass the image folder it was trained on, or drop the options")
-        if new_run and given is not None and config.init is not None:
-            config = inherit_from_init(config, given)
+        if new_run and given is not None and config.init is not None:  # --init's architecture (recipe.py)
+            from .recipe import omniglot_init_defaults
+            options, line = omniglot_init_defaults(config, given)
+            if options:
+                notice(line)
+                config = dataclasses.replace(config, **options, layers=None)
         return OmniglotDataset(root), config
     kind = layout(root)
     if kind != "classes" and config.split:

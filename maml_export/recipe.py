@@ -24,8 +24,11 @@ FOLDER_TRAINING = {"first_order": True, "meta_batch": 4, "query": 5, "minutes": 
 # from random weights: the bundles' recipe (the prototype head, one inner step), smaller, at miniImageNet's size
 FROM_SCRATCH = {"channels": 3, "image_size": 84, "pixels": "plain", "hidden": 32, "head_init": "prototypes",
                 "zero_head": True, "inner_steps": 1, "inner_lr": 0.01, "val_steps": 5, "meta_lr": 1e-3}
-# what a start from a checkpoint takes from it: its pixels and architecture (else the weights do not fit)
-INHERITED = ("channels", "image_size", "pixels", "resize", "hidden", "head_init", "zero_head", "query_norm")
+# what a start from a checkpoint takes from it: its pixels and architecture (else the weights do not fit); on
+# Omniglot the pixels are the protocol's, so only the architecture
+PIXELS = ("channels", "image_size", "pixels", "resize")
+ARCHITECTURE = ("hidden", "head_init", "zero_head", "query_norm")
+INHERITED = PIXELS + ARCHITECTURE
 SAMPLE = 24  # images looked at to tell drawings from photos: the first of up to this many classes
 
 
@@ -80,6 +83,19 @@ def from_checkpoint(init: str) -> dict:
                    inner_lr=state.get("inner_lr_trained", c.inner_lr), val_steps=c.deployed_steps,
                    val_inner_lr=c.deployed_inner_lr, augment_shift=c.augment_shift, meta_lr=c.meta_lr)
     return options
+
+
+def omniglot_init_defaults(config, given: dict) -> tuple[dict, str]:
+    """What a new Omniglot run from `--init` (`config.init`) takes from that checkpoint where the CLI user did not
+    give it (`given`): its architecture and head (`ARCHITECTURE`), as a fine-tune on an image folder does; and one
+    line saying which ("" where nothing changes). Without it, a run from a prototype-head bundle would silently
+    start every task from a zero head (chance with 0 steps)."""
+    from .config import flag
+    source = from_checkpoint(config.init)
+    options = {k: source[k] for k in ARCHITECTURE if k not in given and source[k] != getattr(config, k)}
+    line = (f"--init {config.init}: " + ", ".join(flag(k) if v is True else f"{flag(k)} {v}" for k, v in options.items())
+            + " as it was trained (give an option to change it)") if options else ""
+    return options, line
 
 
 def folder_defaults(root: Path, classes: list, config, given: dict) -> tuple[dict, str]:

@@ -1,7 +1,9 @@
 """Winograd F(2x2,3x3) forward of a 3x3, pad-1 convolution in stock ONNX ops against onnxruntime's Conv with non-constant
 weights (docs/benchmarks.md, every step ahead of PyTorch): times and exactness per shape, then a per-node profile of
 the conv2 shape. `python bench/experiments/winograd_conv.py` (2 threads; nothing else running)."""
-import numpy as np, onnxruntime as ort, time
+import collections, json, os, tempfile, time
+
+import numpy as np, onnxruntime as ort
 from onnx import helper, numpy_helper as nh, TensorProto as TP
 Bt = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32)
 G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
@@ -67,8 +69,7 @@ for N, H in ((5, 14), (5, 7), (25, 14), (25, 7), (5, 3)):
     rel = np.abs(a - b).max() / np.abs(a).max()
     print(f"N={N} {H}x{H}: Conv {p50(conv, f):.3f} ms, Winograd {p50(wino, f):.3f} ms, max rel diff {rel:.1e}")
 
-import json, collections
-import os, tempfile
+# where the conv2 shape's time goes, node by node
 so = ort.SessionOptions(); so.intra_op_num_threads = 2; so.enable_profiling = True
 so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "winograd")  # not in the working directory
 N, H = 5, 14
