@@ -166,23 +166,38 @@ def suite_images(characters: list, condition: str, seed: int = SUITE_SEED) -> np
 class RedrawingSampler(TaskSampler):
     """Training's data augmentation `--augment-redraw P`: a task sampler of whose images each is, with probability
     P, redrawn under one of the suite's conditions (tilted ... all, chosen per image) from its full-resolution
-    drawing. Everything is drawn from the task stream's generator, so `--resume` continues it exactly.
+    drawing. Which images, their conditions and each redrawing's seed come from the task stream's generator, a
+    fixed amount per batch, so `--resume` continues it exactly.
 
     Takes over `sampler`'s characters, sizes and generator; `drawings` maps each of its characters to its raw
-    drawings (`raw_drawings`).
+    drawings (`raw_drawings`). `tasks`: the tasks of each sampled batch that are redrawn (a rank's own block under
+    paddle.distributed: every rank draws the whole meta-batch but adapts only its block, and a redrawing costs
+    milliseconds, so each rank redraws only its own); the others' images are left as drawn, unused.
+
+    Example:
+        >>> import numpy as np
+        >>> from maml_export.data import TaskSampler
+        >>> paper = np.ones((105, 105), bool); paper[30:70, 50:55] = False          # one vertical stroke
+        >>> plain = TaskSampler(np.zeros((2, 20, 28, 28), np.float32), np.arange(2), 2, 1, 1, seed=0)
+        >>> sampler = RedrawingSampler(plain, {0: [paper] * 20, 1: [paper] * 20}, p=1.0)
+        >>> float(sampler.sample(4).x_spt.max()) > 0                              # ink where there was none
+        True
     """
 
     REDRAWN = CONDITIONS[1:]
 
-    def __init__(self, sampler: TaskSampler, drawings: dict, p: float):
+    def __init__(self, sampler: TaskSampler, drawings: dict, p: float, tasks: slice = slice(None)):
         self.__dict__.update(vars(sampler))
-        self.drawings, self.p = drawings, p
+        self.drawings, self.p, self.tasks = drawings, p, tasks
 
     def images_of(self, chars: np.ndarray, drawings: np.ndarray) -> np.ndarray:
         batch = super().images_of(chars, drawings)  # [T, N, K+Q, 28, 28]
         redrawn = self.rng.random(drawings.shape) < self.p
         conditions = self.rng.integers(len(self.REDRAWN), size=drawings.shape)
-        for t, n, i in zip(*np.nonzero(redrawn)):
+        seeds = self.rng.integers(2 ** 63, size=drawings.shape)  # one per image: a task's redrawings need no other's
+        kept = np.zeros(len(drawings), bool)
+        kept[self.tasks] = True
+        for t, n, i in zip(*np.nonzero(redrawn & kept[:, None, None])):
             paper = self.drawings[int(chars[t, n])][int(drawings[t, n, i])]
-            batch[t, n, i] = redraw(paper, self.REDRAWN[conditions[t, n, i]], self.rng)
+            batch[t, n, i] = redraw(paper, self.REDRAWN[conditions[t, n, i]], np.random.default_rng(seeds[t, n, i]))
         return batch

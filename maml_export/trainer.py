@@ -211,7 +211,7 @@ class Training:
                                   "image folders")
             from .suite import RedrawingSampler, raw_drawings
             self.sampler = RedrawingSampler(self.sampler, raw_drawings(self.data, self.dataset.splits["train"]),
-                                            c.augment_redraw)
+                                            c.augment_redraw, tasks=self.ranks.block(c.meta_batch))
         self.val_sampler()  # fail now, not at the first validation, if the validation split cannot give such tasks
         self.model = Model.from_specs(c.layers)
         initial, origin = (ckpt.params, None) if ckpt else initial_params(self.model, c)

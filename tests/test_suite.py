@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maml_export.data import drawing_pixels, load_omniglot, split_characters
-from maml_export.suite import CONDITIONS, redraw, split_drawings, suite_images
+from maml_export.data import TaskSampler, drawing_pixels, load_omniglot, split_characters
+from maml_export.suite import CONDITIONS, RedrawingSampler, redraw, split_drawings, suite_images
 
 from conftest import DATA, needs_omniglot
 
-pytestmark = needs_omniglot
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,6 +35,7 @@ def bbox(image: np.ndarray) -> tuple:
     return np.ptp(rows) + 1, np.ptp(cols) + 1, (rows.min() + rows.max()) / 2, (cols.min() + cols.max()) / 2
 
 
+@needs_omniglot
 def test_as_drawn_is_the_protocol_and_every_condition_is_reproducible(val_drawings):
     characters = val_drawings[:6]
     protocol = load_omniglot(DATA)[split_characters()["val"][:6]]  # the cached protocol pixels
@@ -50,6 +50,7 @@ def test_as_drawn_is_the_protocol_and_every_condition_is_reproducible(val_drawin
         assert (changed > 0.2).mean() > 0.9, condition  # (nearly) every drawing is redrawn
 
 
+@needs_omniglot
 def test_each_condition_does_what_it_says(val_drawings):
     drawings = [d for char in val_drawings[:10] for d in char[:4]]
     rng = lambda: np.random.default_rng(0)  # noqa: E731
@@ -70,6 +71,32 @@ def test_each_condition_does_what_it_says(val_drawings):
         assert best < np.abs(tilted - image).sum()
 
 
+def test_each_rank_redraws_its_own_tasks_as_one_process_would():
+    """--augment-redraw under paddle.distributed: every rank draws the whole meta-batch but redraws only its block.
+    The blocks' images are the one-process batch's, bit for bit, and every rank's stream goes on identically."""
+    rng = np.random.default_rng(0)
+    papers = {c: [rng.random((105, 105)) > 0.02 for _ in range(20)] for c in range(6)}  # specks of ink
+    images = rng.random((6, 20, 28, 28)).astype(np.float32)
+
+    def sampler(tasks=slice(None)):
+        return RedrawingSampler(TaskSampler(images, np.arange(6), 5, 1, 2, seed=3), papers, 0.5, tasks=tasks)
+
+    whole = sampler()
+    first, then = whole.sample(4), whole.sample(4)
+    plain = TaskSampler(images, np.arange(6), 5, 1, 2, seed=3).sample(4)
+    assert not np.array_equal(first.x_qry, plain.x_qry)  # some images were redrawn
+    for block in (slice(0, 1), slice(1, 4)):
+        rank = sampler(block)
+        mine, next_batch = rank.sample(4), rank.sample(4)
+        for field in ("x_spt", "x_qry"):
+            np.testing.assert_array_equal(getattr(mine, field)[block], getattr(first, field)[block])
+            np.testing.assert_array_equal(getattr(next_batch, field)[block], getattr(then, field)[block])
+            others = np.ones(4, bool)
+            others[block] = False  # the other ranks' tasks: left as drawn, never redrawn here
+            np.testing.assert_array_equal(getattr(mine, field)[others], getattr(plain, field)[others])
+
+
+@needs_omniglot
 def test_suite_pairs_zero_steps_with_the_deployed_steps(tmp_path):
     done = run("-m", "train", "evaluate", "--suite", "shift", "--split", "val", "--tasks", "3", "--shots", "1",
                "--json", "--data", DATA)
@@ -86,6 +113,7 @@ def test_suite_pairs_zero_steps_with_the_deployed_steps(tmp_path):
     assert bad.returncode == 2 and "--suite" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@needs_omniglot
 def test_an_omniglot_bundle_measures_itself_on_a_labelled_folder(tmp_path):
     """A user's own labelled drawings (here: PNGs of Omniglot's test characters, paper white, in a folder per
     class) measured with the bundled model, prepared as its training data was: one notice line, no refusal."""
@@ -112,6 +140,7 @@ def per_task_accuracy(ckpt, sampler, tasks: int, steps: int) -> np.ndarray:
 
 
 @pytest.mark.slow
+@needs_omniglot
 def test_the_shipped_steps_never_lower_a_task_where_they_run(val_drawings):
     """The shipped bundle's deployed steps against no step, paired on 5-way 5-shot validation tasks redrawn under
     every condition at once ("all"), where the support loss is not saturated and every step runs: no task loses
