@@ -200,11 +200,17 @@ def prototype_head(model: Model, params: dict, x_spt, y_spt, features=None) -> d
     """
     if features is None:  # (T, S, F), batch norm on the support's statistics
         features = model.forward(params, x_spt, upto=-1)[0]
-    classes = paddle.arange(model.ways, dtype=y_spt.dtype)
-    onehot = (y_spt.unsqueeze(-1) == classes).astype(features.dtype)  # (T, S, ways); a comparison: see layers
-    prototypes = paddle.matmul(onehot, features, transpose_x=True) / onehot.sum(axis=1).unsqueeze(-1)  # (T, ways, F)
+    prototypes = class_prototypes(features, y_spt, model.ways)
     head = model.names[-1]
     return {f"{head}.weight": 2 * prototypes.transpose([0, 2, 1]), f"{head}.bias": -(prototypes * prototypes).sum(-1)}
+
+
+def class_prototypes(features, y_spt, ways: int):
+    """Each class's mean support feature: features (T, S, F), y_spt (T, S) with every class 0..ways-1 present ->
+    (T, ways, F)."""
+    classes = paddle.arange(ways, dtype=y_spt.dtype)
+    onehot = (y_spt.unsqueeze(-1) == classes).astype(features.dtype)  # (T, S, ways); a comparison: see layers
+    return paddle.matmul(onehot, features, transpose_x=True) / onehot.sum(axis=1).unsqueeze(-1)
 
 
 def zero_head(model: Model, params: dict) -> None:

@@ -18,7 +18,7 @@ import paddle
 
 from maml_export.checkpoint import as_deployed, load_checkpoint, resolve_checkpoint
 from maml_export.data import TaskSampler
-from maml_export.maml import expand_to_tasks
+from maml_export.maml import class_prototypes, expand_to_tasks, prototype_head
 from maml_export.model import Model, to_tensors
 from maml_export.suite import split_drawings, suite_images
 from maml_export.trainer import QUERY, TEST_SEED, _task_batches, as_tensors, mean_ci95, set_threads
@@ -32,30 +32,22 @@ model = Model.from_specs(ckpt.config.layers)
 body = {k: v for k, v in to_tensors(ckpt.params).items() if not k.startswith(model.names[-1])}
 
 
-def prototypes(features, labels):
-    """features (T, S, F), labels (T, S) -> one-hot (T, S, ways), prototypes (T, ways, F)."""
-    onehot = (labels.unsqueeze(-1) == paddle.arange(WAYS, dtype=labels.dtype)).astype(features.dtype)
-    return onehot, paddle.matmul(onehot, features, transpose_x=True) / onehot.sum(1).unsqueeze(-1)
-
-
-def sq_distances(features, protos):  # (T, N, F), (T, ways, F) -> (T, N, ways)
-    return ((features.unsqueeze(2) - protos.unsqueeze(1)) ** 2).sum(-1)
-
-
 def leave_one_out_loss(params, x_spt, y_spt):
     """Per-task mean cross-entropy of each support image against the prototypes, its own class's without it."""
-    features = model.forward(params, x_spt, upto=-1)[0]
-    onehot, protos = prototypes(features, y_spt)
-    own = 1 + onehot * ((SHOTS / (SHOTS - 1)) ** 2 - 1)
-    logits = -sq_distances(features, protos) * own
+    features = model.forward(params, x_spt, upto=-1)[0]  # (T, S, F)
+    protos = class_prototypes(features, y_spt, WAYS)  # (T, ways, F)
+    distances = ((features.unsqueeze(2) - protos.unsqueeze(1)) ** 2).sum(-1)  # (T, S, ways)
+    own = paddle.nn.functional.one_hot(y_spt, WAYS) * ((SHOTS / (SHOTS - 1)) ** 2 - 1) + 1
+    logits = -distances * own
     loss = paddle.nn.functional.cross_entropy(logits.reshape([-1, WAYS]), y_spt.reshape([-1]), reduction="none")
     return loss.reshape(y_spt.shape).mean(-1)
 
 
 def query_hits(params, x_spt, y_spt, x_qry, y_qry):
-    stats = model.support_stats(params, x_spt)  # each query normalised with the support's statistics: alone
-    protos = prototypes(model.forward(params, x_spt, upto=-1)[0], y_spt)[1]
-    logits = -sq_distances(model.forward({**params, **stats}, x_qry, upto=-1)[0], protos)
+    """The prototype classifier of the adapted body, as the graphs start adaptation (`maml.prototype_head`), each
+    query normalised with the support's statistics: alone."""
+    head = prototype_head(model, params, x_spt, y_spt)
+    logits = model.forward({**params, **head, **model.support_stats(params, x_spt)}, x_qry)[0]
     return (logits.numpy().argmax(-1) == y_qry).mean(1)
 
 
