@@ -34,30 +34,31 @@ def rotation_matrix(degrees: float, n: int = 28) -> np.ndarray:
     return m
 
 
-out, conditions = sys.argv[1], sys.argv[2].split(",")
-variants = [[float(a) for a in v.split("/")] for v in sys.argv[3].split(",")]
-shots_list, tasks = [int(s) for s in sys.argv[4].split(",")], int(sys.argv[5]) if len(sys.argv) > 5 else 100
-set_threads(1)
-maml = _deployed_maml(as_deployed(load_checkpoint(resolve_checkpoint(sys.argv[6] if len(sys.argv) > 6 else "omniglot-5w1s")), ways=5))
-drawings, rows = split_drawings(os.environ.get("OMNIGLOT_DIR", "../shared/omniglot"), "val"), []
-for condition in conditions:
-    images = suite_images(drawings, condition)
-    for shots in shots_list:
-        hits = {}
-        for angles in [[]] + variants:
-            maps = [paddle.to_tensor(rotation_matrix(a).T) for a in angles]
-            sampler, per_task = TaskSampler(images, np.arange(len(images)), 5, shots, QUERY, TEST_SEED), []
-            with paddle.no_grad():
-                for _, task in _task_batches(sampler, tasks, 16, False):
-                    x_spt, y_spt, x_qry, _ = as_tensors(task)
-                    flat = x_spt.reshape(x_spt.shape[:2] + [-1])
-                    views = [x_spt] + [paddle.matmul(flat, m).reshape(x_spt.shape) for m in maps]
-                    fast = maml.adapt(paddle.concat(views, 1), paddle.concat([y_spt] * len(views), 1), steps=0)
-                    per_task.append((maml.predict(fast, x_qry).numpy().argmax(-1) == task.y_qry).mean(1))
-            key = "/".join(f"{a:g}" for a in angles) or "none"
-            hits[key] = np.concatenate(per_task)
-            gain, gain_ci = mean_ci95(hits[key] - hits["none"])
-            rows.append({"condition": condition, "shots": shots, "views": key, "accuracy": float(hits[key].mean()),
-                         "gain": gain, "gain_ci95": gain_ci})
-            print(json.dumps(rows[-1]), flush=True)
-json.dump({"tasks": tasks, "rows": rows}, open(out, "w"), indent=1)
+if __name__ == "__main__":
+    out, conditions = sys.argv[1], sys.argv[2].split(",")
+    variants = [[float(a) for a in v.split("/")] for v in sys.argv[3].split(",")]
+    shots_list, tasks = [int(s) for s in sys.argv[4].split(",")], int(sys.argv[5]) if len(sys.argv) > 5 else 100
+    set_threads(1)
+    maml = _deployed_maml(as_deployed(load_checkpoint(resolve_checkpoint(sys.argv[6] if len(sys.argv) > 6 else "omniglot-5w1s")), ways=5))
+    drawings, rows = split_drawings(os.environ.get("OMNIGLOT_DIR", "../shared/omniglot"), "val"), []
+    for condition in conditions:
+        images = suite_images(drawings, condition)
+        for shots in shots_list:
+            hits = {}
+            for angles in [[]] + variants:
+                maps = [paddle.to_tensor(rotation_matrix(a).T) for a in angles]
+                sampler, per_task = TaskSampler(images, np.arange(len(images)), 5, shots, QUERY, TEST_SEED), []
+                with paddle.no_grad():
+                    for _, task in _task_batches(sampler, tasks, 16, False):
+                        x_spt, y_spt, x_qry, _ = as_tensors(task)
+                        flat = x_spt.reshape(x_spt.shape[:2] + [-1])
+                        views = [x_spt] + [paddle.matmul(flat, m).reshape(x_spt.shape) for m in maps]
+                        fast = maml.adapt(paddle.concat(views, 1), paddle.concat([y_spt] * len(views), 1), steps=0)
+                        per_task.append((maml.predict(fast, x_qry).numpy().argmax(-1) == task.y_qry).mean(1))
+                key = "/".join(f"{a:g}" for a in angles) or "none"
+                hits[key] = np.concatenate(per_task)
+                gain, gain_ci = mean_ci95(hits[key] - hits["none"])
+                rows.append({"condition": condition, "shots": shots, "views": key, "accuracy": float(hits[key].mean()),
+                             "gain": gain, "gain_ci95": gain_ci})
+                print(json.dumps(rows[-1]), flush=True)
+    json.dump({"tasks": tasks, "rows": rows}, open(out, "w"), indent=1)
