@@ -18,7 +18,7 @@ import paddle
 from maml_export.checkpoint import as_deployed, load_checkpoint, resolve_checkpoint
 from maml_export.data import TaskSampler
 from maml_export.suite import split_drawings, suite_images
-from maml_export.trainer import QUERY, TEST_SEED, _deployed_maml, _task_batches, as_tensors, mean_ci95, set_threads
+from maml_export.trainer import QUERY, TEST_SEED, _deployed_maml, mean_ci95, query_logits, set_threads
 
 # Omniglot's meta-training drawings at 28x28: RMS ink radius 4.1 / 5.4 / 6.2 / 7.0 / 8.2 px at the 5/25/50/75/95th
 # percentiles (300 characters). (r0, lo, hi): the target radius and the bounds on the zoom r0 / r.
@@ -54,13 +54,9 @@ if __name__ == "__main__":
         raw, plain = suite_images(drawings, condition), None
         for variant, args in VARIANTS.items():
             images = raw if args is None else normalise(paddle.to_tensor(raw), *args).numpy()
-            sampler, per_task = TaskSampler(images, np.arange(len(images)), 5, shots, QUERY, TEST_SEED), []
-            with paddle.no_grad():
-                for _, task in _task_batches(sampler, tasks, 16, False):
-                    x_spt, y_spt, x_qry, _ = as_tensors(task)
-                    fast = maml.adapt(x_spt, y_spt, steps=0)
-                    per_task.append((maml.predict(fast, x_qry).numpy().argmax(-1) == task.y_qry).mean(1))
-            hits = np.concatenate(per_task)
+            sampler = TaskSampler(images, np.arange(len(images)), 5, shots, QUERY, TEST_SEED)
+            logits, labels = query_logits(maml, sampler, tasks, steps=0)  # [tasks, Q, 5], [tasks, Q]
+            hits = (logits.argmax(-1) == labels).mean(1)
             plain = hits if plain is None else plain
             gain, gain_ci = mean_ci95(hits - plain)
             rows.append({"condition": condition, "shots": shots, "variant": variant, "accuracy": float(hits.mean()),
