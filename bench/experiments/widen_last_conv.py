@@ -29,13 +29,15 @@ def widen(source: str, out: str, width: int) -> None:
             s["channels"] = width
         elif s["type"] == "Linear":
             s["in_features"] = width
+    model = Model.from_specs(layers)
+    conv, bn = model.names[last], model.names[last + 1]  # the model's own parameter prefixes ("conv4", "bn4")
     rng, p = np.random.default_rng(1), dict(ckpt.params)
-    w = p["conv4.weight"]  # (64, 64, 3, 3): no bias (batch norm follows)
+    w = p[f"{conv}.weight"]  # (64, 64, 3, 3): no bias (batch norm follows)
     fresh = rng.normal(0, np.sqrt(2 / (w.shape[1] * 9)), (width - old,) + w.shape[1:]).astype(np.float32)
-    p["conv4.weight"] = np.concatenate([w, fresh])
-    p["bn4.weight"] = np.concatenate([p["bn4.weight"], np.full(width - old, 0.1 * np.abs(p["bn4.weight"]).mean(), np.float32)])
-    p["bn4.bias"] = np.concatenate([p["bn4.bias"], np.zeros(width - old, np.float32)])
-    shapes = Model.from_specs(layers).param_shapes()
+    p[f"{conv}.weight"] = np.concatenate([w, fresh])
+    p[f"{bn}.weight"] = np.concatenate([p[f"{bn}.weight"], np.full(width - old, 0.1 * np.abs(p[f"{bn}.weight"]).mean(), np.float32)])
+    p[f"{bn}.bias"] = np.concatenate([p[f"{bn}.bias"], np.zeros(width - old, np.float32)])
+    shapes = model.param_shapes()
     p.update({k: np.zeros(shapes[k], np.float32) for k in p if k.startswith("fc1.")})
     save_checkpoint(out, Checkpoint(dataclasses.replace(ckpt.config, layers=layers, name="omniglot-wide"), p))
 
