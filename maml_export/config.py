@@ -18,9 +18,10 @@ from .specs import HEAD_INITS, QUERY_NORMS, conv4_specs, layer_spec
 PROTOCOL = "omniglot/README.md protocol: RandomState(1) split 1100/100/423, (character, rotation) classes, 28x28 LANCZOS, ink=1"
 
 # What `--resume` may change: how long to train (and whether to end with a calibrated bundle), the meta step size (lowering it for the tail of a long
-# run is the usual last step), and how checkpoints are chosen; the resume event in metrics.jsonl records it.
-RESUME_MAY_CHANGE = ("iterations", "minutes", "calibration_tasks", "val_every", "meta_lr", "val_tasks", "val_inner_lr", "val_ways", "val_query",
-                     "val_steps", "val_head_init")
+# run is the usual last step), the mix of redrawings (a schedule of the same augmentation), and how checkpoints are chosen; the resume event in
+# metrics.jsonl records it.
+RESUME_MAY_CHANGE = ("iterations", "minutes", "calibration_tasks", "val_every", "meta_lr", "augment_redraw_mix", "val_tasks", "val_inner_lr",
+                     "val_ways", "val_query", "val_steps", "val_head_init")
 # Changing these makes earlier validation figures incomparable: the best is chosen afresh from then on.
 VALIDATION = ("val_tasks", "val_inner_lr", "val_ways", "val_query", "val_steps", "val_head_init")
 
@@ -85,6 +86,10 @@ class MamlConfig:
                                       "this probability, redrawn from its full-resolution drawing as people draw "
                                       "(tilted, small and off-centre, thinner or thicker, elastic, or all: the "
                                       "robustness suite's conditions, `evaluate --suite shift`); Omniglot only; 0: off")
+    augment_redraw_mix: str = _opt(None, "how --augment-redraw picks each redrawn image's condition: weights such as "
+                                         "'tilted=3,small=2,all=3,thin=1,thick=1,elastic=1' (a condition left out "
+                                         "weighs 0); may change on --resume, e.g. more tilt for the tail of a run "
+                                         "[default: all six equally]")
     calibration_tasks: int = _opt(None, "end each training command with RUN/bundle.npz: the best checkpoint, deployed, "
                                         "with a temperature fitted on this many validation tasks so that its "
                                         "probabilities are calibrated (what `maml-export --checkpoint RUN` exports); 0: "
@@ -164,6 +169,15 @@ class MamlConfig:
                                   f"(below half of --image-size {self.image_size}), got {shift!r}")
         if not (isinstance(self.augment_redraw, (int, float)) and 0 <= self.augment_redraw <= 1):
             raise ConfigError(f"--augment-redraw must be a probability from 0 to 1, got {self.augment_redraw!r}")
+        if self.augment_redraw_mix is not None:
+            from .suite import redraw_mix
+            if not self.augment_redraw:
+                raise ConfigError("--augment-redraw-mix weighs the conditions of --augment-redraw: pass --augment-redraw "
+                                  "P (e.g. 0.5) too")
+            try:
+                redraw_mix(self.augment_redraw_mix)
+            except ValueError as e:
+                raise ConfigError(f"--augment-redraw-mix: {e}") from None
         try:  # the preprocessing checks its own fields (--channels, --pixels, --resize)
             self.preprocessing
         except ValueError as e:

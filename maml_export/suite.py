@@ -163,11 +163,36 @@ def suite_images(characters: list, condition: str, seed: int = SUITE_SEED) -> np
     return np.stack([[redraw(d, condition, rng) for d in char] for char in characters])
 
 
+def redraw_mix(text: str | None) -> np.ndarray | None:
+    """`--augment-redraw-mix`, e.g. "tilted=3,small=2,all=3,thin=1,thick=1,elastic=1": the weight of each redrawing
+    condition (`RedrawingSampler.REDRAWN` order; one left out weighs 0) as probabilities, or None (uniform) for
+    None. Raises ValueError with the reason."""
+    if text is None:
+        return None
+    weights = dict.fromkeys(RedrawingSampler.REDRAWN, 0.0)
+    for item in str(text).split(","):
+        name, _, value = item.strip().partition("=")
+        if name not in weights:
+            raise ValueError(f"{name!r} is not a redrawing condition (one of {', '.join(RedrawingSampler.REDRAWN)}), "
+                             f"in {text!r}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"{name}={value!r} needs a weight, a number >= 0 (e.g. {name}=2), in {text!r}") from None
+        if not 0 <= weights[name] < float("inf"):
+            raise ValueError(f"{name}={value} needs a weight, a number >= 0, in {text!r}")
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError(f"{text!r} gives every condition weight 0")
+    return np.array(list(weights.values())) / total
+
+
 class RedrawingSampler(TaskSampler):
     """Training's data augmentation `--augment-redraw P`: a task sampler of whose images each is, with probability
-    P, redrawn under one of the suite's conditions (tilted ... all, chosen per image) from its full-resolution
-    drawing. Which images, their conditions and each redrawing's seed come from the task stream's generator, a
-    fixed amount per batch, so `--resume` continues it exactly.
+    P, redrawn under one of the suite's conditions (tilted ... all, chosen per image, uniformly or with the
+    probabilities `mix` of `redraw_mix`) from its full-resolution drawing. Which images, their conditions and each
+    redrawing's seed come from the task stream's generator, a fixed amount per batch, so `--resume` continues it
+    exactly.
 
     Takes over `sampler`'s characters, sizes and generator; `drawings` maps each of its characters to its raw
     drawings (`raw_drawings`). `tasks`: the tasks of each sampled batch that are redrawn (a rank's own block under
@@ -186,14 +211,23 @@ class RedrawingSampler(TaskSampler):
 
     REDRAWN = CONDITIONS[1:]
 
-    def __init__(self, sampler: TaskSampler, drawings: dict, p: float, tasks: slice = slice(None)):
+    def __init__(self, sampler: TaskSampler, drawings: dict, p: float, tasks: slice = slice(None),
+                 mix: np.ndarray | None = None):
         self.__dict__.update(vars(sampler))
-        self.drawings, self.p, self.tasks = drawings, p, tasks
+        self.drawings, self.p, self.tasks, self.mix = drawings, p, tasks, mix
+
+    def conditions(self, shape: tuple) -> np.ndarray:
+        """Indices into REDRAWN, one per image of `shape`, drawn from the stream: uniform, or `mix`'s weights."""
+        if self.mix is None:  # the stream of runs before --augment-redraw-mix, unchanged
+            return self.rng.integers(len(self.REDRAWN), size=shape)
+        # side="right": a condition of weight 0 is never drawn, even for a uniform draw of exactly 0
+        return np.minimum(np.searchsorted(np.cumsum(self.mix), self.rng.random(shape), side="right"),
+                          len(self.REDRAWN) - 1)
 
     def images_of(self, chars: np.ndarray, drawings: np.ndarray) -> np.ndarray:
         batch = super().images_of(chars, drawings)  # [T, N, K+Q, 28, 28]
         redrawn = self.rng.random(drawings.shape) < self.p
-        conditions = self.rng.integers(len(self.REDRAWN), size=drawings.shape)
+        conditions = self.conditions(drawings.shape)
         seeds = self.rng.integers(2 ** 63, size=drawings.shape)  # one per image: a task's redrawings need no other's
         kept = np.zeros(len(drawings), bool)
         kept[self.tasks] = True

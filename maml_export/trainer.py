@@ -209,9 +209,10 @@ class Training:
             if self.dataset.kind != "omniglot":
                 raise ConfigError("--augment-redraw redraws Omniglot's full-resolution drawings: leave it out for "
                                   "image folders")
-            from .suite import RedrawingSampler, raw_drawings
+            from .suite import RedrawingSampler, raw_drawings, redraw_mix
             self.sampler = RedrawingSampler(self.sampler, raw_drawings(self.data, self.dataset.splits["train"]),
-                                            c.augment_redraw, tasks=self.ranks.block(c.meta_batch))
+                                            c.augment_redraw, tasks=self.ranks.block(c.meta_batch),
+                                            mix=redraw_mix(c.augment_redraw_mix))
         self.val_sampler()  # fail now, not at the first validation, if the validation split cannot give such tasks
         self.model = Model.from_specs(c.layers)
         initial, origin = (ckpt.params, None) if ckpt else initial_params(self.model, c)

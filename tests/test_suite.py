@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from maml_export.data import TaskSampler, drawing_pixels, load_omniglot, split_characters
-from maml_export.suite import CONDITIONS, RedrawingSampler, redraw, split_drawings, suite_images
+from maml_export.suite import CONDITIONS, RedrawingSampler, redraw, redraw_mix, split_drawings, suite_images
 
 from conftest import DATA, needs_omniglot
 
@@ -94,6 +94,30 @@ def test_each_rank_redraws_its_own_tasks_as_one_process_would():
             others = np.ones(4, bool)
             others[block] = False  # the other ranks' tasks: left as drawn, never redrawn here
             np.testing.assert_array_equal(getattr(mine, field)[others], getattr(plain, field)[others])
+
+
+def test_redraw_mix_weighs_the_conditions_and_leaves_the_uniform_stream_as_it_was():
+    """--augment-redraw-mix: each condition is drawn with its weight, one left out never; without a mix the stream
+    is the one runs before the option drew (so that their --resume continues exactly)."""
+    images = np.zeros((6, 20, 28, 28), np.float32)
+
+    def sampler(mix):
+        return RedrawingSampler(TaskSampler(images, np.arange(6), 5, 1, 2, seed=3), {}, 0.5, mix=mix)
+
+    drawn = sampler(redraw_mix("tilted=3, all=1")).conditions((200, 100))
+    share = np.bincount(drawn.ravel(), minlength=len(RedrawingSampler.REDRAWN)) / drawn.size
+    names = list(RedrawingSampler.REDRAWN)
+    assert abs(share[names.index("tilted")] - 0.75) < 0.01 and abs(share[names.index("all")] - 0.25) < 0.01
+    assert share[names.index("tilted")] + share[names.index("all")] == 1  # the others weigh 0: never drawn
+    uniform = sampler(None)
+    expected = np.random.Generator(np.random.PCG64(3)).integers(len(names), size=(7, 9))
+    np.testing.assert_array_equal(uniform.conditions((7, 9)), expected)
+    np.testing.assert_allclose(redraw_mix("tilted=9,small=6,thin=2,thick=2,elastic=2,all=9"),
+                               np.array([9, 6, 2, 2, 2, 9]) / 30)
+    for bad, reason in (("tilt=1", "not a redrawing condition"), ("tilted=x", "needs a weight"),
+                        ("tilted=-1", "needs a weight"), ("tilted=0,all=0", "weight 0")):
+        with pytest.raises(ValueError, match=reason):
+            redraw_mix(bad)
 
 
 @needs_omniglot

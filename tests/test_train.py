@@ -123,6 +123,19 @@ def test_resume_may_lower_the_meta_lr_but_not_change_the_model(tmp_path):
 
 
 @needs_data
+def test_resume_may_change_the_mix_of_redrawings(tmp_path):
+    """A run's tail may weigh the redrawings differently (more tilt): the resume records it, the checkpoints carry it."""
+    redrawn = {**SMALL, "augment_redraw": 0.5}
+    train(MamlConfig(iterations=1, val_every=5, **redrawn), DATA, tmp_path, progress=False)
+    mix = "tilted=3,small=2,all=3,thin=1,thick=1,elastic=1"
+    train(MamlConfig(**redrawn), DATA, tmp_path, resume=True, overrides={"iterations": 2, "augment_redraw_mix": mix},
+          progress=False)
+    assert load_checkpoint(tmp_path / "latest.npz").config.augment_redraw_mix == mix
+    resumes = [e for e in map(json.loads, open(tmp_path / "metrics.jsonl")) if e.get("event") == "resume"]
+    assert resumes[-1]["changed"] == {"iterations": [1, 2], "augment_redraw_mix": [None, mix]}
+
+
+@needs_data
 def test_init_starts_a_new_run_from_another_runs_weights(tmp_path):
     """--init: the first-order run's weights, fine-tuned second-order in a run of its own (docs/experiments.md#5-way-bundle-history)."""
     train(MamlConfig(iterations=2, val_every=2, **SMALL), DATA, tmp_path / "fo", progress=False)
@@ -392,6 +405,8 @@ def test_head_init_prototypes_trains_second_order_and_ships_from_a_zero_head_run
     (["--val-ways", "1", "--zero-head"], "--val-ways must be at least 2"),
     (["--augment-shift", "14"], "--augment-shift must be a whole number of pixels from 0 to 13"),
     (["--augment-redraw", "1.5"], "--augment-redraw must be a probability from 0 to 1"),
+    (["--augment-redraw-mix", "tilted=1"], "pass --augment-redraw P"),
+    (["--augment-redraw", "0.5", "--augment-redraw-mix", "tilt=1"], "'tilt' is not a redrawing condition"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, args, message):
     if "/nonexistent/omniglot" not in args:
