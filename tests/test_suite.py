@@ -168,10 +168,12 @@ def per_task_accuracy(ckpt, sampler, tasks: int, steps: int) -> np.ndarray:
 def test_the_shipped_steps_never_lower_a_task_where_they_run(val_drawings):
     """The shipped bundle's deployed steps against no step, paired on 5-way 5-shot validation tasks redrawn under
     every condition at once ("all"), where the support loss is not saturated and every step runs: no task loses
-    more than one of its 75 queries. The same weights deployed as bundles were until 2026-12-06 (features x16,
+    more than two of its 75 queries (a task's answers move by a query or two either way with harmless steps: -2 to
+    +4 on these 8 tasks for the bundles of 2026-12-06 and 2026-12-07; the latter's steps move its seven 5-shot
+    validation cells of 100 tasks by -0.03 to +0.08 points). The same weights deployed as bundles were until 2026-12-06 (features x16,
     support shifts of 2, inner lr 0.01: on the 9 shifted views the loss does not saturate, and the steps act on
-    logits x256) lose far more on the same tasks: the check can fail. (Tilted tasks served until the
-    redraw-trained bundles, whose x16 support loss saturates on them: no step runs there.)"""
+    logits x256) lose 25 to 53 queries on some of the same tasks: the check can fail. (Tilted tasks served until
+    the redraw-trained bundles, whose x16 support loss saturates on them: no step runs there.)"""
     from maml_export.checkpoint import as_deployed, load_checkpoint
     from maml_export.data import TaskSampler
     images = suite_images(val_drawings, "all")
@@ -179,7 +181,7 @@ def test_the_shipped_steps_never_lower_a_task_where_they_run(val_drawings):
     shipped = as_deployed(load_checkpoint("omniglot-5w1s"))
     steps = shipped.config.inner_steps
     zero, stepped = per_task_accuracy(shipped, sampler(), 8, 0), per_task_accuracy(shipped, sampler(), 8, steps)
-    assert np.all(stepped >= zero - 1 / 75 - 1e-6), (zero, stepped)
+    assert np.all(stepped >= zero - 2 / 75 - 1e-6), (zero, stepped)
     scaled = as_deployed(shipped, feature_scale=16, support_shift=2, inner_lr=0.01)
     lost = per_task_accuracy(scaled, sampler(), 8, 0) - per_task_accuracy(scaled, sampler(), 8, steps)
-    assert lost.max() > 2 / 75, lost
+    assert lost.max() > 10 / 75, lost
