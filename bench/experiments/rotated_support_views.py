@@ -18,14 +18,15 @@ from maml_export.suite import split_drawings, suite_images
 from maml_export.trainer import QUERY, TEST_SEED, _deployed_maml, _task_batches, as_tensors, mean_ci95, set_threads
 
 
-def rotation_matrix(degrees: float, n: int = 28) -> np.ndarray:
-    """(n*n, n*n) M with rotated.flat = M @ image.flat: bilinear, about the centre, zero (paper) outside."""
+def rotation_matrix(degrees: float, n: int = 28, scale: float = 1.0) -> np.ndarray:
+    """(n*n, n*n) M with rotated.flat = M @ image.flat: bilinear, about the centre, zero (paper) outside; `scale`
+    < 1 draws the image smaller (about the centre too)."""
     t, c = np.deg2rad(degrees), (n - 1) / 2
     m = np.zeros((n * n, n * n), np.float32)
     for i in range(n):
         for j in range(n):
-            sy = np.cos(t) * (i - c) - np.sin(t) * (j - c) + c
-            sx = np.sin(t) * (i - c) + np.cos(t) * (j - c) + c
+            sy = (np.cos(t) * (i - c) - np.sin(t) * (j - c)) / scale + c
+            sx = (np.sin(t) * (i - c) + np.cos(t) * (j - c)) / scale + c
             y0, x0 = int(np.floor(sy)), int(np.floor(sx))
             for yy, wy in ((y0, 1 - (sy - y0)), (y0 + 1, sy - y0)):
                 for xx, wx in ((x0, 1 - (sx - x0)), (x0 + 1, sx - x0)):
