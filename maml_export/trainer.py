@@ -126,9 +126,10 @@ class RunFolder:
         return dropped
 
 
-def _start(config: MamlConfig, run: RunFolder, resume: bool, overrides: dict):
+def _start(config: MamlConfig | None, run: RunFolder, resume: bool, overrides: dict):
     """(config, checkpoint or None, {option: value before} of the overrides applied): a new run, or the run
-    in `run.out` with allowed overrides applied."""
+    in `run.out` with allowed overrides applied (a resume does not read `config`: the run's own is checked with
+    the overrides)."""
     if not resume:
         if run.latest.exists():
             raise ConfigError(f"{run.out} already holds a run: pass --resume to continue it, or another --out")
@@ -189,7 +190,7 @@ class Training:
     `best` (if it is) and `latest`. `train` drives it. Under paddle.distributed every rank builds one and
     steps in lockstep; only the main rank writes."""
 
-    def __init__(self, config: MamlConfig, data: str | os.PathLike | None, out: str | os.PathLike,
+    def __init__(self, config: MamlConfig | None, data: str | os.PathLike | None, out: str | os.PathLike,
                  resume: bool = False, overrides: dict | None = None, threads: int | None = None):
         self.ranks = Ranks()
         set_threads(threads or max(1, (os.cpu_count() or 1) // self.ranks.world))
@@ -351,7 +352,7 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
-def train(config: MamlConfig, data: str | os.PathLike | None, out: str | os.PathLike, resume: bool = False,
+def train(config: MamlConfig | None, data: str | os.PathLike | None, out: str | os.PathLike, resume: bool = False,
           overrides: dict | None = None, threads: int | None = None, progress: bool = True,
           save_every_seconds: float | None = 60.0) -> dict:
     """Meta-train (or resume) a run; returns a summary: `train_seconds`, the meta-iterations' compute time

@@ -124,12 +124,13 @@ def test_resume_may_lower_the_meta_lr_but_not_change_the_model(tmp_path):
 
 @needs_data
 def test_resume_may_change_the_mix_of_redrawings(tmp_path):
-    """A run's tail may weigh the redrawings differently (more tilt): the resume records it, the checkpoints carry it."""
+    """A run's tail may weigh the redrawings differently (more tilt): the resume records it, the checkpoints carry it.
+    Through the command line, as a user resumes: the mix is checked with the run's own --augment-redraw."""
     redrawn = {**SMALL, "augment_redraw": 0.5}
     train(MamlConfig(iterations=1, val_every=5, **redrawn), DATA, tmp_path, progress=False)
     mix = "tilted=3,small=2,all=3,thin=1,thick=1,elastic=1"
-    train(MamlConfig(**redrawn), DATA, tmp_path, resume=True, overrides={"iterations": 2, "augment_redraw_mix": mix},
-          progress=False)
+    done = cli("--out", str(tmp_path), "--resume", "--iterations", "2", "--augment-redraw-mix", mix, "--threads", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
     assert load_checkpoint(tmp_path / "latest.npz").config.augment_redraw_mix == mix
     resumes = [e for e in map(json.loads, open(tmp_path / "metrics.jsonl")) if e.get("event") == "resume"]
     assert resumes[-1]["changed"] == {"iterations": [1, 2], "augment_redraw_mix": [None, mix]}

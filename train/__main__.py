@@ -58,7 +58,9 @@ def cli(ctx, data, out, resume, threads, save_every_seconds, **options):
     from maml_export.trainer import Terminated, train
     import shlex
     again = f"{ctx.find_root().info_name} --out {shlex.quote(out)} --resume"  # the run remembers its data
-    config = MamlConfig(**options)
+    # a resume's options are checked together with the run's own config (trainer._start), not alone: the run's
+    # --augment-redraw makes a new --augment-redraw-mix valid, its --zero-head a new --val-ways
+    config = None if resume else MamlConfig(**options)
     try:
         summary = train(config, data, out, resume=resume, overrides=options, threads=threads,
                         save_every_seconds=save_every_seconds)
