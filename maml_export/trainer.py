@@ -131,6 +131,8 @@ def _start(config: MamlConfig | None, run: RunFolder, resume: bool, overrides: d
     in `run.out` with allowed overrides applied (a resume does not read `config`: the run's own is checked with
     the overrides)."""
     if not resume:
+        if config is None:
+            raise ValueError("a new run needs its MamlConfig (None is for --resume, which reads the run's own)")
         if run.latest.exists():
             raise ConfigError(f"{run.out} already holds a run: pass --resume to continue it, or another --out")
         return config, None, {}
