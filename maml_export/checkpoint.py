@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -117,6 +118,18 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
                               f"({reason(e)})") from None
     check_params(Model.from_specs(config.layers), params, str(path), config)
     return ckpt
+
+
+def weights_sha256(params: dict) -> str:
+    """sha256 over, for each parameter in name order: name, NUL, shape as JSON, NUL, float32 LE bytes.
+
+    What names a model's weights wherever they travel: the exports' metadata, a task file's header, and a
+    run's `--init` (its start event and its bundle's `state["weights"]`)."""
+    h = hashlib.sha256()
+    for name in sorted(params):
+        a = np.ascontiguousarray(params[name], dtype="<f4")
+        h.update(name.encode() + b"\0" + json.dumps(list(a.shape)).encode() + b"\0" + a.tobytes())
+    return h.hexdigest()
 
 
 def check_params(model: Model, params: dict, where: str, config: MamlConfig | None = None) -> None:
@@ -244,7 +257,9 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
     `state["run"]`. A run on an image folder keeps its folder in `state["data"]`, where `evaluate` finds it.
     `checkpoint`, if given, ships that checkpoint of the run (e.g. a copy of its latest.npz chosen on the
     robustness suite) instead of its best.npz; it must be the run's own (the same run name), and the log and
-    command ship up to its iteration.
+    command ship up to its iteration. Where the run's weights began (its start event's `weights`: the seed, or
+    `--init`'s path, run, iteration and `weights_sha256`) goes to `state["weights"]`, so that an init whose
+    file a later ship replaced is still named exactly.
     """
     import shlex
     run, out = Path(run), Path(out)
@@ -294,6 +309,8 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
     if "data" in best.state and best.config.protocol != MamlConfig().protocol:  # image folders: the model's data
         state["data"] = best.state["data"]
     state["command"] = command
+    if start and "weights" in start:  # where the run's weights began: a seed, or --init's file, run and sha256
+        state["weights"] = start["weights"]
     for key, shipped, was in (("inner_lr_trained", deployed.config.inner_lr, trained.inner_lr),
                               ("inner_steps_trained", deployed.config.inner_steps, trained.inner_steps),
                               ("ways_trained", deployed.config.ways, trained.ways),

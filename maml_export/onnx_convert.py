@@ -12,7 +12,6 @@ Stages 2 and 3 of `export.export_model`:
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import re
 import subprocess
@@ -26,6 +25,7 @@ import paddle
 import paddle2onnx
 
 from . import __version__
+from .checkpoint import weights_sha256
 from .errors import ExportError
 from .maml import split_step_sizes
 
@@ -310,15 +310,6 @@ def keep_live(g: onnx.GraphProto, nodes: list) -> None:
     used = [t for t in g.initializer if t.name in needed]
     del g.initializer[:]
     g.initializer.extend(used)
-
-
-def weights_sha256(params: dict) -> str:
-    """sha256 over, for each parameter in name order: name, NUL, shape as JSON, NUL, float32 LE bytes."""
-    h = hashlib.sha256()
-    for name in sorted(params):
-        a = np.ascontiguousarray(params[name], dtype="<f4")
-        h.update(name.encode() + b"\0" + json.dumps(list(a.shape)).encode() + b"\0" + a.tobytes())
-    return h.hexdigest()
 
 
 CALIBRATION_KEYS = ("temperature", "split", "tasks", "query", "ece_before", "ece_after")

@@ -21,7 +21,8 @@ import paddle
 from tqdm import tqdm
 
 from .calibration import calibration_report, fit_temperature
-from .checkpoint import Checkpoint, as_deployed, bundle_run, load_checkpoint, save_checkpoint, scale_features
+from .checkpoint import (Checkpoint, as_deployed, bundle_run, load_checkpoint, save_checkpoint, scale_features,
+                         weights_sha256)
 from .config import RESUME_MAY_CHANGE, VALIDATION, MamlConfig, flag
 from .data import TaskSampler, shift_tasks
 from .folders import open_dataset, trained_on_folders
@@ -168,7 +169,9 @@ def _initial_weights(model: Model, config: MamlConfig) -> tuple[dict, dict]:
     if config.init is None:
         return model.init_params(config.seed), {"seed": config.seed}
     source = load_checkpoint(config.init)
-    origin = {"init": str(config.init), "init_run": source.config.name, "init_iteration": source.iteration}
+    # the path names a file that a later ship may overwrite; the hash names the weights themselves
+    origin = {"init": str(config.init), "init_run": source.config.name, "init_iteration": source.iteration,
+              "init_weights_sha256": weights_sha256(source.params)}
     scale = source.state.get("feature_scale")
     if scale not in (None, 1):  # a bundle shipped with its features scaled: train in the space it was trained in
         source.params = scale_features(source.config, source.params, 1 / scale)

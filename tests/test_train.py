@@ -13,7 +13,7 @@ import numpy as np
 import paddle
 import pytest
 
-from maml_export.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from maml_export.checkpoint import Checkpoint, bundle_run, load_checkpoint, save_checkpoint, weights_sha256
 from maml_export.config import MamlConfig
 from maml_export.errors import CheckpointError, ConfigError
 from maml_export.optim import Adam
@@ -155,7 +155,7 @@ def test_init_starts_a_new_run_from_another_runs_weights(tmp_path):
     assert baseline["event"] == "validation" and baseline["iteration"] == 0
     assert load_checkpoint(tmp_path / "so" / "best.npz").iteration in (0, 1)
     assert start["weights"] == {"init": str(tmp_path / "fo" / "latest.npz"), "init_run": "omniglot-5w1s",
-                                "init_iteration": 2}
+                                "init_iteration": 2, "init_weights_sha256": weights_sha256(source.params)}
     assert "--init " in " ".join(tuned.config.cli_args())
     with pytest.raises(ConfigError, match="match --hidden"):
         train(MamlConfig(iterations=1, init=str(tmp_path / "fo" / "latest.npz"), **{**SMALL, "hidden": 8}),
@@ -163,6 +163,11 @@ def test_init_starts_a_new_run_from_another_runs_weights(tmp_path):
     with pytest.raises(ConfigError, match="--ways unless --zero-head"):
         train(MamlConfig(iterations=1, init=str(tmp_path / "fo" / "latest.npz"), **{**SMALL, "ways": 3}),
               DATA, tmp_path / "wrong", progress=False)
+    # its bundle names the init by its weights too: the file at that path may be replaced by a later ship
+    (tmp_path / "fo" / "latest.npz").unlink()
+    shipped = bundle_run(tmp_path / "so", tmp_path / "so.npz")
+    assert shipped.state["weights"] == start["weights"]
+    assert load_checkpoint(tmp_path / "so.npz").state["weights"]["init_weights_sha256"] == weights_sha256(source.params)
 
 
 @needs_data
@@ -290,6 +295,7 @@ def test_bundle_ships_the_best_checkpoint_with_the_command_that_reproduces_the_r
     assert shipped.config.name == "model" and shipped.state["run"] == best.config.name
     assert shipped.config.inner_lr == 0.15 and shipped.state["inner_lr_trained"] == 0.4  # adapts with 0.15 now
     assert shipped.state["note"] == "chosen on validation" and "--inner-lr 0.4 " in shipped.state["command"]
+    assert shipped.state["weights"] == {"seed": best.config.seed}  # where its weights began
     command = shipped.state["command"]  # the start options as given (meta-lr 1e-3), then the resume's change
     assert command.startswith("python -m train ") and "--meta-lr 0.001 " in command and "--hidden 16" in command
     resumed = f"at iteration 2: python -m train --out {run} --resume --iterations 3 --meta-lr 0.0005"

@@ -73,7 +73,7 @@ def load_exported(onnx_path: Path) -> Exported:
     from ..adapter import Adapter
     from ..config import MamlConfig
     from ..contract import every_step
-    from ..onnx_convert import weights_sha256
+    from ..checkpoint import weights_sha256
     from ..model import Model
     meta, prefix = Adapter(onnx_path).metadata, onnx_path.with_name("model")
     if int(meta.get("task_batch") or 0):
