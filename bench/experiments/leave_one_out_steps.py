@@ -18,10 +18,12 @@ import paddle
 
 from maml_export.checkpoint import as_deployed, load_checkpoint, resolve_checkpoint
 from maml_export.data import TaskSampler
-from maml_export.maml import class_prototypes, expand_to_tasks, prototype_head
+from maml_export.maml import class_prototypes, expand_to_tasks
 from maml_export.model import Model, to_tensors
 from maml_export.suite import split_drawings, suite_images
 from maml_export.trainer import QUERY, TEST_SEED, _task_batches, as_tensors, mean_ci95, set_threads
+
+from augmented_support_steps import query_hits  # the prototype classifier of an adapted body, each query alone
 
 WAYS, SHOTS = 5, 5
 out, conditions, lrs = sys.argv[1], sys.argv[2].split(","), [float(v) for v in sys.argv[3].split(",")]
@@ -43,14 +45,6 @@ def leave_one_out_loss(params, x_spt, y_spt):
     return loss.reshape(y_spt.shape).mean(-1)
 
 
-def query_hits(params, x_spt, y_spt, x_qry, y_qry):
-    """The prototype classifier of the adapted body, as the graphs start adaptation (`maml.prototype_head`), each
-    query normalised with the support's statistics: alone."""
-    head = prototype_head(model, params, x_spt, y_spt)
-    logits = model.forward({**params, **head, **model.support_stats(params, x_spt)}, x_qry)[0]
-    return (logits.numpy().argmax(-1) == y_qry).mean(1)
-
-
 rows, drawings = [], split_drawings(os.environ.get("OMNIGLOT_DIR", "../shared/omniglot"), "val")
 for condition in conditions:
     images = suite_images(drawings, condition)
@@ -67,7 +61,7 @@ for condition in conditions:
                 grads = paddle.grad(leave_one_out_loss(params, x_spt, y_spt).sum(), list(params.values()))
                 params = {k: (v - lr * g).detach() for (k, v), g in zip(params.items(), grads)}
             with paddle.no_grad():
-                per_task.append(query_hits(params, x_spt, y_spt, x_qry, task.y_qry))
+                per_task.append(query_hits(model, params, x_spt, y_spt, x_qry, task.y_qry))
         hits[lr] = np.concatenate(per_task)
         gain, gain_ci = mean_ci95(hits[lr] - hits[0.0])
         rows.append({"condition": condition, "lr": lr, "steps": steps if lr else 0,
