@@ -393,7 +393,8 @@ def open_dataset(data, config, *, new_run: bool = False, given: dict | None = No
     root = Path(data).expanduser()
     if not root.is_dir() and not trained_on_folders(config):  # said as Omniglot's loader says it, + own images
         problem = "is not a directory" if root.exists() else "does not exist"
-        also = ", or a folder of your own images with --data" if new_run else ""
+        also = (", or a folder of your own images with --data" if new_run else
+                ", or a folder of labelled images (one sub-folder per class) to measure the model on" if measure else "")
         raise DataError(f"Omniglot directory {root} {problem}; {_HINT}{also} (`maml-train download` fetches the zips)")
     if root.is_dir() and is_omniglot(root):
         omniglot = Preprocessing()

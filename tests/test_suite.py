@@ -155,6 +155,10 @@ def test_an_omniglot_bundle_measures_itself_on_a_labelled_folder(tmp_path):
     # training an Omniglot run on it is still refused: only measuring reads a folder with a model trained elsewhere
     export = run("-m", "export", "--data", str(folder), "--out", str(tmp_path / "e"))
     assert export.returncode != 0 and "trained on Omniglot" in export.stderr
+    # a folder that is not there: the one line names both things --data takes here
+    missing = run("-m", "train", "evaluate", "--data", str(tmp_path / "not-there"))
+    assert missing.returncode == 1 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    assert "does not exist" in missing.stderr and "a folder of labelled images (one sub-folder per class)" in missing.stderr
 
 
 def per_task_accuracy(ckpt, sampler, tasks: int, steps: int) -> np.ndarray:
