@@ -71,9 +71,9 @@ def load_exported(onnx_path: Path) -> Exported:
     ONNX metadata's weights_sha256, so that every runtime really computes with the same weights."""
     import paddle
     from ..adapter import Adapter
+    from ..checkpoint import weights_sha256
     from ..config import MamlConfig
     from ..contract import every_step
-    from ..checkpoint import weights_sha256
     from ..model import Model
     meta, prefix = Adapter(onnx_path).metadata, onnx_path.with_name("model")
     if int(meta.get("task_batch") or 0):
