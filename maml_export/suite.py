@@ -39,6 +39,7 @@ from .errors import DataError
 
 CONDITIONS = ("as-drawn", "tilted", "small", "thin", "thick", "elastic", "all")
 SUITE_SEED = 4_000_003  # the drawings' random parameters: every run of the suite redraws them identically
+TILT = (10.0, 30.0)  # degrees, either way: the least and the most a tilted drawing turns
 
 
 def _erode(ink: np.ndarray) -> np.ndarray:
@@ -92,12 +93,12 @@ STROKE = 5.6  # Omniglot's median stroke width at 105x105, in pixels: each 3x3-c
 
 
 def _warp(ink: np.ndarray, rng: np.random.Generator, tilt: bool, small: bool, elastic: bool) -> np.ndarray:
-    """bool ink [H, W] tilted (10-30 degrees, either way), small (50-80 % with the same pen, off-centre) and/or
-    elastic, in one resampling: each output pixel reads the input where the inverse of the transformation maps
-    it. Returns float ink [H, W] in [0, 1]."""
+    """bool ink [H, W] tilted (`TILT`: 10-30 degrees, either way), small (50-80 % with the same pen, off-centre)
+    and/or elastic, in one resampling: each output pixel reads the input where the inverse of the transformation
+    maps it. Returns float ink [H, W] in [0, 1]."""
     H, W = ink.shape
     centre = np.array([(H - 1) / 2, (W - 1) / 2])
-    angle = np.deg2rad(rng.uniform(10, 30) * rng.choice([-1, 1])) if tilt else 0.0
+    angle = np.deg2rad(rng.uniform(*TILT) * rng.choice([-1, 1])) if tilt else 0.0
     scale = rng.uniform(0.5, 0.8) if small else 1.0
     # the same pen on a smaller drawing: widen the strokes by what scaling takes off (each dilation adds 2 px)
     for _ in range(round((1 / scale - 1) * STROKE / 2)):
