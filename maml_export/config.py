@@ -18,10 +18,10 @@ from .specs import HEAD_INITS, QUERY_NORMS, conv4_specs, layer_spec
 PROTOCOL = "omniglot/README.md protocol: RandomState(1) split 1100/100/423, (character, rotation) classes, 28x28 LANCZOS, ink=1"
 
 # What `--resume` may change: how long to train (and whether to end with a calibrated bundle), the meta step size (lowering it for the tail of a long
-# run is the usual last step), the mix of redrawings (a schedule of the same augmentation), and how checkpoints are chosen; the resume event in
+# run is the usual last step), the mix and tilt of redrawings (a schedule of the same augmentation), and how checkpoints are chosen; the resume event in
 # metrics.jsonl records it.
-RESUME_MAY_CHANGE = ("iterations", "minutes", "calibration_tasks", "val_every", "meta_lr", "augment_redraw_mix", "val_tasks", "val_inner_lr",
-                     "val_ways", "val_query", "val_steps", "val_head_init")
+RESUME_MAY_CHANGE = ("iterations", "minutes", "calibration_tasks", "val_every", "meta_lr", "augment_redraw_mix", "augment_tilt", "val_tasks",
+                     "val_inner_lr", "val_ways", "val_query", "val_steps", "val_head_init")
 # Changing these makes earlier validation figures incomparable: the best is chosen afresh from then on.
 VALIDATION = ("val_tasks", "val_inner_lr", "val_ways", "val_query", "val_steps", "val_head_init")
 
@@ -90,6 +90,10 @@ class MamlConfig:
                                          "'tilted=3,small=2,all=3,thin=1,thick=1,elastic=1' (a condition left out "
                                          "weighs 0); may change on --resume, e.g. more tilt for the tail of a run "
                                          "[default: all six equally]")
+    augment_tilt: float = _opt(30.0, "the most degrees --augment-redraw's tilted and all-together drawings turn, "
+                                     "either way, from 10 (the suite's tilted drawings turn by 10-30, so a query "
+                                     "and its support differ by up to 60); up to 45, as classes are quarter-turns; "
+                                     "may change on --resume")
     calibration_tasks: int = _opt(None, "end each training command with RUN/bundle.npz: the best checkpoint, deployed, "
                                         "with a temperature fitted on this many validation tasks so that its "
                                         "probabilities are calibrated (what `maml-export --checkpoint RUN` exports); 0: "
@@ -178,6 +182,11 @@ class MamlConfig:
                 redraw_mix(self.augment_redraw_mix)
             except ValueError as e:
                 raise ConfigError(f"--augment-redraw-mix: {e}") from None
+        if isinstance(self.augment_tilt, bool) or not (isinstance(self.augment_tilt, (int, float)) and 10 <= self.augment_tilt <= 45):
+            raise ConfigError(f"--augment-tilt must be a number of degrees from 10 to 45, got {self.augment_tilt!r}")
+        if self.augment_tilt != 30 and not self.augment_redraw:
+            raise ConfigError("--augment-tilt sets how far --augment-redraw tilts its drawings: pass --augment-redraw P "
+                              "(e.g. 0.5) too")
         try:  # the preprocessing checks its own fields (--channels, --pixels, --resize)
             self.preprocessing
         except ValueError as e:

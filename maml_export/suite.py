@@ -39,7 +39,8 @@ from .errors import DataError
 
 CONDITIONS = ("as-drawn", "tilted", "small", "thin", "thick", "elastic", "all")
 SUITE_SEED = 4_000_003  # the drawings' random parameters: every run of the suite redraws them identically
-TILT = (10.0, 30.0)  # degrees, either way: the least and the most a tilted drawing turns
+TILT = (10.0, 30.0)  # degrees, either way: the least and the most a tilted drawing turns (training may turn further:
+# --augment-tilt, `redraw`'s max_tilt)
 
 
 def _erode(ink: np.ndarray) -> np.ndarray:
@@ -92,13 +93,14 @@ STROKE = 5.6  # Omniglot's median stroke width at 105x105, in pixels: each 3x3-c
 # the ink, measured 64 % and then 30 % (w = 5.6 both times) on 250 drawings of the evaluation set
 
 
-def _warp(ink: np.ndarray, rng: np.random.Generator, tilt: bool, small: bool, elastic: bool) -> np.ndarray:
-    """bool ink [H, W] tilted (`TILT`: 10-30 degrees, either way), small (50-80 % with the same pen, off-centre)
-    and/or elastic, in one resampling: each output pixel reads the input where the inverse of the transformation
-    maps it. Returns float ink [H, W] in [0, 1]."""
+def _warp(ink: np.ndarray, rng: np.random.Generator, tilt: bool, small: bool, elastic: bool,
+          max_tilt: float = TILT[1]) -> np.ndarray:
+    """bool ink [H, W] tilted (10 to `max_tilt` degrees, either way), small (50-80 % with the same pen,
+    off-centre) and/or elastic, in one resampling: each output pixel reads the input where the inverse of the
+    transformation maps it. Returns float ink [H, W] in [0, 1]."""
     H, W = ink.shape
     centre = np.array([(H - 1) / 2, (W - 1) / 2])
-    angle = np.deg2rad(rng.uniform(*TILT) * rng.choice([-1, 1])) if tilt else 0.0
+    angle = np.deg2rad(rng.uniform(TILT[0], max_tilt) * rng.choice([-1, 1])) if tilt else 0.0
     scale = rng.uniform(0.5, 0.8) if small else 1.0
     # the same pen on a smaller drawing: widen the strokes by what scaling takes off (each dilation adds 2 px)
     for _ in range(round((1 / scale - 1) * STROKE / 2)):
@@ -115,9 +117,10 @@ def _warp(ink: np.ndarray, rng: np.random.Generator, tilt: bool, small: bool, el
     return _sample(ink, cos * y - sin * x + centre[0], sin * y + cos * x + centre[1])  # undo the rotation
 
 
-def redraw(paper: np.ndarray, condition: str, rng: np.random.Generator) -> np.ndarray:
+def redraw(paper: np.ndarray, condition: str, rng: np.random.Generator, max_tilt: float = TILT[1]) -> np.ndarray:
     """One drawing (bool paper mask [H, W], True = paper, as Omniglot's) redrawn under `condition`, through the
-    protocol's preprocessing: float32 ink [28, 28] in [0, 1]. Draws its parameters from `rng`."""
+    protocol's preprocessing: float32 ink [28, 28] in [0, 1]. Draws its parameters from `rng`, the same number
+    whatever `max_tilt` (the most degrees "tilted" and "all" turn; the suite's is `TILT`'s)."""
     if condition not in CONDITIONS:
         raise ValueError(f"unknown suite condition {condition!r}: one of {', '.join(CONDITIONS)}")
     ink = ~np.asarray(paper, bool)
@@ -127,7 +130,7 @@ def redraw(paper: np.ndarray, condition: str, rng: np.random.Generator) -> np.nd
         ink = _pen(ink, ("thin", "as-drawn", "thick")[rng.integers(3)])
     if condition in ("tilted", "small", "elastic", "all"):
         ink = _warp(ink, rng, tilt=condition in ("tilted", "all"), small=condition in ("small", "all"),
-                    elastic=condition in ("elastic", "all"))
+                    elastic=condition in ("elastic", "all"), max_tilt=max_tilt)
     ink = ink.astype(np.float64)
     gray = np.round(255 * (1 - ink)).astype(np.uint8)  # paper white, as a drawing file: the preprocessing inverts it
     return OMNIGLOT_PIXELS.uint8(Image.fromarray(gray, mode="L"))[0].astype(np.float32) / np.float32(255)
@@ -191,7 +194,8 @@ def redraw_mix(text: str | None) -> np.ndarray | None:
 class RedrawingSampler(TaskSampler):
     """Training's data augmentation `--augment-redraw P`: a task sampler of whose images each is, with probability
     P, redrawn under one of the suite's conditions (tilted ... all, chosen per image, uniformly or with the
-    probabilities `mix` of `redraw_mix`) from its full-resolution drawing. Which images, their conditions and each
+    probabilities `mix` of `redraw_mix`) from its full-resolution drawing, tilted by up to `max_tilt` degrees
+    (`--augment-tilt`; the suite's 30 by default). Which images, their conditions and each
     redrawing's seed come from the task stream's generator, a fixed amount per batch, so `--resume` continues it
     exactly.
 
@@ -213,9 +217,9 @@ class RedrawingSampler(TaskSampler):
     REDRAWN = CONDITIONS[1:]
 
     def __init__(self, sampler: TaskSampler, drawings: dict, p: float, tasks: slice = slice(None),
-                 mix: np.ndarray | None = None):
+                 mix: np.ndarray | None = None, max_tilt: float = TILT[1]):
         self.__dict__.update(vars(sampler))
-        self.drawings, self.p, self.tasks, self.mix = drawings, p, tasks, mix
+        self.drawings, self.p, self.tasks, self.mix, self.max_tilt = drawings, p, tasks, mix, max_tilt
 
     def conditions(self, shape: tuple) -> np.ndarray:
         """Indices into REDRAWN, one per image of `shape`, drawn from the stream: uniform, or `mix`'s weights."""
@@ -234,5 +238,6 @@ class RedrawingSampler(TaskSampler):
         kept[self.tasks] = True
         for t, n, i in zip(*np.nonzero(redrawn & kept[:, None, None])):
             paper = self.drawings[int(chars[t, n])][int(drawings[t, n, i])]
-            batch[t, n, i] = redraw(paper, self.REDRAWN[conditions[t, n, i]], np.random.default_rng(seeds[t, n, i]))
+            batch[t, n, i] = redraw(paper, self.REDRAWN[conditions[t, n, i]], np.random.default_rng(seeds[t, n, i]),
+                                    self.max_tilt)
         return batch

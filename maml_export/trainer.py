@@ -218,7 +218,7 @@ class Training:
             from .suite import RedrawingSampler, raw_drawings, redraw_mix
             self.sampler = RedrawingSampler(self.sampler, raw_drawings(self.data, self.dataset.splits["train"]),
                                             c.augment_redraw, tasks=self.ranks.block(c.meta_batch),
-                                            mix=redraw_mix(c.augment_redraw_mix))
+                                            mix=redraw_mix(c.augment_redraw_mix), max_tilt=c.augment_tilt)
         self.val_sampler()  # fail now, not at the first validation, if the validation split cannot give such tasks
         self.model = Model.from_specs(c.layers)
         initial, origin = (ckpt.params, None) if ckpt else initial_params(self.model, c)

@@ -120,6 +120,34 @@ def test_redraw_mix_weighs_the_conditions_and_leaves_the_uniform_stream_as_it_wa
             redraw_mix(bad)
 
 
+def axis_degrees(image: np.ndarray) -> float:
+    """The angle of an image's ink's principal axis from the vertical, in degrees, positive towards +x."""
+    ys, xs = np.mgrid[0:28, 0:28]
+    w = image / image.sum()
+    dy, dx = ys - (w * ys).sum(), xs - (w * xs).sum()
+    cyy, cxx, cxy = (w * dy * dy).sum(), (w * dx * dx).sum(), (w * dx * dy).sum()
+    return float(np.degrees(0.5 * np.arctan2(2 * cxy, cyy - cxx)))
+
+
+def test_max_tilt_turns_further_with_the_same_stream():
+    """--augment-tilt: training's redrawings turn by 10 to max_tilt degrees either way (the suite's: 10-30), and a
+    redrawing draws the same numbers whatever max_tilt, so that a run's stream, and its --resume, stay as they were."""
+    paper = np.ones((105, 105), bool)
+    paper[20:85, 50:55] = False  # one long vertical stroke: its axis turns with the drawing
+    turns = {}
+    for max_tilt in (30, 45):
+        rngs = [np.random.default_rng(seed) for seed in range(60)]
+        turns[max_tilt] = np.abs([axis_degrees(redraw(paper, "tilted", rng, max_tilt=max_tilt)) for rng in rngs])
+        if max_tilt == 30:
+            after = [rng.random() for rng in rngs]
+        else:  # the same numbers drawn: each generator is where it was with the suite's range
+            assert [rng.random() for rng in rngs] == after
+    assert 9 < turns[30].min() and turns[30].max() < 31
+    assert 9 < turns[45].min() and turns[45].max() < 46 and (turns[45] > 35).sum() >= 10
+    default = redraw(paper, "tilted", np.random.default_rng(7))
+    np.testing.assert_array_equal(default, redraw(paper, "tilted", np.random.default_rng(7), max_tilt=30))
+
+
 @needs_omniglot
 def test_suite_pairs_zero_steps_with_the_deployed_steps(tmp_path):
     done = run("-m", "train", "evaluate", "--suite", "shift", "--split", "val", "--tasks", "3", "--shots", "1",

@@ -123,8 +123,9 @@ def test_resume_may_lower_the_meta_lr_but_not_change_the_model(tmp_path):
 
 
 @needs_data
-def test_resume_may_change_the_mix_of_redrawings(tmp_path):
-    """A run's tail may weigh the redrawings differently (more tilt): the resume records it, the checkpoints carry it.
+def test_resume_may_change_the_mix_and_tilt_of_redrawings(tmp_path):
+    """A run's tail may weigh the redrawings differently (more tilt) or tilt them further: the resume records it, the
+    checkpoints carry it.
     Through the command line, as a user resumes: the mix is checked with the run's own --augment-redraw."""
     redrawn = {**SMALL, "augment_redraw": 0.5}
     train(MamlConfig(iterations=1, val_every=5, **redrawn), DATA, tmp_path, progress=False)
@@ -134,6 +135,11 @@ def test_resume_may_change_the_mix_of_redrawings(tmp_path):
     assert load_checkpoint(tmp_path / "latest.npz").config.augment_redraw_mix == mix
     resumes = [e for e in map(json.loads, open(tmp_path / "metrics.jsonl")) if e.get("event") == "resume"]
     assert resumes[-1]["changed"] == {"iterations": [1, 2], "augment_redraw_mix": [None, mix]}
+    done = cli("--out", str(tmp_path), "--resume", "--iterations", "3", "--augment-tilt", "40", "--threads", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert load_checkpoint(tmp_path / "latest.npz").config.augment_tilt == 40
+    resumes = [e for e in map(json.loads, open(tmp_path / "metrics.jsonl")) if e.get("event") == "resume"]
+    assert resumes[-1]["changed"] == {"iterations": [2, 3], "augment_tilt": [30, 40]}
 
 
 @needs_data
@@ -414,6 +420,8 @@ def test_head_init_prototypes_trains_second_order_and_ships_from_a_zero_head_run
     (["--augment-redraw", "1.5"], "--augment-redraw must be a probability from 0 to 1"),
     (["--augment-redraw-mix", "tilted=1"], "pass --augment-redraw P"),
     (["--augment-redraw", "0.5", "--augment-redraw-mix", "tilt=1"], "'tilt' is not a redrawing condition"),
+    (["--augment-tilt", "40"], "pass --augment-redraw P"),
+    (["--augment-redraw", "0.5", "--augment-tilt", "60"], "--augment-tilt must be a number of degrees from 10 to 45"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path, args, message):
     if "/nonexistent/omniglot" not in args:
