@@ -12,6 +12,10 @@ characters, 5-way, 0 steps, each query alone.
 """
 import json, os, sys
 
+from maml_export.process import configure
+
+configure()  # before Paddle loads: without it Paddle's MKL takes its slow path on AMD CPUs
+
 import numpy as np
 import paddle
 
@@ -44,16 +48,19 @@ def normalise(x, r0: float, lo: float, hi: float):
     return paddle.matmul(paddle.matmul(rows, x), cols, transpose_y=True)
 
 
-if __name__ == "__main__":
-    out, conditions, shots = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])
-    tasks = int(sys.argv[4]) if len(sys.argv) > 4 else 100
+def paired_variants(argv: list, variants, transform) -> None:
+    """The probes' command line (OUT.json CONDITIONS SHOTS [TASKS] [CHECKPOINT]): for each condition and variant,
+    5-way accuracy on `transform(suite images [C, D, 28, 28], variant)`, paired with the first variant's on the
+    same tasks (suite validation characters, 0 steps, each query alone); rows printed and written to OUT.json."""
+    out, conditions, shots = argv[0], argv[1].split(","), int(argv[2])
+    tasks = int(argv[3]) if len(argv) > 3 else 100
     set_threads(1)
-    maml = _deployed_maml(as_deployed(load_checkpoint(resolve_checkpoint(sys.argv[5] if len(sys.argv) > 5 else "omniglot-5w1s")), ways=5))
+    maml = _deployed_maml(as_deployed(load_checkpoint(resolve_checkpoint(argv[4] if len(argv) > 4 else "omniglot-5w1s")), ways=5))
     drawings, rows = split_drawings(os.environ.get("OMNIGLOT_DIR", "../shared/omniglot"), "val"), []
     for condition in conditions:
         raw, plain = suite_images(drawings, condition), None
-        for variant, args in VARIANTS.items():
-            images = raw if args is None else normalise(paddle.to_tensor(raw), *args).numpy()
+        for variant in variants:
+            images = transform(raw, variant)
             sampler = TaskSampler(images, np.arange(len(images)), 5, shots, QUERY, TEST_SEED)
             logits, labels = query_logits(maml, sampler, tasks, steps=0)  # [tasks, Q, 5], [tasks, Q]
             hits = (logits.argmax(-1) == labels).mean(1)
@@ -62,4 +69,9 @@ if __name__ == "__main__":
             rows.append({"condition": condition, "shots": shots, "variant": variant, "accuracy": float(hits.mean()),
                          "gain": gain, "gain_ci95": gain_ci})
             print(json.dumps(rows[-1]), flush=True)
-    json.dump({"tasks": tasks, "variants": VARIANTS, "rows": rows}, open(out, "w"), indent=1)
+    json.dump({"tasks": tasks, "variants": variants, "rows": rows}, open(out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    paired_variants(sys.argv[1:], VARIANTS, lambda raw, variant: raw if VARIANTS[variant] is None
+                    else normalise(paddle.to_tensor(raw), *VARIANTS[variant]).numpy())

@@ -17,18 +17,15 @@ their tilts, where the axis is well defined. Variants of the turn applied, for t
 Paired with the plain pixels on the same tasks, suite validation characters, 5-way, 0 steps, each query alone.
 A graph would hold the turn as a GridSample; here it is numpy's bilinear sampling, the suite's own.
 """
-import json, os, sys
+import sys
 
 from maml_export.process import configure
 
-configure()  # before Paddle loads
+configure()  # before Paddle loads (moment_normalisation imports it)
 
 import numpy as np
 
-from maml_export.checkpoint import as_deployed, load_checkpoint, resolve_checkpoint
-from maml_export.data import TaskSampler
-from maml_export.suite import _sample, split_drawings, suite_images
-from maml_export.trainer import QUERY, TEST_SEED, _deployed_maml, mean_ci95, query_logits, set_threads
+from maml_export.suite import _sample
 
 VARIANTS = ("plain", "hard", "smooth", "gated")
 
@@ -64,21 +61,6 @@ def turn(x: np.ndarray, variant: str) -> np.ndarray:
 
 
 if __name__ == "__main__":
-    out, conditions, shots = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])
-    tasks = int(sys.argv[4]) if len(sys.argv) > 4 else 100
-    set_threads(1)
-    maml = _deployed_maml(as_deployed(load_checkpoint(resolve_checkpoint(sys.argv[5] if len(sys.argv) > 5 else "omniglot-5w1s")), ways=5))
-    drawings, rows = split_drawings(os.environ.get("OMNIGLOT_DIR", "../shared/omniglot"), "val"), []
-    for condition in conditions:
-        raw, plain = suite_images(drawings, condition), None
-        for variant in VARIANTS:
-            images = np.stack([[turn(d, variant) for d in char] for char in raw])
-            sampler = TaskSampler(images, np.arange(len(images)), 5, shots, QUERY, TEST_SEED)
-            logits, labels = query_logits(maml, sampler, tasks, steps=0)  # [tasks, Q, 5], [tasks, Q]
-            hits = (logits.argmax(-1) == labels).mean(1)
-            plain = hits if plain is None else plain
-            gain, gain_ci = mean_ci95(hits - plain)
-            rows.append({"condition": condition, "shots": shots, "variant": variant, "accuracy": float(hits.mean()),
-                         "gain": gain, "gain_ci95": gain_ci})
-            print(json.dumps(rows[-1]), flush=True)
-    json.dump({"tasks": tasks, "variants": VARIANTS, "rows": rows}, open(out, "w"), indent=1)
+    from moment_normalisation import paired_variants  # the same paired probe, another transformation
+    paired_variants(sys.argv[1:], VARIANTS, lambda raw, variant: np.stack([[turn(d, variant) for d in char]
+                                                                           for char in raw]))
