@@ -39,8 +39,7 @@ from .errors import DataError
 
 CONDITIONS = ("as-drawn", "tilted", "small", "thin", "thick", "elastic", "all")
 SUITE_SEED = 4_000_003  # the drawings' random parameters: every run of the suite redraws them identically
-TILT = (10.0, 30.0)  # degrees, either way: the least and the most a tilted drawing turns (training may turn further:
-# --augment-tilt, `redraw`'s max_tilt)
+TILT = (10.0, 30.0)  # degrees either way, the least and the most the suite tilts (training may go further: --augment-tilt)
 
 
 def _erode(ink: np.ndarray) -> np.ndarray:
@@ -195,9 +194,8 @@ class RedrawingSampler(TaskSampler):
     """Training's data augmentation `--augment-redraw P`: a task sampler of whose images each is, with probability
     P, redrawn under one of the suite's conditions (tilted ... all, chosen per image, uniformly or with the
     probabilities `mix` of `redraw_mix`) from its full-resolution drawing, tilted by up to `max_tilt` degrees
-    (`--augment-tilt`; the suite's 30 by default). Which images, their conditions and each
-    redrawing's seed come from the task stream's generator, a fixed amount per batch, so `--resume` continues it
-    exactly.
+    (`--augment-tilt`; by default the suite's 30). Which images, their conditions and each redrawing's seed come
+    from the task stream's generator, a fixed amount per batch, so `--resume` continues it exactly.
 
     Takes over `sampler`'s characters, sizes and generator; `drawings` maps each of its characters to its raw
     drawings (`raw_drawings`). `tasks`: the tasks of each sampled batch that are redrawn (a rank's own block under
