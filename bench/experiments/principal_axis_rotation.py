@@ -31,8 +31,9 @@ VARIANTS = ("plain", "hard", "smooth", "gated")
 
 
 def axis_angle(x: np.ndarray):
-    """x: ink [H, W] -> (phi, anisotropy): the principal axis angle in radians reduced to [-pi/4, pi/4), measured
-    from the image's x axis towards +y (rows down), and (l1 - l2) / (l1 + l2) of the ink's covariance."""
+    """x: ink [H, W] -> (phi, anisotropy, (cy, cx)): the principal axis angle in radians reduced to [-pi/4, pi/4),
+    measured from the image's x axis towards +y (rows down), (l1 - l2) / (l1 + l2) of the ink's covariance, and the
+    ink's centroid (the point `turn` turns about)."""
     H, W = x.shape
     yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
     mass = x.sum() + 1e-9
