@@ -263,12 +263,15 @@ def bundle_run(run: str | os.PathLike, out: str | os.PathLike, inner_lr: float |
     """
     import shlex
     run, out = Path(run), Path(out)
-    best = load_checkpoint(run / "best.npz")
-    if checkpoint is not None:
+    if checkpoint is None:
+        best = load_checkpoint(run / "best.npz")
+    else:  # the run's name from any of its checkpoints: a run resumed from a copy may have no best.npz
         chosen = load_checkpoint(checkpoint)
-        if chosen.config.name != best.config.name:
+        own = run / "best.npz" if (run / "best.npz").exists() else run / "latest.npz"
+        run_name = load_checkpoint(own).config.name
+        if chosen.config.name != run_name:
             raise CheckpointError(f"--checkpoint {checkpoint} is a checkpoint of run {chosen.config.name!r}, not of "
-                                  f"{run} ({best.config.name!r})")
+                                  f"{run} ({run_name!r})")
         best = dataclasses.replace(chosen, state={k: v for k, v in chosen.state.items()
                                                   if k not in ("best_val_accuracy", "best_iteration")})
     log = run / "metrics.jsonl"

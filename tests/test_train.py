@@ -343,6 +343,11 @@ def test_bundle_ships_the_best_checkpoint_with_the_command_that_reproduces_the_r
     foreign = cli("bundle", str(run), "--out", str(tmp_path / "x.npz"), "--checkpoint", str(other / "latest.npz"))
     assert foreign.returncode != 0 and len(foreign.stderr.strip().splitlines()) == 1 and "not of" in foreign.stderr
     assert not (tmp_path / "x.npz").exists()
+    (run / "best.npz").unlink()  # a run resumed from a copy of another's latest.npz has no best.npz of its own
+    copied = cli("bundle", str(run), "--out", str(tmp_path / "copied.npz"), "--checkpoint", str(run / "latest.npz"),
+                 "--calibration-tasks", "0")
+    assert copied.returncode == 0, copied.stderr
+    assert load_checkpoint(tmp_path / "copied.npz").iteration == 3
 
 
 @needs_data
