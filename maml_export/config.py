@@ -18,10 +18,10 @@ from .specs import HEAD_INITS, QUERY_NORMS, conv4_specs, layer_spec
 PROTOCOL = "omniglot/README.md protocol: RandomState(1) split 1100/100/423, (character, rotation) classes, 28x28 LANCZOS, ink=1"
 
 # What `--resume` may change: how long to train (and whether to end with a calibrated bundle), the meta step size (lowering it for the tail of a long
-# run is the usual last step), the mix and tilt of redrawings (a schedule of the same augmentation), and how checkpoints are chosen; the resume event in
-# metrics.jsonl records it.
-RESUME_MAY_CHANGE = ("iterations", "minutes", "calibration_tasks", "val_every", "meta_lr", "augment_redraw_mix", "augment_tilt", "val_tasks",
-                     "val_inner_lr", "val_ways", "val_query", "val_steps", "val_head_init")
+# run is the usual last step), the share, mix and tilt of redrawings (a schedule of the same augmentation: a run that redraws draws the same numbers
+# from its task stream whatever their values), and how checkpoints are chosen; the resume event in metrics.jsonl records it.
+RESUME_MAY_CHANGE = ("iterations", "minutes", "calibration_tasks", "val_every", "meta_lr", "augment_redraw", "augment_redraw_mix", "augment_tilt",
+                     "val_tasks", "val_inner_lr", "val_ways", "val_query", "val_steps", "val_head_init")
 # Changing these makes earlier validation figures incomparable: the best is chosen afresh from then on.
 VALIDATION = ("val_tasks", "val_inner_lr", "val_ways", "val_query", "val_steps", "val_head_init")
 
@@ -85,7 +85,8 @@ class MamlConfig:
     augment_redraw: float = _opt(0.0, "training's data augmentation: each training image (support and query) is, with "
                                       "this probability, redrawn from its full-resolution drawing as people draw "
                                       "(tilted, small and off-centre, thinner or thicker, elastic, or all: the "
-                                      "robustness suite's conditions, `evaluate --suite shift`); Omniglot only; 0: off")
+                                      "robustness suite's conditions, `evaluate --suite shift`); Omniglot only; "
+                                      "may change on --resume; 0: off")
     augment_redraw_mix: str = _opt(None, "how --augment-redraw picks each redrawn image's condition: weights such as "
                                          "'tilted=3,small=2,all=3,thin=1,thick=1,elastic=1' (a condition left out "
                                          "weighs 0); may change on --resume, e.g. more tilt for the tail of a run "
