@@ -18,8 +18,8 @@ from .specs import HEAD_INITS, QUERY_NORMS, conv4_specs, layer_spec
 PROTOCOL = "omniglot/README.md protocol: RandomState(1) split 1100/100/423, (character, rotation) classes, 28x28 LANCZOS, ink=1"
 
 # What `--resume` may change: how long to train (and whether to end with a calibrated bundle), the meta step size (lowering it for the tail of a long
-# run is the usual last step), the share, mix and tilt of redrawings (a schedule of the same augmentation: a run that redraws draws the same numbers
-# from its task stream whatever their values), and how checkpoints are chosen; the resume event in metrics.jsonl records it.
+# run is the usual last step), the share, mix and tilt of redrawings (a schedule of the same augmentation), and how checkpoints are chosen; the resume
+# event in metrics.jsonl records it.
 RESUME_MAY_CHANGE = ("iterations", "minutes", "calibration_tasks", "val_every", "meta_lr", "augment_redraw", "augment_redraw_mix", "augment_tilt",
                      "val_tasks", "val_inner_lr", "val_ways", "val_query", "val_steps", "val_head_init")
 # Changing these makes earlier validation figures incomparable: the best is chosen afresh from then on.
