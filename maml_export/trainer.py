@@ -580,7 +580,8 @@ def evaluate_suite(checkpoint: str | os.PathLike, data, tasks: int = 200, split:
                    feature_scale: float | None = None) -> dict:
     """The robustness suite (`suite.py`) on Omniglot's `split`: per condition and shots, the accuracy of each
     query alone (its support set's statistics) with 0 steps and with the deployed steps, paired on the same
-    tasks, and the paired difference with its 95 % interval. `query` None: the protocol's QUERY."""
+    tasks, and the paired difference with its 95 % interval; and the mean over those cells. `conditions` None:
+    all of `suite.CONDITIONS`. `query` None: the protocol's QUERY."""
     from .suite import CONDITIONS, SUITE_SEED, split_drawings, suite_images
     set_threads(threads)
     query = QUERY if query is None else query
@@ -611,4 +612,7 @@ def evaluate_suite(checkpoint: str | os.PathLike, data, tasks: int = 200, split:
                            f"{100 * accuracy:.2f} % with {maml.steps} ({100 * gain:+.2f} ± {100 * gain_ci:.2f})")
     return {"checkpoint": str(checkpoint), "config": ckpt.config.name, "split": split, "tasks": tasks,
             "query": query, "seed": seed, "suite_seed": SUITE_SEED, "steps": maml.steps, "inner_lr": maml.step_size_summary,
-            "support_shift": ckpt.config.support_shift, "queries": QUERIES[ckpt.config.query_norm], "rows": rows}
+            "support_shift": ckpt.config.support_shift, "queries": QUERIES[ckpt.config.query_norm], "rows": rows,
+            # one figure to choose checkpoints by: the cells' mean, each cell weighing the same
+            "mean_accuracy_0_steps": float(np.mean([r["accuracy_0_steps"] for r in rows])),
+            "mean_accuracy": float(np.mean([r["accuracy"] for r in rows]))}

@@ -163,6 +163,18 @@ def test_suite_pairs_zero_steps_with_the_deployed_steps(tmp_path):
     assert json.loads(plain.stdout)["accuracy"] == pytest.approx(result["rows"][0]["accuracy_0_steps"])
     bad = run("-m", "train", "evaluate", "--suite", "shift", "--export", str(tmp_path))
     assert bad.returncode == 2 and "--suite" in bad.stderr and "Traceback" not in bad.stderr
+    # --conditions: the same cells on the same tasks, only those asked for, and their mean (how checkpoints are chosen)
+    some = run("-m", "train", "evaluate", "--suite", "shift", "--split", "val", "--tasks", "3", "--shots", "1",
+               "--conditions", "all,tilted", "--json", "--data", DATA)
+    assert some.returncode == 0, some.stderr[-2000:]
+    some = json.loads(some.stdout)
+    assert [r["condition"] for r in some["rows"]] == ["tilted", "all"]
+    for row in some["rows"]:
+        assert row == next(r for r in result["rows"] if r["condition"] == row["condition"])
+    assert some["mean_accuracy_0_steps"] == pytest.approx(np.mean([r["accuracy_0_steps"] for r in some["rows"]]))
+    assert some["mean_accuracy"] == pytest.approx(np.mean([r["accuracy"] for r in some["rows"]]))
+    bad = run("-m", "train", "evaluate", "--suite", "shift", "--conditions", "tilted,upside-down")
+    assert bad.returncode == 2 and "upside-down" in bad.stderr and "Traceback" not in bad.stderr
 
 
 @needs_omniglot

@@ -12,6 +12,7 @@ import click
 from maml_export.cli import checkpoint_argument, fail, run
 from maml_export.config import RESUME_MAY_CHANGE, MamlConfig, click_options, flag, given
 from maml_export.specs import HEAD_INITS, QUERY_NORMS
+from maml_export.suite import CONDITIONS
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -76,6 +77,17 @@ FEATURE_SCALE_HELP = ("multiply the features by this (the last batch norm's weig
                       "fixed point: docs/design.md#the-feature-scale; the temperature divides it back out")
 
 
+def _suite_conditions(ctx, param, value: str | None) -> tuple | None:
+    """--conditions 'as-drawn,tilted' -> ('as-drawn', 'tilted'), in the suite's order; a name it lacks is a usage error."""
+    if value is None:
+        return None
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in CONDITIONS]
+    if unknown or not names:
+        raise click.BadParameter(f"{', '.join(unknown) or repr(value)}: the suite's conditions are {','.join(CONDITIONS)}")
+    return tuple(c for c in CONDITIONS if c in names)
+
+
 @cli.command()
 @click.option("--checkpoint", type=click.Path(), default=None,
               help="checkpoint .npz, a run folder (its calibrated bundle.npz where training ended with one, else its "
@@ -116,9 +128,12 @@ FEATURE_SCALE_HELP = ("multiply the features by this (the last batch norm's weig
               help="the robustness suite: Omniglot's --split redrawn as people draw (tilted, small and off-centre, "
                    "thinner and thicker strokes, elastic, all together; maml_export/suite.py), 1- and 5-shot (or "
                    "--shots), each query alone, 0 steps and the deployed steps paired on the same tasks")
+@click.option("--conditions", callback=_suite_conditions, default=None,
+              help="with --suite: only these of its conditions, comma-separated, e.g. 'as-drawn,tilted,small,all' "
+                   f"(of {','.join(CONDITIONS)}) [default: all]")
 @click.option("--json", "as_json", is_flag=True, help="print only the JSON result")
 def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_norm, support_shift, feature_scale, ways,
-             export_dir, shots, query, seed, threads, suite, as_json):
+             export_dir, shots, query, seed, threads, suite, conditions, as_json):
     """Meta-test accuracy of a checkpoint (or an export), mean over --tasks tasks with its 95% interval, and the
     calibration of its probabilities (ECE, 15 bins).
 
@@ -132,12 +147,14 @@ def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_n
     from maml_export.protocol import TEST_SEED
     from maml_export.trainer import evaluate_checkpoint, evaluate_export, evaluate_suite
     seed = TEST_SEED if seed is None else seed
+    if conditions and not suite:
+        raise click.UsageError("--conditions chooses among the robustness suite's conditions: pass --suite shift")
     if suite:
         if export_dir or head_init or query_norm:
             raise click.UsageError("--suite evaluates a checkpoint as deployed, each query alone: leave out --export, "
                                    "--head-init and --query-norm")
         result = evaluate_suite(checkpoint_argument(checkpoint) or default_checkpoint(), data, tasks, split,
-                                (shots,) if shots else (1, 5), seed=seed, query=query, threads=threads,
+                                (shots,) if shots else (1, 5), conditions, seed=seed, query=query, threads=threads,
                                 progress=not as_json, ways=ways, steps=steps, inner_lr=inner_lr,
                                 support_shift=support_shift, feature_scale=feature_scale)
         click.echo(json.dumps(result))
