@@ -12,7 +12,6 @@ import click
 from maml_export.cli import checkpoint_argument, fail, run
 from maml_export.config import RESUME_MAY_CHANGE, MamlConfig, click_options, flag, given
 from maml_export.specs import HEAD_INITS, QUERY_NORMS
-from maml_export.suite import CONDITIONS
 
 
 @click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,6 +80,7 @@ def _suite_conditions(ctx, param, value: str | None) -> tuple | None:
     """--conditions 'as-drawn,tilted' -> ('as-drawn', 'tilted'), in the suite's order; a name it lacks is a usage error."""
     if value is None:
         return None
+    from maml_export.suite import CONDITIONS  # here, not at import: the suite's image code is no part of start-up
     names = [name.strip() for name in value.split(",") if name.strip()]
     unknown = [name for name in names if name not in CONDITIONS]
     if unknown or not names:
@@ -130,7 +130,7 @@ def _suite_conditions(ctx, param, value: str | None) -> tuple | None:
                    "--shots), each query alone, 0 steps and the deployed steps paired on the same tasks")
 @click.option("--conditions", callback=_suite_conditions, default=None,
               help="with --suite: only these of its conditions, comma-separated, e.g. 'as-drawn,tilted,small,all' "
-                   f"(of {','.join(CONDITIONS)}) [default: all]")
+                   "(they are listed in docs/robustness.md) [default: all]")
 @click.option("--json", "as_json", is_flag=True, help="print only the JSON result")
 def evaluate(checkpoint, data, tasks, split, steps, inner_lr, head_init, query_norm, support_shift, feature_scale, ways,
              export_dir, shots, query, seed, threads, suite, conditions, as_json):
